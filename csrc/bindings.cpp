@@ -1,0 +1,25 @@
+// Python bindings of spkern._C. CUDA entry points are added when the extension is
+// built with CUDA (SPKERN_WITH_CUDA).
+#include <torch/extension.h>
+
+#include "spkern.h"
+
+#ifdef SPKERN_WITH_CUDA
+#include "cuda/bindings.h"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spkern compiled kernels";
+  m.def("cross_entropy_fwd_cpu", &spkern::cpu::cross_entropy_fwd,
+        "fused cross-entropy forward (+grad) with logit statistics, CPU");
+  m.def("compiled_isa", &spkern::cpu::compiled_isa);
+  m.def("release_cached_buffer", &spkern::cpu::release_cached_buffer,
+        "free the large CPU buffer kept for reuse");
+#ifdef SPKERN_WITH_CUDA
+  m.def("cross_entropy_fwd_cuda", &spkern::cuda::cross_entropy_fwd,
+        "fused cross-entropy forward (+grad) with logit statistics, CUDA");
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,195 @@
+"""Fused cross-entropy forward (+ gradient) with per-row logit statistics, Triton.
+
+One program per row. The first loop over the row keeps an online softmax (running
+max, sum of exponentials and sum of exp * logit for the entropy) together with the
+statistics; the second loop, only when a gradient is wanted, writes d(loss)/d(logits)
+once. Definitions match spkern/cross_entropy.py (the reference implementation).
+Padded lanes of the last block load as -inf for the softmax and are masked out of
+every sum.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(u):
+    # exp-based so that it also runs in the Triton interpreter (no libdevice there)
+    e = tl.exp(-2.0 * tl.abs(u))
+    r = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -r, r)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X, stride_x,  # (M, C) logits
+    T, stride_t,  # (M,) int64 class indices, or (M, C) probabilities
+    Wt,  # (C,) float32 class weights (unused without HAS_WEIGHT)
+    SCAL,  # (2,) float32: gradient scale, sum of class weights
+    LOSS,  # (M,) float32
+    STATS, stride_s,  # (6 or 1, M) float32
+    G, stride_g,  # (M, C) gradient, input dtype
+    C, ignore_index, eps, z, cap,
+    HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, HAS_CAP: tl.constexpr,
+    SMOOTH: tl.constexpr, STATS_ON: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    t_row = T + row * stride_t
+    scale = tl.load(SCAL)
+    w_sum = tl.load(SCAL + 1)
+    eps_c = eps / C
+    if PROB:
+        valid = True
+        y = 0
+    else:
+        y = tl.load(t_row).to(tl.int64)
+        valid = y != ignore_index
+
+    m = -float("inf")  # running max of the softcapped logits
+    s = 0.0  # sum exp(x' - m)
+    t = 0.0  # sum exp(x' - m) * x'
+    sq = 0.0
+    raw_max = -float("inf")
+    arg = tl.zeros((), tl.int64)
+    lin = 0.0  # sum w_c x'_c (label smoothing)
+    tw = 0.0  # sum t'_c w_c (probability targets)
+    twx = 0.0  # sum t'_c w_c x'_c
+    t_max = -float("inf")
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        xz = tl.where(mask, x, 0.0)
+        sq += tl.sum(xz * xz)
+        if STATS_ON:
+            b_max = tl.max(x, 0)
+            b_arg = tl.argmax(x, 0).to(tl.int64) + start
+            arg = tl.where(b_max > raw_max, b_arg, arg)
+            raw_max = tl.maximum(raw_max, b_max)
+        if HAS_CAP:
+            xc = cap * _tanh(x / cap)
+        else:
+            xc = x
+        xcz = tl.where(mask, xc, 0.0)
+        m_new = tl.maximum(m, tl.max(xc, 0))
+        # while every logit so far is -inf, rescale against 0 so that exp(-inf - -inf)
+        # does not turn the sums into NaN
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        e = tl.where(mask, tl.exp(xc - m_ref), 0.0)
+        alpha = tl.exp(m - m_ref)
+        s = s * alpha + tl.sum(e)
+        t = t * alpha + tl.sum(e * xcz)
+        m = m_new
+        if HAS_WEIGHT:
+            w = tl.load(Wt + offs, mask=mask, other=0.0)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        if PROB:
+            tv = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if STATS_ON:
+                t_max = tl.maximum(t_max, tl.max(tl.where(mask, tv, -float("inf")), 0))
+            if SMOOTH:
+                tv = tv * (1.0 - eps) + eps_c
+            tv = tv * w
+            tw += tl.sum(tv)
+            twx += tl.sum(tv * xcz)
+        elif SMOOTH:
+            lin += tl.sum(w * xcz)
+
+    lse = m + tl.log(s)
+    if PROB:
+        loss = tw * lse - twx + z * lse * lse
+        a_coef = tw + 2.0 * z * lse
+        wy = 0.0
+    else:
+        y_safe = tl.where(valid, y, 0)
+        xy = tl.load(x_row + y_safe).to(tl.float32)
+        if HAS_CAP:
+            xy = cap * _tanh(xy / cap)
+        if HAS_WEIGHT:
+            wy = tl.load(Wt + y_safe)
+        else:
+            wy = 1.0
+        loss = (1.0 - eps) * wy * (lse - xy) + z * lse * lse
+        if SMOOTH:
+            loss += eps_c * (w_sum * lse - lin)
+        loss = tl.where(valid, loss, 0.0)
+        a_coef = (1.0 - eps) * wy + eps_c * w_sum + 2.0 * z * lse
+    tl.store(LOSS + row, loss)
+    tl.store(STATS + row, lse)
+    if STATS_ON:
+        tl.store(STATS + stride_s + row, tl.sqrt(sq))
+        tl.store(STATS + 2 * stride_s + row, raw_max)
+        tl.store(STATS + 3 * stride_s + row, 1.0 / s)
+        tl.store(STATS + 4 * stride_s + row, lse - t / s)
+        if PROB:
+            t_at = tl.load(t_row + arg).to(tl.float32)
+            correct = t_at == t_max
+        else:
+            correct = valid & (arg == y)
+        tl.store(STATS + 5 * stride_s + row, tl.where(correct, 1.0, 0.0))
+
+    if GRAD:
+        g_row = G + row * stride_g
+        a = tl.where(valid, a_coef * scale, 0.0)
+        b = tl.where(valid, scale, 0.0)
+        b_y = tl.where(valid, (1.0 - eps) * wy * scale, 0.0)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < C
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                xc = cap * _tanh(x / cap)
+            else:
+                xc = x
+            g = tl.exp(xc - lse) * a
+            if HAS_WEIGHT:
+                w = tl.load(Wt + offs, mask=mask, other=0.0)
+            else:
+                w = 1.0
+            if PROB:
+                tv = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+                if SMOOTH:
+                    tv = tv * (1.0 - eps) + eps_c
+                g -= tv * w * b
+            else:
+                if SMOOTH:
+                    g -= eps_c * w * b
+                g = tl.where(offs == y, g - b_y, g)
+            if HAS_CAP:
+                u = xc / cap
+                g = g * (1.0 - u * u)
+            # ignored rows get exact zeros, as in PyTorch
+            g = tl.where(valid, g, 0.0)
+            tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+def _block_size(C):
+    return min(4096, triton.next_power_of_2(max(C, 16)))
+
+
+def cross_entropy_fwd(logits, target, weight, scalars, ignore_index, label_smoothing, z_loss,
+                      softcap, compute_stats, compute_grad):
+    """Launch the kernel. Same contract as spkern._C.cross_entropy_fwd_cpu."""
+    M, C = logits.shape
+    prob = target.is_floating_point()
+    loss = torch.empty(M, device=logits.device, dtype=torch.float32)
+    stats = torch.empty(6 if compute_stats else 1, M, device=logits.device, dtype=torch.float32)
+    grad = torch.empty((M, C) if compute_grad else (0,), device=logits.device, dtype=logits.dtype)
+    if M == 0:
+        return loss, stats, grad
+    w = weight if weight is not None else scalars  # any valid pointer when unused
+    _cross_entropy_fwd_kernel[(M,)](
+        logits, logits.stride(0),
+        target, target.stride(0) if prob else 1,
+        w, scalars, loss, stats, stats.stride(0),
+        grad, grad.stride(0) if compute_grad else 0,
+        C, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0),
+        HAS_WEIGHT=weight is not None, PROB=prob, HAS_CAP=bool(softcap),
+        SMOOTH=label_smoothing > 0, STATS_ON=compute_stats, GRAD=compute_grad,
+        BLOCK=_block_size(C),
+    )
+    return loss, stats, grad

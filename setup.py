@@ -1,0 +1,94 @@
+"""Build spkern: the Python package, the Triton kernels (as spkern.kernels) and the
+compiled extension spkern._C.
+
+The C++ CPU kernels always build. They are vectorised with ATen's Vectorized<float>
+for the widest instruction set the build machine's torch reports (AVX512, AVX2),
+or built portably (scalar fallback) when it reports none; SPKERN_CPU_ISA=default|avx2|avx512
+overrides the choice. The CUDA kernels build only where torch has CUDA and nvcc exists.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+}
+
+
+def cpu_isa():
+    import torch
+
+    forced = os.environ.get("SPKERN_CPU_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise SystemExit(f"SPKERN_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {forced!r}")
+        return forced
+    capability = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default", ...
+    return capability if capability in ISA_FLAGS else "default"
+
+
+def extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    # -fopenmp makes at::parallel_for parallel (it is inline OpenMP in the headers). No
+    # -lgomp: the OpenMP symbols resolve to the runtime torch already loaded, so the
+    # process keeps one thread pool.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] + ISA_FLAGS[cpu_isa()]
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and shutil.which("nvcc") is not None
+        and os.environ.get("SPKERN_NO_CUDA", "0") != "1"
+    )
+    if not with_cuda:
+        return [CppExtension("spkern._C", sources, extra_compile_args={"cxx": cxx})]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    return [
+        CUDAExtension(
+            "spkern._C",
+            sources,
+            define_macros=[("SPKERN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    ]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="spkern",
+        version="0.1.0",
+        description="Fused kernels that make width-scaling measurements (logit, update and "
+        "feature-change statistics) nearly free",
+        packages=["spkern", "spkern.kernels"],
+        package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.6", "numpy"],
+        extras_require={
+            "triton": ["triton>=3.2"],
+            "test": ["pytest", "pytest-benchmark", "ninja"],
+        },
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

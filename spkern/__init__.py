@@ -1,0 +1,13 @@
+"""spkern: fused kernels that make width-scaling measurements nearly free.
+
+Functional API: :func:`cross_entropy`. Modules: :class:`CrossEntropyLoss`.
+Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable.
+"""
+
+from spkern._backend import BACKENDS, use_backend
+from spkern.cross_entropy import LogitStats, cross_entropy
+from spkern.modules import CrossEntropyLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "CrossEntropyLoss", "LogitStats", "cross_entropy", "use_backend"]

@@ -1,0 +1,378 @@
+"""Cross-entropy with per-row logit statistics, fused forward and backward.
+
+``spkern.cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy``: the
+same arguments give the same loss and the same gradient. It adds
+
+* ``z_loss``: ``z_loss * lse**2`` is added to the loss of every non-ignored row
+  (PaLM). Under ``reduction="mean"`` it is divided by the same denominator as the
+  cross-entropy (the number of non-ignored rows, or the sum of their class weights).
+* ``softcap``: the logits become ``softcap * tanh(logits / softcap)`` before the loss
+  (Gemma), and the gradient goes through the tanh.
+* ``return_stats=True``: also returns a :class:`LogitStats` of per-row statistics,
+  computed in the same pass over the logits.
+
+Per row, with raw logits x, softcapped logits x' (x' = x without softcap), class
+weights w (all ones without ``weight``), W = sum_c w_c, label smoothing eps, C classes:
+
+    lse      = log sum_c exp(x'_c)                     p_c = exp(x'_c - lse)
+    loss     = (1 - eps) w_y (lse - x'_y) + eps / C * sum_c w_c (lse - x'_c) + z lse^2
+               (class indices y; 0 for rows whose target is ignore_index)
+    loss     = sum_c t'_c w_c (lse - x'_c) + z lse^2,   t' = (1 - eps) t + eps / C
+               (class probabilities t)
+    d loss / d x'_c = p_c * A - B_c, with
+               A = (1 - eps) w_y + eps / C * W + 2 z lse,  B_c = eps / C * w_c + (1 - eps) w_y [c = y]
+               A = sum_k t'_k w_k + 2 z lse,               B_c = t'_c w_c
+    d x'_c / d x_c = 1 - (x'_c / softcap)^2
+
+Statistics (float32, shaped like the per-row loss):
+
+    lse         log-sum-exp of the softcapped logits
+    logit_norm  L2 norm of the raw logits of the row (before softcap)
+    logit_max   largest raw logit
+    max_prob    largest softmax probability, exp(max_c x'_c - lse)
+    entropy     of the softmax: lse - sum_c p_c x'_c
+    correct     argmax of the logits equals the target (for probability targets: the
+                target is largest at the argmax); False for ignored rows
+
+The forward pass writes d(loss)/d(logits) when the logits require a gradient, so the
+backward pass only scales it by the incoming gradient (and is free when that is 1, as
+after ``loss.backward()`` on CPU). The caller's logits are never modified.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from spkern import _backend
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class LogitStats(NamedTuple):
+    """Per-row logit statistics; see the module docstring for the definitions."""
+
+    lse: Tensor
+    logit_norm: Tensor
+    logit_max: Tensor
+    max_prob: Tensor
+    entropy: Tensor
+    correct: Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks. Shapes, dtypes and devices are checked where the op is called (they
+# are static under torch.compile); target values are checked inside the op, on CPU only
+# (on a GPU that would need a host sync; the GPU kernels never read out of bounds).
+# ---------------------------------------------------------------------------------------
+
+
+def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (classes), got a 0-d tensor")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if C == 0:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"probability target must have the shape of input {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}")
+        if target.requires_grad:
+            raise ValueError("gradients with respect to probability targets are not supported; "
+                             "pass target.detach()")
+    else:
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must hold class indices (integer) or class probabilities "
+                            f"(floating point), got {target.dtype}")
+        expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+        if target.shape != expected:
+            raise ValueError(
+                f"target of class indices must have shape {tuple(expected)} for input of shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+        if weight.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        if weight.requires_grad:
+            raise ValueError("gradients with respect to weight are not supported (nor in "
+                             "torch.nn.functional.cross_entropy); pass weight.detach()")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float))
+                                    and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
+def _check_target_values(target, C, ignore_index):
+    if target.device.type != "cpu" or target.is_floating_point() or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"target {value} is out of bounds for {C} classes "
+                         f"(valid: 0..{C - 1}, or ignore_index={ignore_index})")
+
+
+# ---------------------------------------------------------------------------------------
+# The reference implementation: plain PyTorch in float64, the ground truth of the tests.
+# Every backend takes (M, C) logits and returns (loss (M,), stats (6 or 1, M), grad).
+# ---------------------------------------------------------------------------------------
+
+
+def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label_smoothing,
+                            z_loss, softcap, compute_stats, compute_grad):
+    """Float64 reference of the fused kernels; the same contract as theirs."""
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    M, C = logits.shape
+    eps, z = float(label_smoothing), float(z_loss)
+    x = logits.double()
+    xc = softcap * torch.tanh(x / softcap) if softcap else x
+    lse = torch.logsumexp(xc, dim=1)
+    logp = xc - lse[:, None]
+    p = logp.exp()
+    w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
+    scale = scalars[0].double()
+    if target.is_floating_point():
+        valid = torch.ones(M, dtype=torch.bool, device=x.device)
+        t = target.double() * (1 - eps) + eps / C
+        tw = t * w
+        loss = -(tw * logp).sum(1) + z * lse**2
+        a_coef = tw.sum(1) + 2 * z * lse
+        b = tw
+    else:
+        valid = target != ignore_index
+        y = torch.where(valid, target, 0).long()
+        wy = w[y] * valid
+        nll = -wy * logp.gather(1, y[:, None])[:, 0]
+        smooth = -(w * logp).sum(1)
+        loss = torch.where(valid, (1 - eps) * nll + eps / C * smooth + z * lse**2, 0.0)
+        a_coef = (1 - eps) * wy + eps / C * w.sum() + 2 * z * lse
+        b = eps / C * w.expand(M, C) + (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(y, C)
+    stats = [lse]
+    if compute_stats:
+        am = x.argmax(1)
+        if target.is_floating_point():
+            correct = target.gather(1, am[:, None])[:, 0] == target.max(1).values
+        else:
+            correct = valid & (am == target)
+        entropy = torch.special.entr(p).sum(1)
+        stats += [x.norm(dim=1), x.max(1).values, p.max(1).values, entropy, correct.double()]
+    stats = torch.stack(stats).to(out_dtype)
+    if compute_grad:
+        g = (p * a_coef[:, None] - b) * scale * valid[:, None]
+        if softcap:
+            g = g * (1 - (xc / softcap) ** 2)
+        grad = g.to(logits.dtype)
+    else:
+        grad = logits.new_empty(0)
+    return loss.to(out_dtype), stats, grad
+
+
+def _cpu_impl(*args):
+    return _backend.compiled().cross_entropy_fwd_cpu(*args)
+
+
+def _triton_impl(*args):
+    return _backend.triton_kernels("cross_entropy").cross_entropy_fwd(*args)
+
+
+def _cuda_impl(*args):
+    return _backend.compiled().cross_entropy_fwd_cuda(*args)
+
+
+IMPLEMENTATIONS = {
+    "reference": cross_entropy_reference,
+    "cpu": _cpu_impl,
+    "triton": _triton_impl,
+    "cuda": _cuda_impl,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# The custom op: (M, C) logits in, reduced loss, statistics and the saved gradient out.
+# ---------------------------------------------------------------------------------------
+
+
+def _scalars(target, weight, ignore_index, reduction, C, dtype):
+    """[gradient scale, sum of class weights] as a device tensor, with no host sync."""
+    device = target.device
+    w_sum = weight.sum(dtype=dtype) if weight is not None else torch.tensor(float(C), dtype=dtype, device=device)
+    if reduction != "mean":
+        scale = torch.ones((), dtype=dtype, device=device)
+    elif target.is_floating_point():
+        scale = torch.full((), 1.0 / max(target.shape[0], 1) if target.shape[0] else math.nan,
+                           dtype=dtype, device=device)
+    else:
+        valid = target != ignore_index
+        if weight is None:
+            denom = valid.sum(dtype=dtype)
+        else:
+            denom = (weight.to(dtype)[torch.where(valid, target, 0)] * valid).sum()
+        scale = 1.0 / denom
+    return torch.stack([scale, w_sum])
+
+
+@torch.library.custom_op("spkern::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    input: Tensor,  # (M, C), unit stride over classes
+    target: Tensor,  # (M,) int64 or (M, C) probabilities in input's dtype
+    weight: Optional[Tensor],  # (C,) float32 or None
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,  # 0 = off
+    reduction: str,
+    compute_stats: bool,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    M, C = input.shape
+    _check_target_values(target, C, ignore_index)
+    backend = _backend.resolve("cross_entropy", input, "cross_entropy")
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    scalars = _scalars(target, weight, ignore_index, reduction, C, acc)
+    loss, stats, grad = IMPLEMENTATIONS[backend](
+        input, target, weight, scalars, ignore_index, label_smoothing, z_loss, softcap,
+        compute_stats, compute_grad)
+    if reduction == "mean":
+        loss = loss.sum() * scalars[0]
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(input.dtype), stats, grad
+
+
+@_cross_entropy_op.register_fake
+def _(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+      compute_stats, compute_grad):
+    M, C = input.shape
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss = input.new_empty((M,) if reduction == "none" else ())
+    stats = input.new_empty((6 if compute_stats else 1, M), dtype=acc)
+    grad = input.new_empty((M, C) if compute_grad else (0,))
+    return loss, stats, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, stats, grad = output
+    ctx.reduction = inputs[7]
+    ctx.compute_grad = inputs[9]
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(stats, grad)
+    # Without this, autograd fills a (M, C) tensor of zeros for the unused gradient of
+    # the `grad` output on every backward.
+    ctx.set_materialize_grads(False)
+
+
+def _is_plain_one(t):
+    """True when ``t`` is a real CPU scalar equal to 1: reading it costs no device sync.
+    Under tracing (torch.compile, torch.func) this is False and the multiply is kept."""
+    return (type(t) is Tensor and t.device.type == "cpu" and t.numel() == 1
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and bool(t == 1))
+
+
+def _backward(ctx, dloss, dstats, dgrad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad or dloss is None:
+        return (None,) * 10
+    if ctx.reduction == "none":
+        dinput = grad * dloss.to(grad.dtype)[:, None]
+    elif _is_plain_one(dloss):
+        dinput = grad  # already d(loss)/d(input): the common loss.backward() case
+    else:
+        dinput = grad * dloss.to(grad.dtype)
+    return (dinput,) + (None,) * 9
+
+
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The functional entry point.
+# ---------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_stats: bool = False,
+):
+    """Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Args:
+        input: logits, ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; float32, bfloat16,
+            float16 (float64 runs on the reference backend).
+        target: class indices ``(N,)`` / ``()`` / ``(N, d1, ..., dK)``, or class
+            probabilities with the shape of ``input``.
+        weight: class weights ``(C,)`` or None.
+        ignore_index: class index whose rows add nothing to the loss or the gradient.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing: in ``[0, 1]``.
+        z_loss: coefficient of ``lse**2`` added per row (0 = off).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
+        return_stats: also return a :class:`LogitStats`, shaped like the per-row loss.
+
+    Returns:
+        The loss (in ``input``'s dtype), or ``(loss, stats)`` with ``return_stats=True``.
+        Statistics are device tensors; reading them is the caller's choice.
+    """
+    _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap)
+    # Bring every layout to (rows, classes) with classes contiguous.
+    if input.dim() == 1:
+        x2 = input.unsqueeze(0)
+        row_shape = ()
+    elif input.dim() == 2:
+        x2 = input
+        row_shape = input.shape[:1]
+    else:
+        x2 = input.movedim(1, -1).reshape(-1, input.shape[1])
+        row_shape = input.shape[:1] + input.shape[2:]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    C = x2.shape[1]
+    if target.is_floating_point():
+        t2 = target.reshape(1, C) if input.dim() == 1 else (
+            target if input.dim() == 2 else target.movedim(1, -1).reshape(-1, C))
+        t2 = t2.to(x2.dtype)
+        if t2.stride(-1) != 1:
+            t2 = t2.contiguous()
+    else:
+        t2 = target.reshape(-1).long()
+    if weight is not None:
+        weight = weight.to(torch.float64 if x2.dtype == torch.float64 else torch.float32).contiguous()
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
+    loss, stats, _ = torch.ops.spkern.cross_entropy(
+        x2, t2, weight, int(ignore_index), float(label_smoothing), float(z_loss),
+        float(softcap or 0.0), reduction, bool(return_stats), compute_grad)
+    if reduction == "none":
+        loss = loss.reshape(row_shape)
+    if not return_stats:
+        return loss
+    lse, norm, lmax, max_prob, entropy, correct = stats.reshape((6,) + tuple(row_shape))
+    return loss, LogitStats(lse, norm, lmax, max_prob, entropy, correct > 0.5)
