@@ -47,6 +47,8 @@ def _cross_entropy_fwd_kernel(
     else:
         y = tl.load(t_row).to(tl.int64)
         valid = y != ignore_index
+        # a target outside [0, C) is never read through: its row becomes NaN
+        in_range = (y >= 0) & (y < C)
 
     m = -float("inf")  # running max of the softcapped logits
     s = 0.0  # sum exp(x' - m)
@@ -81,7 +83,8 @@ def _cross_entropy_fwd_kernel(
         e = tl.where(mask, tl.exp(xc - m_ref), 0.0)
         alpha = tl.exp(m - m_ref)
         s = s * alpha + tl.sum(e)
-        t = t * alpha + tl.sum(e * xcz)
+        # x' clamped to max - 128 so that a -inf logit adds 0, not 0 * -inf = NaN
+        t = t * alpha + tl.sum(e * tl.maximum(xcz, m_ref - 128.0))
         m = m_new
         if HAS_WEIGHT:
             w = tl.load(Wt + offs, mask=mask, other=0.0)
@@ -105,7 +108,7 @@ def _cross_entropy_fwd_kernel(
         a_coef = tw + 2.0 * z * lse
         wy = 0.0
     else:
-        y_safe = tl.where(valid, y, 0)
+        y_safe = tl.where(valid & in_range, y, 0)
         xy = tl.load(x_row + y_safe).to(tl.float32)
         if HAS_CAP:
             xy = cap * _tanh(xy / cap)
@@ -116,8 +119,9 @@ def _cross_entropy_fwd_kernel(
         loss = (1.0 - eps) * wy * (lse - xy) + z * lse * lse
         if SMOOTH:
             loss += eps_c * (w_sum * lse - lin)
-        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
         a_coef = (1.0 - eps) * wy + eps_c * w_sum + 2.0 * z * lse
+        a_coef = tl.where(in_range, a_coef, float("nan"))
     tl.store(LOSS + row, loss)
     tl.store(STATS + row, lse)
     if STATS_ON:

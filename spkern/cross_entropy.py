@@ -78,7 +78,7 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (classes), got a 0-d tensor")
     if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"target is on device {target.device} but input is on device {input.device}")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
@@ -107,7 +107,7 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+            raise ValueError(f"weight is on device {weight.device} but input is on device {input.device}")
         if weight.requires_grad:
             raise ValueError("gradients with respect to weight are not supported (nor in "
                              "torch.nn.functional.cross_entropy); pass weight.detach()")
@@ -163,8 +163,10 @@ def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label
         y = torch.where(valid, target, 0).long()
         wy = w[y] * valid
         nll = -wy * logp.gather(1, y[:, None])[:, 0]
-        smooth = -(w * logp).sum(1)
-        loss = torch.where(valid, (1 - eps) * nll + eps / C * smooth + z * lse**2, 0.0)
+        loss = (1 - eps) * nll + z * lse**2
+        if eps > 0:  # skipped at 0: a -inf logit would give 0 * inf
+            loss = loss - eps / C * (w * logp).sum(1)
+        loss = torch.where(valid, loss, 0.0)
         a_coef = (1 - eps) * wy + eps / C * w.sum() + 2 * z * lse
         b = eps / C * w.expand(M, C) + (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(y, C)
     stats = [lse]
@@ -178,7 +180,7 @@ def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label
         stats += [x.norm(dim=1), x.max(1).values, p.max(1).values, entropy, correct.double()]
     stats = torch.stack(stats).to(out_dtype)
     if compute_grad:
-        g = (p * a_coef[:, None] - b) * scale * valid[:, None]
+        g = torch.where(valid[:, None], (p * a_coef[:, None] - b) * scale, 0.0)
         if softcap:
             g = g * (1 - (xc / softcap) ** 2)
         grad = g.to(logits.dtype)

@@ -248,6 +248,10 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     fVec vs(0.f), vt(0.f);
     float ss = 0.f, stt = 0.f;
     const fVec vm(mc);
+    // e * x' with x' clamped to max - 128: a -inf logit then adds 0 * finite instead of
+    // 0 * -inf = NaN (exp(-128) is 0 in float32), and nothing else changes.
+    const float floor_x = mc - 128.f;
+    const fVec vfloor(floor_x);
     float* e_out = buf_e.data();
     // Pass 2 is compute-bound and runs from L2: meanwhile, pull the next row into the
     // cache, one line per iteration, so that its pass 1 does not wait on memory.
@@ -259,13 +263,13 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
       fVec xc = fVec::loadu(xs + c);
       fVec e = (xc - vm).exp_u20();
       vs = vs + e;
-      vt = at::vec::fmadd(e, xc, vt);
+      if (p.stats) vt = at::vec::fmadd(e, at::vec::maximum(xc, vfloor), vt);
       if (p.grad) e.store(e_out + c);
     }
     for (; c < C; ++c) {
       float e = std::exp(xs[c] - mc);
       ss += e;
-      stt += e * xs[c];
+      stt += e * std::max(xs[c], floor_x);
       if (p.grad) e_out[c] = e;
     }
     const double s = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vs)) + ss;

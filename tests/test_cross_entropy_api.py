@@ -1,0 +1,214 @@
+"""Errors, the module, backend choice, torch.library checks and torch.compile."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spkern
+from spkern import _backend
+
+
+def _inputs(N=6, C=10):
+    return torch.randn(N, C), torch.randint(0, C, (N,))
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: a clear Python error naming the argument, from every backend
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, t: spkern.cross_entropy(x, t[:-1]), ValueError, "target"),
+    (lambda x, t: spkern.cross_entropy(x, t[:, None]), ValueError, "target"),
+    (lambda x, t: spkern.cross_entropy(x[None], t), ValueError, "target"),
+    (lambda x, t: spkern.cross_entropy(x.long(), t), TypeError, "input"),
+    (lambda x, t: spkern.cross_entropy(x, t.bool()), TypeError, "target"),
+    (lambda x, t: spkern.cross_entropy(x, t.float()), ValueError, "probability target"),
+    (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(3)), ValueError, "weight"),
+    (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(10, dtype=torch.long)), TypeError, "weight"),
+    (lambda x, t: spkern.cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+    (lambda x, t: spkern.cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda x, t: spkern.cross_entropy(x, t, z_loss=math.nan), ValueError, "z_loss"),
+    (lambda x, t: spkern.cross_entropy(x, t, z_loss=math.inf), ValueError, "z_loss"),
+    (lambda x, t: spkern.cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss"),
+    (lambda x, t: spkern.cross_entropy(x, t, softcap=0.0), ValueError, "softcap"),
+    (lambda x, t: spkern.cross_entropy(x, t, softcap=math.inf), ValueError, "softcap"),
+    (lambda x, t: spkern.cross_entropy(x[0, 0], t[0]), ValueError, "0-d"),
+    (lambda x, t: spkern.cross_entropy(x[:, :0], t), ValueError, "no classes"),
+    (lambda x, t: spkern.cross_entropy(x, t.to("meta")), ValueError, "device"),
+    (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(10, device="meta")), ValueError, "device"),
+    (lambda x, t: spkern.cross_entropy(x.numpy(), t), TypeError, "input"),
+    (lambda x, t: spkern.cross_entropy(x, [1, 2]), TypeError, "target"),
+    (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(10, requires_grad=True)), ValueError, "weight"),
+    (lambda x, t: spkern.cross_entropy(x, torch.rand(6, 10, requires_grad=True)), ValueError, "detach"),
+])
+def test_bad_arguments(backend, call, error, match):
+    x, t = _inputs()
+    with pytest.raises(error, match=match):
+        call(x, t)
+
+
+@pytest.mark.parametrize("bad", [10, -1, -101, 2**40])
+def test_target_out_of_range(backend, bad):
+    x, t = _inputs()
+    t[4] = bad
+    before = x.clone()
+    with pytest.raises(IndexError, match=f"target {bad} is out of bounds"):
+        spkern.cross_entropy(x.requires_grad_(), t)
+    assert torch.equal(x.detach(), before)
+
+
+def test_target_equal_to_custom_ignore_index_is_fine(backend):
+    x, t = _inputs()
+    t[0] = 55
+    loss = spkern.cross_entropy(x, t, ignore_index=55)
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, ignore_index=55))
+
+
+def test_compiled_kernel_checks_targets_itself():
+    C_ext = _backend.compiled()
+    if C_ext is None:
+        pytest.skip("spkern._C not built")
+    x, t = _inputs()
+    t[2] = 99
+    with pytest.raises(IndexError, match="out of bounds"):
+        C_ext.cross_entropy_fwd_cpu(x, t, None, torch.tensor([1.0, 10.0]), -100, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        C_ext.cross_entropy_fwd_cpu(x, t.int(), None, torch.tensor([1.0, 10.0]), -100, 0.0, 0.0, 0.0, False, False)
+
+
+# ---------------------------------------------------------------------------------------
+# the module
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(reduction="sum", label_smoothing=0.1),
+    dict(ignore_index=3, reduction="none"),
+    dict(weight=torch.rand(10) + 0.1, label_smoothing=0.05),
+    dict(size_average=False),
+    dict(reduce=False),
+])
+def test_module_is_a_drop_in(kwargs):
+    x, t = _inputs(8, 10)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # legacy size_average / reduce
+        ours = spkern.CrossEntropyLoss(**kwargs)
+        theirs = nn.CrossEntropyLoss(**kwargs)
+    a, b = ours(x1, t), theirs(x2, t)
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.reduction == theirs.reduction
+
+
+def test_module_extras_and_repr():
+    x, t = _inputs()
+    m = spkern.CrossEntropyLoss(z_loss=1e-3, softcap=10.0, return_stats=True)
+    loss, st = m(x, t)
+    assert isinstance(st, spkern.LogitStats) and st.lse.shape == (6,)
+    assert "z_loss=0.001" in repr(m) and "softcap=10.0" in repr(m)
+    if torch.cuda.is_available():
+        m.cuda()
+        assert m(x.cuda(), t.cuda())[0].device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------
+# backend choice
+
+
+def test_use_backend_and_environment(monkeypatch):
+    x, t = _inputs()
+    assert _backend.requested_backend(x.device) == "cpu"
+    with spkern.use_backend("reference"):
+        assert _backend.requested_backend(x.device) == "reference"
+    monkeypatch.setenv("SPKERN_BACKEND", "reference")
+    assert _backend.requested_backend(x.device) == "reference"
+    with spkern.use_backend("cpu"):  # the context manager wins over the environment
+        assert _backend.requested_backend(x.device) == "cpu"
+    monkeypatch.setenv("SPKERN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SPKERN_BACKEND"):
+        spkern.cross_entropy(x, t)
+    with pytest.raises(ValueError, match="backend"):
+        with spkern.use_backend("fast"):
+            pass
+
+
+def test_fallback_warns_once():
+    _backend._warn_once.cache_clear()
+    x, t = _inputs()
+    with spkern.use_backend("cuda"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = spkern.cross_entropy(x, t)
+        b = spkern.cross_entropy(x, t)
+    messages = [str(w.message) for w in caught if "backend 'cuda'" in str(w.message)]
+    assert len(messages) == 1 and "device cpu" in messages[0]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, F.cross_entropy(x, t))
+
+
+def test_float64_runs_on_the_reference():
+    _backend._warn_once.cache_clear()
+    x, t = _inputs()
+    with pytest.warns(RuntimeWarning, match="float64"):
+        loss = spkern.cross_entropy(x.double(), t)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(x.double(), t), rtol=1e-12, atol=1e-12)
+
+
+def test_extension_is_built():
+    # The package is installed with its extension (pip install -e .); a missing build
+    # would silently test the reference twice.
+    assert _backend.compiled() is not None
+    assert _backend.compiled().compiled_isa() in ("avx512", "avx2", "default")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(backend, kind, reduction):
+    x = torch.randn(5, 7, requires_grad=True)
+    t = torch.softmax(torch.randn(5, 7), 1) if kind == "prob" else torch.randint(0, 7, (5,))
+    w = torch.rand(7) + 0.5
+    args = (x, t, w, -100, 0.1, 1e-3, 3.0, reduction, True, True)
+    torch.library.opcheck(torch.ops.spkern.cross_entropy.default, args)
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 33)
+
+    def forward(self, h, target):
+        loss, st = spkern.cross_entropy(self.proj(h), target, label_smoothing=0.1, z_loss=1e-4,
+                                        return_stats=True)
+        return loss, st.logit_norm.mean(), st.correct.float().mean()
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+    model = _Head()
+    h = torch.randn(12, 16)
+    t = torch.randint(0, 33, (12,))
+    t[3] = -100
+    eager = model(h, t)
+    eager[0].backward()
+    g_eager = model.proj.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    out = compiled(h, t)
+    out[0].backward()
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(model.proj.weight.grad, g_eager)
