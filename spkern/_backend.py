@@ -81,6 +81,13 @@ def triton_kernels(module):
         return None
 
 
+def empty_cache():
+    """Free the gradient buffer the CPU kernels keep for the next step (as
+    torch.cuda.empty_cache does for CUDA memory)."""
+    if compiled() is not None:
+        compiled().release_cached_buffer()
+
+
 def _triton_interpreted():
     """Whether Triton's own functions were defined for the interpreter."""
     import triton.language as tl
