@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 ISA_FLAGS = {
     "default": [],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
     ],
 }

@@ -172,7 +172,13 @@ def _cross_entropy_fwd_kernel(
 
 
 def _block_size(C):
+    # a whole row per iteration up to 4096 classes; larger rows loop
     return min(4096, triton.next_power_of_2(max(C, 16)))
+
+
+def _num_warps(block):
+    # 8 to 16 elements per thread per iteration
+    return max(4, min(16, block // 256))
 
 
 def cross_entropy_fwd(logits, target, weight, scalars, ignore_index, label_smoothing, z_loss,
@@ -194,6 +200,6 @@ def cross_entropy_fwd(logits, target, weight, scalars, ignore_index, label_smoot
         C, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0),
         HAS_WEIGHT=weight is not None, PROB=prob, HAS_CAP=bool(softcap),
         SMOOTH=label_smoothing > 0, STATS_ON=compute_stats, GRAD=compute_grad,
-        BLOCK=_block_size(C),
+        BLOCK=_block_size(C), num_warps=_num_warps(_block_size(C)),
     )
     return loss, stats, grad
