@@ -236,7 +236,7 @@ def _scalars(target, weight, ignore_index, reduction, C, dtype):
 @torch.library.custom_op("spkern::cross_entropy", mutates_args=())
 def _cross_entropy_op(
     input: Tensor,  # (M, C), unit stride over classes
-    target: Tensor,  # (M,) int64 or (M, C) probabilities in input's dtype
+    target: Tensor,  # (M,) int64, or (M, C) probabilities in input's dtype; contiguous rows
     weight: Optional[Tensor],  # (C,) float32 or None
     ignore_index: int,
     label_smoothing: float,
@@ -258,7 +258,7 @@ def _cross_entropy_op(
         loss = loss.sum() * scalars[0]
     elif reduction == "sum":
         loss = loss.sum()
-    return loss.to(input.dtype), stats, grad
+    return loss, stats, grad
 
 
 @_cross_entropy_op.register_fake
@@ -266,7 +266,7 @@ def _(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, red
       compute_stats, compute_grad):
     M, C = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    loss = input.new_empty((M,) if reduction == "none" else ())
+    loss = input.new_empty((M,) if reduction == "none" else (), dtype=acc)
     stats = input.new_empty((6 if compute_stats else 1, M), dtype=acc)
     grad = input.new_empty((M, C) if compute_grad else (0,))
     return loss, stats, grad
@@ -330,9 +330,9 @@ def cross_entropy(
     Args:
         input: logits, ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; float32, bfloat16,
             float16 (float64 runs on the reference backend).
-        target: class indices ``(N,)`` / ``()`` / ``(N, d1, ..., dK)``, or class
-            probabilities with the shape of ``input``.
-        weight: class weights ``(C,)`` or None.
+        target: class indices ``(N,)`` / ``()`` / ``(N, d1, ..., dK)`` (any integer
+            dtype), or class probabilities with the shape of ``input`` (any float dtype).
+        weight: class weights ``(C,)`` (any float dtype) or None.
         ignore_index: class index whose rows add nothing to the loss or the gradient.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         label_smoothing: in ``[0, 1]``.
@@ -341,7 +341,8 @@ def cross_entropy(
         return_stats: also return a :class:`LogitStats`, shaped like the per-row loss.
 
     Returns:
-        The loss (in ``input``'s dtype), or ``(loss, stats)`` with ``return_stats=True``.
+        The loss (in ``input``'s dtype, or float32 under autocast as in PyTorch), or
+        ``(loss, stats)`` with ``return_stats=True``.
         Statistics are device tensors; reading them is the caller's choice.
     """
     _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap)
@@ -365,13 +366,17 @@ def cross_entropy(
         if t2.stride(-1) != 1:
             t2 = t2.contiguous()
     else:
-        t2 = target.reshape(-1).long()
+        t2 = target.reshape(-1).long().contiguous()
     if weight is not None:
         weight = weight.to(torch.float64 if x2.dtype == torch.float64 else torch.float32).contiguous()
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, stats, _ = torch.ops.spkern.cross_entropy(
         x2, t2, weight, int(ignore_index), float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, bool(return_stats), compute_grad)
+    # The op returns the float32-accumulated loss. As F.cross_entropy, return it in the
+    # input's dtype, except under autocast, where cross-entropy runs in float32.
+    if not torch.is_autocast_enabled(input.device.type):
+        loss = loss.to(input.dtype)
     if reduction == "none":
         loss = loss.reshape(row_shape)
     if not return_stats:

@@ -333,3 +333,31 @@ def test_int64_indexing_cpu():
     ref = F.cross_entropy(tail.double(), target[-2:], reduction="none")
     torch.testing.assert_close(loss[-2:].double(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(st.lse[-2:].double(), torch.logsumexp(tail.double(), 1), rtol=1e-5, atol=1e-4)
+
+
+def test_strided_input_and_target(backend):
+    base = torch.randn(10, 300)
+    x = base[::2, 7:290]  # row stride 600, classes contiguous
+    xt = torch.randn(283, 5).t()  # classes strided
+    t = torch.randint(0, 283, (10,))[::2]
+    for logits in (x, xt):
+        check_against_torch(logits, t, TOL[torch.float32], label_smoothing=0.1)
+    probs = torch.softmax(torch.randn(283, 5), 0).t()
+    check_against_torch(xt, probs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_returns_float32_like_torch(backend, reduction):
+    x, target = make_inputs((8, 64), torch.float32, ignore=True)
+    lin = torch.nn.Linear(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lin(x)
+        assert logits.dtype == torch.bfloat16
+        ours = spkern.cross_entropy(logits, target, reduction=reduction)
+        theirs = F.cross_entropy(logits, target, reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float32
+    (g1,) = torch.autograd.grad(ours.sum(), lin.weight, retain_graph=True)
+    (g2,) = torch.autograd.grad(theirs.sum(), lin.weight)
+    ref = F.cross_entropy(logits.detach().double(), target, reduction=reduction)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=2e-2, atol=2e-2 * g2.abs().max().item())
