@@ -46,7 +46,8 @@ def extensions():
     # -fopenmp makes at::parallel_for parallel (it is inline OpenMP in the headers). No
     # -lgomp: the OpenMP symbols resolve to the runtime torch already loaded, so the
     # process keeps one thread pool.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] + ISA_FLAGS[cpu_isa()]
+    # (the C++ standard is torch's choice: it adds the -std= its headers need)
+    cxx = ["-O3", "-fopenmp"] + ISA_FLAGS[cpu_isa()]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -57,7 +58,7 @@ def extensions():
         return [CppExtension("spkern._C", sources, extra_compile_args={"cxx": cxx})]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     return [
         CUDAExtension(
             "spkern._C",

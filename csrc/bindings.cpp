@@ -4,10 +4,6 @@
 
 #include "spkern.h"
 
-#ifdef SPKERN_WITH_CUDA
-#include "cuda/bindings.h"
-#endif
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spkern compiled kernels";
   m.def("cross_entropy_fwd_cpu", &spkern::cpu::cross_entropy_fwd,

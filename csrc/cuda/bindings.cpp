@@ -1,8 +1,8 @@
 // Torch glue of the CUDA kernels: checks, allocation, the current stream.
-#include "bindings.h"
+#include "../spkern.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cross_entropy.h"
@@ -71,7 +71,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   a.softcap = static_cast<float>(softcap);
   a.prob = prob;
   a.compute_stats = compute_stats;
-  const char* err = spkern::cuda::launch_cross_entropy_fwd(a, at::cuda::getCurrentCUDAStream().stream());
+  const char* err = spkern::cuda::launch_cross_entropy_fwd(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "spkern cuda cross_entropy: ", err);
   return {loss, stats, grad};
 }
