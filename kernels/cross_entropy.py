@@ -31,6 +31,7 @@ def _cross_entropy_fwd_kernel(
     STATS, stride_s,  # (6 or 1, M) float32
     G, stride_g,  # (M, C) gradient, input dtype
     C, ignore_index, eps, z, cap,
+    KIND: tl.constexpr,  # 0 cross-entropy, 1 squared error of logits, 2 of probabilities
     HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, HAS_CAP: tl.constexpr,
     SMOOTH: tl.constexpr, STATS_ON: tl.constexpr, GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -53,6 +54,7 @@ def _cross_entropy_fwd_kernel(
     m = -float("inf")  # running max of the softcapped logits
     s = 0.0  # sum exp(x' - m)
     t = 0.0  # sum exp(x' - m) * x'
+    s2 = 0.0  # sum exp(x' - m)^2 (KIND 2)
     sq = 0.0
     raw_max = -float("inf")
     arg = tl.zeros((), tl.int64)
@@ -83,6 +85,8 @@ def _cross_entropy_fwd_kernel(
         e = tl.where(mask, tl.exp(xc - m_ref), 0.0)
         alpha = tl.exp(m - m_ref)
         s = s * alpha + tl.sum(e)
+        if KIND == 2:
+            s2 = s2 * alpha * alpha + tl.sum(e * e)
         # x' clamped to max - 128 so that a -inf logit adds 0, not 0 * -inf = NaN
         t = t * alpha + tl.sum(e * tl.maximum(xcz, m_ref - 128.0))
         m = m_new
@@ -119,8 +123,15 @@ def _cross_entropy_fwd_kernel(
         loss = (1.0 - eps) * wy * (lse - xy) + z * lse * lse
         if SMOOTH:
             loss += eps_c * (w_sum * lse - lin)
-        loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
         a_coef = (1.0 - eps) * wy + eps_c * w_sum + 2.0 * z * lse
+        if KIND == 1:
+            loss = sq - 2.0 * tl.load(x_row + y_safe).to(tl.float32) + 1.0
+        if KIND == 2:
+            py = tl.exp(xy - lse)
+            p2 = s2 / (s * s)
+            loss = p2 - 2.0 * py + 1.0
+            a_coef = p2 - py  # K: d/dx_c = 2 scale p_c (p_c - K) - 2 scale p_y [c = y]
+        loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
         a_coef = tl.where(in_range, a_coef, float("nan"))
     tl.store(LOSS + row, loss)
     tl.store(STATS + row, lse)
@@ -141,6 +152,10 @@ def _cross_entropy_fwd_kernel(
         a = tl.where(valid, a_coef * scale, 0.0)
         b = tl.where(valid, scale, 0.0)
         b_y = tl.where(valid, (1.0 - eps) * wy * scale, 0.0)
+        if KIND == 1:
+            b_y = tl.where(valid, 2.0 * scale, 0.0)
+        if KIND == 2:
+            b_y = tl.where(valid, 2.0 * scale * py, 0.0)
         for start in range(0, C, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < C
@@ -149,7 +164,13 @@ def _cross_entropy_fwd_kernel(
                 xc = cap * _tanh(x / cap)
             else:
                 xc = x
-            g = tl.exp(xc - lse) * a
+            if KIND == 0:
+                g = tl.exp(xc - lse) * a
+            elif KIND == 1:
+                g = 2.0 * b * x
+            else:
+                pc = tl.exp(xc - lse)
+                g = 2.0 * b * pc * (pc - a_coef)
             if HAS_WEIGHT:
                 w = tl.load(Wt + offs, mask=mask, other=0.0)
             else:
@@ -163,7 +184,7 @@ def _cross_entropy_fwd_kernel(
                 if SMOOTH:
                     g -= eps_c * w * b
                 g = tl.where(offs == y, g - b_y, g)
-            if HAS_CAP:
+            if HAS_CAP and KIND == 0:
                 u = xc / cap
                 g = g * (1.0 - u * u)
             # ignored rows get exact zeros, as in PyTorch
@@ -181,14 +202,18 @@ def _num_warps(block):
     return max(4, min(16, block // 256))
 
 
-def cross_entropy_fwd(logits, target, weight, scalars, ignore_index, label_smoothing, z_loss,
-                      softcap, compute_stats, compute_grad):
-    """Launch the kernel. Same contract as spkern._C.cross_entropy_fwd_cpu."""
+def cross_entropy_fwd(logits, target, weight, scalars, kind, ignore_index, label_smoothing,
+                      z_loss, softcap, compute_stats, compute_grad, grad_out=None):
+    """Launch the kernel. Same contract as spkern._C.cross_entropy_fwd_cpu (grad_out may be
+    the logits: each program reads a block before it writes the block's gradient)."""
     M, C = logits.shape
     prob = target.is_floating_point()
     loss = torch.empty(M, device=logits.device, dtype=torch.float32)
     stats = torch.empty(6 if compute_stats else 1, M, device=logits.device, dtype=torch.float32)
-    grad = torch.empty((M, C) if compute_grad else (0,), device=logits.device, dtype=logits.dtype)
+    if compute_grad and grad_out is not None:
+        grad = grad_out
+    else:
+        grad = torch.empty((M, C) if compute_grad else (0,), device=logits.device, dtype=logits.dtype)
     if M == 0:
         return loss, stats, grad
     w = weight if weight is not None else scalars  # any valid pointer when unused
@@ -198,7 +223,7 @@ def cross_entropy_fwd(logits, target, weight, scalars, ignore_index, label_smoot
         w, scalars, loss, stats, stats.stride(0),
         grad, grad.stride(0) if compute_grad else 0,
         C, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0),
-        HAS_WEIGHT=weight is not None, PROB=prob, HAS_CAP=bool(softcap),
+        KIND=int(kind), HAS_WEIGHT=weight is not None, PROB=prob, HAS_CAP=bool(softcap),
         SMOOTH=label_smoothing > 0, STATS_ON=compute_stats, GRAD=compute_grad,
         BLOCK=_block_size(C), num_warps=_num_warps(_block_size(C)),
     )

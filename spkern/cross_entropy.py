@@ -135,11 +135,16 @@ def _check_target_values(target, C, ignore_index):
 # ---------------------------------------------------------------------------------------
 # The reference implementation: plain PyTorch in float64, the ground truth of the tests.
 # Every backend takes (M, C) logits and returns (loss (M,), stats (6 or 1, M), grad).
+# kind selects the loss: cross-entropy, or the squared error against one-hot targets of
+# the logits or of the softmax probabilities (mse_onehot_loss); the statistics are the
+# same for all.
 # ---------------------------------------------------------------------------------------
 
+CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS = 0, 1, 2
 
-def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label_smoothing,
-                            z_loss, softcap, compute_stats, compute_grad):
+
+def cross_entropy_reference(logits, target, weight, scalars, kind, ignore_index, label_smoothing,
+                            z_loss, softcap, compute_stats, compute_grad, grad_out=None):
     """Float64 reference of the fused kernels; the same contract as theirs."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     M, C = logits.shape
@@ -151,7 +156,14 @@ def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label
     p = logp.exp()
     w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
     scale = scalars[0].double()
-    if target.is_floating_point():
+    if kind != CROSS_ENTROPY:
+        valid = target != ignore_index
+        onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0).long(), C).double()
+        diff = (x if kind == MSE_LOGITS else p) - onehot
+        loss = torch.where(valid, (diff**2).sum(1), 0.0)
+        dpred = 2 * diff  # d loss / d prediction; through the softmax for probabilities
+        g_mse = dpred if kind == MSE_LOGITS else p * (dpred - (dpred * p).sum(1, keepdim=True))
+    elif target.is_floating_point():
         valid = torch.ones(M, dtype=torch.bool, device=x.device)
         t = target.double() * (1 - eps) + eps / C
         tw = t * w
@@ -180,10 +192,13 @@ def cross_entropy_reference(logits, target, weight, scalars, ignore_index, label
         stats += [x.norm(dim=1), x.max(1).values, p.max(1).values, entropy, correct.double()]
     stats = torch.stack(stats).to(out_dtype)
     if compute_grad:
-        g = torch.where(valid[:, None], (p * a_coef[:, None] - b) * scale, 0.0)
-        if softcap:
-            g = g * (1 - (xc / softcap) ** 2)
-        grad = g.to(logits.dtype)
+        if kind != CROSS_ENTROPY:
+            g = torch.where(valid[:, None], g_mse * scale, 0.0)
+        else:
+            g = torch.where(valid[:, None], (p * a_coef[:, None] - b) * scale, 0.0)
+            if softcap:
+                g = g * (1 - (xc / softcap) ** 2)
+        grad = g.to(logits.dtype) if grad_out is None else grad_out.copy_(g)
     else:
         grad = logits.new_empty(0)
     return loss.to(out_dtype), stats, grad
@@ -214,7 +229,7 @@ IMPLEMENTATIONS = {
 # ---------------------------------------------------------------------------------------
 
 
-def _scalars(target, weight, ignore_index, reduction, C, dtype):
+def _scalars(target, weight, ignore_index, reduction, C, dtype, kind=CROSS_ENTROPY):
     """[gradient scale, sum of class weights] as a device tensor, with no host sync."""
     device = target.device
     w_sum = weight.sum(dtype=dtype) if weight is not None else torch.tensor(float(C), dtype=dtype, device=device)
@@ -229,15 +244,18 @@ def _scalars(target, weight, ignore_index, reduction, C, dtype):
             denom = valid.sum(dtype=dtype)
         else:
             denom = (weight.to(dtype)[torch.where(valid, target, 0)] * valid).sum()
+        if kind != CROSS_ENTROPY:  # squared errors: the mean over rows x classes
+            denom = denom * C
         scale = 1.0 / denom
     return torch.stack([scale, w_sum])
 
 
-@torch.library.custom_op("spkern::cross_entropy", mutates_args=())
-def _cross_entropy_op(
+@torch.library.custom_op("spkern::logit_loss", mutates_args=())
+def _logit_loss_op(
     input: Tensor,  # (M, C), unit stride over classes
     target: Tensor,  # (M,) int64, or (M, C) probabilities in input's dtype; contiguous rows
     weight: Optional[Tensor],  # (C,) float32 or None
+    kind: int,  # CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -246,23 +264,29 @@ def _cross_entropy_op(
     compute_stats: bool,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss, stats, grad): the loss reduced and float32 (float64 for float64
+    input), the (6 or 1, M) statistics, and d(loss)/d(input) when compute_grad."""
     M, C = input.shape
     _check_target_values(target, C, ignore_index)
     backend = _backend.resolve("cross_entropy", input, "cross_entropy")
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    scalars = _scalars(target, weight, ignore_index, reduction, C, acc)
+    scalars = _scalars(target, weight, ignore_index, reduction, C, acc, kind)
     loss, stats, grad = IMPLEMENTATIONS[backend](
-        input, target, weight, scalars, ignore_index, label_smoothing, z_loss, softcap,
-        compute_stats, compute_grad)
+        input, target, weight, scalars, kind, ignore_index, label_smoothing, z_loss, softcap,
+        compute_stats, compute_grad, None)
+    return _reduce(loss, scalars, reduction), stats, grad
+
+
+def _reduce(loss_rows, scalars, reduction):
     if reduction == "mean":
-        loss = loss.sum() * scalars[0]
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss, stats, grad
+        return loss_rows.sum() * scalars[0]
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows
 
 
-@_cross_entropy_op.register_fake
-def _(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+@_logit_loss_op.register_fake
+def _(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction,
       compute_stats, compute_grad):
     M, C = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -274,8 +298,8 @@ def _(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, red
 
 def _setup_context(ctx, inputs, output):
     _, stats, grad = output
-    ctx.reduction = inputs[7]
-    ctx.compute_grad = inputs[9]
+    ctx.reduction = inputs[8]
+    ctx.compute_grad = inputs[10]
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(stats, grad)
     # Without this, autograd fills a (M, C) tensor of zeros for the unused gradient of
@@ -283,7 +307,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _is_plain_one(t):
+def is_plain_one(t):
     """True when ``t`` is a real CPU scalar equal to 1: reading it costs no device sync.
     Under tracing (torch.compile, torch.func) this is False and the multiply is kept."""
     return (type(t) is Tensor and t.device.type == "cpu" and t.numel() == 1
@@ -292,24 +316,29 @@ def _is_plain_one(t):
             and bool(t == 1))
 
 
+def scale_grad(grad, dloss):
+    """grad * dloss for a saved gradient of a reduced loss; free when dloss is 1 on CPU."""
+    if grad is None or is_plain_one(dloss):
+        return grad  # already d(loss)/d(input): the common loss.backward() case
+    return grad * dloss.to(grad.dtype)
+
+
 def _backward(ctx, dloss, dstats, dgrad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad or dloss is None:
-        return (None,) * 10
+        return (None,) * 11
     if ctx.reduction == "none":
         dinput = grad * dloss.to(grad.dtype)[:, None]
-    elif _is_plain_one(dloss):
-        dinput = grad  # already d(loss)/d(input): the common loss.backward() case
     else:
-        dinput = grad * dloss.to(grad.dtype)
-    return (dinput,) + (None,) * 9
+        dinput = scale_grad(grad, dloss)
+    return (dinput,) + (None,) * 10
 
 
-_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_logit_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
-# The functional entry point.
+# The functional entry points.
 # ---------------------------------------------------------------------------------------
 
 
@@ -346,7 +375,46 @@ def cross_entropy(
         Statistics are device tensors; reading them is the caller's choice.
     """
     _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap)
-    # Bring every layout to (rows, classes) with classes contiguous.
+    if weight is not None:
+        weight = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    return _call(input, target, weight, CROSS_ENTROPY, ignore_index, label_smoothing, z_loss,
+                 softcap, reduction, return_stats)
+
+
+def mse_onehot_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    on: str = "logits",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    return_stats: bool = False,
+):
+    """Squared error against one-hot targets, with the statistics of :func:`cross_entropy`.
+
+    ``on="logits"``: ``sum_c (input_c - [c = y])^2`` per row (the paper's MLP runs);
+    ``on="probs"``: the same on ``softmax(input)`` (its GPT runs, with ``reduction="sum"``).
+    ``reduction="mean"`` averages over rows x classes, as
+    ``F.mse_loss(input, F.one_hot(target, C).to(input))`` does; ``"sum"`` sums; ``"none"``
+    gives the per-row sums over classes. Rows whose target is ``ignore_index`` add nothing.
+    Layouts, dtypes and statistics as in :func:`cross_entropy`; targets are class indices.
+    """
+    if on not in _MSE_KINDS:
+        raise ValueError(f"on must be one of {tuple(_MSE_KINDS)}, got {on!r}")
+    _check_args(input, target, None, reduction, 0.0, 0.0, None)
+    if target.is_floating_point():
+        raise TypeError(f"target must hold class indices (integer) for mse_onehot_loss, got {target.dtype}")
+    return _call(input, target, None, _MSE_KINDS[on], ignore_index, 0.0, 0.0, None, reduction,
+                 return_stats)
+
+
+_MSE_KINDS = {"logits": MSE_LOGITS, "probs": MSE_PROBS}
+
+
+def _call(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction,
+          return_stats):
+    """Brings any layout to (rows, classes) with classes contiguous, runs the op, and puts
+    the loss and the statistics back in the layout of the target."""
     if input.dim() == 1:
         x2 = input.unsqueeze(0)
         row_shape = ()
@@ -367,19 +435,22 @@ def cross_entropy(
             t2 = t2.contiguous()
     else:
         t2 = target.reshape(-1).long().contiguous()
-    if weight is not None:
-        weight = weight.to(torch.float64 if x2.dtype == torch.float64 else torch.float32).contiguous()
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    loss, stats, _ = torch.ops.spkern.cross_entropy(
-        x2, t2, weight, int(ignore_index), float(label_smoothing), float(z_loss),
+    loss, stats, _ = torch.ops.spkern.logit_loss(
+        x2, t2, weight, kind, int(ignore_index), float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, bool(return_stats), compute_grad)
     # The op returns the float32-accumulated loss. As F.cross_entropy, return it in the
-    # input's dtype, except under autocast, where cross-entropy runs in float32.
+    # input's dtype, except under autocast, where losses run in float32.
     if not torch.is_autocast_enabled(input.device.type):
         loss = loss.to(input.dtype)
     if reduction == "none":
         loss = loss.reshape(row_shape)
     if not return_stats:
         return loss
+    return loss, stats_from_rows(stats, row_shape)
+
+
+def stats_from_rows(stats, row_shape):
+    """LogitStats from the (6, M) statistics of the kernels, each shaped row_shape."""
     lse, norm, lmax, max_prob, entropy, correct = stats.reshape((6,) + tuple(row_shape))
-    return loss, LogitStats(lse, norm, lmax, max_prob, entropy, correct > 0.5)
+    return LogitStats(lse, norm, lmax, max_prob, entropy, correct > 0.5)

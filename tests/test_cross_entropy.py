@@ -277,7 +277,7 @@ def test_kernel_contract_matches_reference(backend, dtype):
     x, target = make_inputs((9, 4099), dtype, ignore=True)
     w = torch.rand(4099) + 0.5
     scalars = torch.tensor([0.25, float(w.sum())])
-    args = (x, target, w, scalars, -100, 0.1, 1e-3, 7.0, True, True)
+    args = (x, target, w, scalars, 0, -100, 0.1, 1e-3, 7.0, True, True, None)
     got = IMPLEMENTATIONS[backend](*args)
     ref = cross_entropy_reference(*args)
     for a, b, name in zip(got, ref, ("loss", "stats", "grad")):
@@ -294,7 +294,7 @@ def test_triton_kernel_never_reads_out_of_range_targets():
     kernels = _backend.triton_kernels("cross_entropy")
     x, target = make_inputs((4, 70), torch.float32)
     target[2] = 1000
-    loss, _, grad = kernels.cross_entropy_fwd(x, target, None, torch.tensor([1.0, 70.0]), -100,
+    loss, _, grad = kernels.cross_entropy_fwd(x, target, None, torch.tensor([1.0, 70.0]), 0, -100,
                                               0.0, 0.0, 0.0, False, True)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     assert torch.isfinite(loss[[0, 1, 3]]).all()

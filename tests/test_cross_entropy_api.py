@@ -75,9 +75,9 @@ def test_compiled_kernel_checks_targets_itself():
     x, t = _inputs()
     t[2] = 99
     with pytest.raises(IndexError, match="out of bounds"):
-        C_ext.cross_entropy_fwd_cpu(x, t, None, torch.tensor([1.0, 10.0]), -100, 0.0, 0.0, 0.0, False, False)
+        C_ext.cross_entropy_fwd_cpu(x, t, None, torch.tensor([1.0, 10.0]), 0, -100, 0.0, 0.0, 0.0, False, False, None)
     with pytest.raises(RuntimeError, match="int64"):
-        C_ext.cross_entropy_fwd_cpu(x, t.int(), None, torch.tensor([1.0, 10.0]), -100, 0.0, 0.0, 0.0, False, False)
+        C_ext.cross_entropy_fwd_cpu(x, t.int(), None, torch.tensor([1.0, 10.0]), 0, -100, 0.0, 0.0, 0.0, False, False, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ def test_opcheck(backend, kind, reduction):
     x = torch.randn(5, 7, requires_grad=True)
     t = torch.softmax(torch.randn(5, 7), 1) if kind == "prob" else torch.randint(0, 7, (5,))
     w = torch.rand(7) + 0.5
-    args = (x, t, w, -100, 0.1, 1e-3, 3.0, reduction, True, True)
-    torch.library.opcheck(torch.ops.spkern.cross_entropy.default, args)
+    args = (x, t, w, 0, -100, 0.1, 1e-3, 3.0, reduction, True, True)
+    torch.library.opcheck(torch.ops.spkern.logit_loss.default, args)
 
 
 class _Head(nn.Module):

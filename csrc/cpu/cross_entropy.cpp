@@ -137,7 +137,11 @@ void release_cached_buffer() {
 
 namespace {
 
+// Which loss the rows kernel computes (the statistics are the same for all).
+enum Kind : int64_t { kCrossEntropy = 0, kMseLogits = 1, kMseProbs = 2 };
+
 struct Params {
+  int64_t kind;
   int64_t C;
   int64_t ignore_index;
   float eps;       // label smoothing
@@ -245,8 +249,10 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     const float mc = cap_on ? p.cap * std::tanh(m * inv_cap) : m;
 
     // ---- pass 2 ------------------------------------------------------------
-    fVec vs(0.f), vt(0.f);
-    float ss = 0.f, stt = 0.f;
+    fVec vs(0.f), vt(0.f), vs2(0.f);
+    float ss = 0.f, stt = 0.f, ss2 = 0.f;
+    const bool keep_e = p.grad && p.kind != kMseLogits;
+    const bool sum_e2 = p.kind == kMseProbs;
     const fVec vm(mc);
     // e * x' with x' clamped to max - 128: a -inf logit then adds 0 * finite instead of
     // 0 * -inf = NaN (exp(-128) is 0 in float32), and nothing else changes.
@@ -264,21 +270,30 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
       fVec e = (xc - vm).exp_u20();
       vs = vs + e;
       if (p.stats) vt = at::vec::fmadd(e, at::vec::maximum(xc, vfloor), vt);
-      if (p.grad) e.store(e_out + c);
+      if (sum_e2) vs2 = at::vec::fmadd(e, e, vs2);
+      if (keep_e) e.store(e_out + c);
     }
     for (; c < C; ++c) {
       float e = std::exp(xs[c] - mc);
       ss += e;
       stt += e * std::max(xs[c], floor_x);
-      if (p.grad) e_out[c] = e;
+      ss2 += e * e;
+      if (keep_e) e_out[c] = e;
     }
     const double s = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vs)) + ss;
     const double tsum = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vt)) + stt;
     const double lse = double(mc) + std::log(s);
+    // MSE on probabilities: sum_c p_c^2 and p_y
+    const double s2 = sum_e2 ? (double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vs2)) + ss2) / (s * s) : 0.0;
+    const double py = (sum_e2 && valid) ? std::exp(double(xs[y]) - lse) : 0.0;
 
     // ---- loss and statistics -------------------------------------------------
     double wy = 0.0, tw = 0.0;
-    if (p.prob) {
+    if (p.kind == kMseLogits) {
+      loss[i] = valid ? float(double(sq) - 2.0 * x[y] + 1.0) : 0.f;
+    } else if (p.kind == kMseProbs) {
+      loss[i] = valid ? float(s2 - 2.0 * py + 1.0) : 0.f;
+    } else if (p.prob) {
       tw = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vtw)) + stw;
       const double twx = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vtwx)) + stwx;
       loss[i] = float(tw * lse - twx + p.z * lse * lse);
@@ -317,6 +332,33 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     float* gf = is_float ? reinterpret_cast<float*>(g) : buf_e.data();  // in place over e
     if (!p.prob && !valid) {
       for (int64_t k = 0; k < C; ++k) g[k] = scalar_t(0);
+      continue;
+    }
+    if (p.kind != kCrossEntropy) {
+      // d/dx_c of sum_c (x_c - [c = y])^2 = 2 x_c - 2 [c = y]; of sum_c (p_c - [c = y])^2
+      // = 2 p_c (p_c - K) - 2 p_y [c = y], K = sum_k p_k^2 - p_y
+      const float two_scale = 2.f * p.scale;
+      const float inv_s = float(1.0 / s), K = float(s2 - py);
+      const fVec v2s(two_scale), vinv_s(inv_s), vK(K);
+      c = 0;
+      for (; c + V <= C; c += V) {
+        if (p.kind == kMseLogits) {
+          (fVec::loadu(x + c) * v2s).store(gf + c);
+        } else {
+          fVec pc = fVec::loadu(e_out + c) * vinv_s;
+          (v2s * pc * (pc - vK)).store(gf + c);
+        }
+      }
+      for (; c < C; ++c) {
+        if (p.kind == kMseLogits) {
+          gf[c] = x[c] * two_scale;
+        } else {
+          const float pc = e_out[c] * inv_s;
+          gf[c] = two_scale * pc * (pc - K);
+        }
+      }
+      gf[y] -= two_scale * (p.kind == kMseLogits ? 1.f : float(py));
+      if constexpr (!is_float) store_row(gf, g, C);
       continue;
     }
     // d loss / d x'_c = e_c * A - B_c  (see the reference for the derivation)
@@ -375,9 +417,11 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
 
 std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
                                           const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& scalars, int64_t ignore_index,
-                                          double label_smoothing, double z_loss, double softcap,
-                                          bool compute_stats, bool compute_grad) {
+                                          const at::Tensor& scalars, int64_t kind,
+                                          int64_t ignore_index, double label_smoothing,
+                                          double z_loss, double softcap, bool compute_stats,
+                                          bool compute_grad,
+                                          const c10::optional<at::Tensor>& grad_out) {
   TORCH_CHECK(logits.device().is_cpu(), "spkern cpu cross_entropy: logits must be a CPU tensor");
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
               "spkern cpu cross_entropy: logits must be (rows, classes) with unit class stride");
@@ -410,9 +454,22 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({M}, f32);
   at::Tensor stats = at::empty({compute_stats ? 6 : 1, M}, f32);
-  at::Tensor grad = compute_grad ? empty_large({M, C}, logits.options()) : at::empty({0}, logits.options());
+  TORCH_CHECK(kind >= kCrossEntropy && kind <= kMseProbs, "spkern cpu cross_entropy: unknown kind ", kind);
+  TORCH_CHECK(kind == kCrossEntropy || !prob, "spkern cpu cross_entropy: MSE takes class indices");
+  at::Tensor grad;
+  if (!compute_grad) {
+    grad = at::empty({0}, logits.options());
+  } else if (grad_out.has_value() && grad_out->defined()) {
+    // may be the logits themselves: every row is read before its gradient is written
+    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->stride(1) == 1 &&
+                    grad_out->scalar_type() == logits.scalar_type(),
+                "spkern cpu cross_entropy: grad_out must be shaped and typed like logits");
+    grad = *grad_out;
+  } else {
+    grad = empty_large({M, C}, logits.options());
+  }
 
-  Params p{C, ignore_index, float(label_smoothing), float(z_loss), float(softcap), prob,
+  Params p{kind, C, ignore_index, float(label_smoothing), float(z_loss), float(softcap), prob,
            compute_stats, compute_grad, w, sc[1], sc[0]};
   // Enough rows per task that a task is worth a thread hand-off.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));
@@ -425,7 +482,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       rows_kernel<scalar_t>(p, X, logits.stride(0), Ti, Tp, prob ? target.stride(0) : 0,
                             loss.data_ptr<float>(), stats.data_ptr<float>(), M, G,
-                            compute_grad ? C : 0, begin, end);
+                            compute_grad ? grad.stride(0) : 0, begin, end);
     });
   };
   switch (logits.scalar_type()) {

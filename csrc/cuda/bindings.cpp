@@ -12,9 +12,11 @@ namespace cuda {
 
 std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
                                           const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& scalars, int64_t ignore_index,
-                                          double label_smoothing, double z_loss, double softcap,
-                                          bool compute_stats, bool compute_grad) {
+                                          const at::Tensor& scalars, int64_t kind,
+                                          int64_t ignore_index, double label_smoothing,
+                                          double z_loss, double softcap, bool compute_stats,
+                                          bool compute_grad,
+                                          const c10::optional<at::Tensor>& grad_out) {
   TORCH_CHECK(logits.is_cuda(), "spkern cuda cross_entropy: logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
               "spkern cuda cross_entropy: logits must be (rows, classes) with unit class stride");
@@ -54,7 +56,19 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({M}, f32);
   at::Tensor stats = at::empty({compute_stats ? 6 : 1, M}, f32);
-  at::Tensor grad = compute_grad ? at::empty({M, C}, logits.options()) : at::empty({0}, logits.options());
+  TORCH_CHECK(kind >= 0 && kind <= 2, "spkern cuda cross_entropy: unknown kind ", kind);
+  at::Tensor grad;
+  if (!compute_grad) {
+    grad = at::empty({0}, logits.options());
+  } else if (grad_out.has_value() && grad_out->defined()) {
+    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->stride(1) == 1 &&
+                    grad_out->scalar_type() == logits.scalar_type() &&
+                    grad_out->device() == logits.device(),
+                "spkern cuda cross_entropy: grad_out must be shaped and typed like logits");
+    grad = *grad_out;
+  } else {
+    grad = at::empty({M, C}, logits.options());
+  }
   a.logits = logits.data_ptr();
   a.stride_x = logits.stride(0);
   a.scalars = scalars.data_ptr<float>();
@@ -62,7 +76,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   a.stats = stats.data_ptr<float>();
   a.stride_stats = M;
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.stride_g = compute_grad ? C : 0;
+  a.stride_g = compute_grad ? grad.stride(0) : 0;
   a.rows = M;
   a.C = C;
   a.ignore_index = ignore_index;
@@ -71,6 +85,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   a.softcap = static_cast<float>(softcap);
   a.prob = prob;
   a.compute_stats = compute_stats;
+  a.kind = static_cast<Kind>(kind);
   const char* err = spkern::cuda::launch_cross_entropy_fwd(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "spkern cuda cross_entropy: ", err);
   return {loss, stats, grad};

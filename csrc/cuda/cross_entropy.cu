@@ -45,6 +45,7 @@ struct State {
   float m;      // max of softcapped logits
   float s;      // sum exp(x' - m)
   float t;      // sum exp(x' - m) * x'
+  float s2;     // sum exp(x' - m)^2 (squared error on probabilities)
   float sq;     // sum x^2 (raw)
   float vmax;   // max raw logit
   int64_t arg;  // first index of vmax
@@ -59,9 +60,11 @@ __device__ __forceinline__ State merge(const State& a, const State& b) {
   r.m = fmaxf(a.m, b.m);
   // rescale against 0 while both maxima are -inf, so exp(-inf - -inf) never appears
   const float ref = r.m == -INFINITY ? 0.f : r.m;
-  r.s = a.s * __expf(a.m - ref) + b.s * __expf(b.m - ref);
-  r.t = a.t * __expf(a.m - ref) + b.t * __expf(b.m - ref);
-  if (isnan(a.m) || isnan(b.m)) r.m = r.s = r.t = NAN;
+  const float ea = __expf(a.m - ref), eb = __expf(b.m - ref);
+  r.s = a.s * ea + b.s * eb;
+  r.t = a.t * ea + b.t * eb;
+  r.s2 = a.s2 * ea * ea + b.s2 * eb * eb;
+  if (isnan(a.m) || isnan(b.m)) r.m = r.s = r.t = r.s2 = NAN;
   r.sq = a.sq + b.sq;
   // argmax: NaN wins, then the larger value, then the smaller index
   const bool a_first = isnan(a.vmax) ? (!isnan(b.vmax) || a.arg < b.arg)
@@ -81,6 +84,7 @@ __device__ __forceinline__ State shfl_down(const State& v, int offset) {
   r.m = __shfl_down_sync(0xffffffffu, v.m, offset);
   r.s = __shfl_down_sync(0xffffffffu, v.s, offset);
   r.t = __shfl_down_sync(0xffffffffu, v.t, offset);
+  r.s2 = __shfl_down_sync(0xffffffffu, v.s2, offset);
   r.sq = __shfl_down_sync(0xffffffffu, v.sq, offset);
   r.vmax = __shfl_down_sync(0xffffffffu, v.vmax, offset);
   r.arg = __shfl_down_sync(0xffffffffu, v.arg, offset);
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     in_range = !valid || (y >= 0 && y < C);
   }
 
-  State st{-INFINITY, 0.f, 0.f, 0.f, -INFINITY, C, 0.f, 0.f, 0.f, -INFINITY};
+  State st{-INFINITY, 0.f, 0.f, 0.f, 0.f, -INFINITY, C, 0.f, 0.f, 0.f, -INFINITY};
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const float xv = to_float(x[c]);
     st.sq += xv * xv;
@@ -128,11 +132,13 @@ __global__ void __launch_bounds__(kThreads)
       const float scale = st.m == -INFINITY ? 0.f : __expf(st.m - ref);
       st.s *= scale;
       st.t *= scale;
+      st.s2 *= scale * scale;
       st.m = xc;
     }
     const float ref = st.m == -INFINITY ? 0.f : st.m;
     const float e = __expf(xc - ref);
     st.s += e;
+    st.s2 += e * e;
     // clamped so that a -inf logit adds 0 * finite, not 0 * -inf (exp(-128) is 0 in float)
     st.t += e * fmaxf(xc, ref - 128.f);
     const float wc = w ? w[c] : 1.f;
@@ -154,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
 
   if (warp == 0) {
     st = warp_state[lane < kWarps ? lane : 0];
-    if (lane >= kWarps) st = State{-INFINITY, 0.f, 0.f, 0.f, -INFINITY, C, 0.f, 0.f, 0.f, -INFINITY};
+    if (lane >= kWarps) st = State{-INFINITY, 0.f, 0.f, 0.f, 0.f, -INFINITY, C, 0.f, 0.f, 0.f, -INFINITY};
     for (int offset = 16; offset > 0; offset >>= 1) st = merge(st, shfl_down(st, offset));
     if (lane == 0) {
       const float scale = a.scalars[0];
@@ -163,12 +169,26 @@ __global__ void __launch_bounds__(kThreads)
       float loss;
       float a_coef;
       float wy = 0.f;
+      const Kind kind = a.kind;
+      float py = 0.f, K = 0.f;  // squared error on probabilities: p_y, sum p^2 - p_y
       if (PROB) {
         loss = st.tw * lse - st.twx + a.z_loss * lse * lse;
         a_coef = st.tw + 2.f * a.z_loss * lse;
       } else if (!in_range) {
         loss = NAN;
         a_coef = NAN;
+      } else if (valid && kind == Kind::kMseLogits) {
+        const float xy = to_float(x[y]);
+        loss = st.sq - 2.f * xy + 1.f;
+        a_coef = 0.f;
+      } else if (valid && kind == Kind::kMseProbs) {
+        float xy = to_float(x[y]);
+        if (HAS_CAP) xy = softcap_of(xy, cap);
+        py = __expf(xy - lse);
+        const float s2 = st.s2 / (st.s * st.s);
+        loss = s2 - 2.f * py + 1.f;
+        K = s2 - py;
+        a_coef = 0.f;
       } else if (valid) {
         wy = w ? w[y] : 1.f;
         float xy = to_float(x[y]);
@@ -197,10 +217,18 @@ __global__ void __launch_bounds__(kThreads)
         a.stats[5 * S + row] = correct ? 1.f : 0.f;
       }
       // d loss / d x'_c = p_c * A - B * w_c (t'_c w_c for probabilities) - B_y [c = y]
+      // squared errors: d/dx_c = 2 scale x_c - 2 scale [c = y], or
+      // 2 scale p_c (p_c - K) - 2 scale p_y [c = y]
       bcast[0] = lse;
       bcast[1] = (valid || PROB) ? a_coef * scale : 0.f;
       bcast[2] = (valid || PROB) ? scale : 0.f;
       bcast[3] = (valid && !PROB) ? (1.f - eps) * wy * scale : 0.f;
+      if (kind != Kind::kCrossEntropy) {
+        bcast[1] = valid ? K : 0.f;
+        bcast[2] = valid ? 2.f * scale : 0.f;
+        bcast[3] = valid ? 2.f * scale * (kind == Kind::kMseLogits ? 1.f : py) : 0.f;
+        if (!in_range) bcast[2] = NAN;
+      }
     }
   }
   if (a.grad == nullptr) return;
@@ -208,9 +236,22 @@ __global__ void __launch_bounds__(kThreads)
   const float lse = bcast[0], A = bcast[1], B = bcast[2], By = bcast[3];
 
   T* g = static_cast<T*>(a.grad) + row * a.stride_g;
+  const Kind kind = a.kind;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const float xv = to_float(x[c]);
     const float xc = HAS_CAP ? softcap_of(xv, cap) : xv;
+    if (kind != Kind::kCrossEntropy) {
+      float gv;
+      if (kind == Kind::kMseLogits) {
+        gv = B * xv;
+      } else {
+        const float pc = __expf(xc - lse);
+        gv = B * pc * (pc - A);
+      }
+      if (c == y) gv -= By;
+      g[c] = from_float<T>(valid ? gv : 0.f);
+      continue;
+    }
     float gv = __expf(xc - lse) * A;
     const float wc = w ? w[c] : 1.f;
     if (PROB) {

@@ -9,6 +9,10 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Which loss: cross-entropy, squared error of the logits or of the softmax probabilities
+// against one-hot targets (the statistics are the same for all).
+enum class Kind : int { kCrossEntropy = 0, kMseLogits = 1, kMseProbs = 2 };
+
 struct CrossEntropyArgs {
   const void* logits;     // (rows, C), dtype, unit stride over classes
   int64_t stride_x;
@@ -20,7 +24,7 @@ struct CrossEntropyArgs {
   float* loss;            // (rows,)
   float* stats;           // (6 or 1, rows)
   int64_t stride_stats;
-  void* grad;             // (rows, C) in dtype, or nullptr
+  void* grad;             // (rows, C) in dtype, or nullptr; may be the logits (in place)
   int64_t stride_g;
   int64_t rows;
   int64_t C;
@@ -30,6 +34,7 @@ struct CrossEntropyArgs {
   float softcap;          // 0 = off
   bool prob;
   bool compute_stats;
+  Kind kind;
   DType dtype;
 };
 
