@@ -1,14 +1,17 @@
 """spkern: fused kernels that make width-scaling measurements nearly free.
 
-Functional API: :func:`cross_entropy`. Modules: :class:`CrossEntropyLoss`.
+Functional API: :func:`cross_entropy`, :func:`mse_onehot_loss`, :func:`linear_cross_entropy`,
+:func:`linear_mse_onehot_loss`. Modules: :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss`.
 Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable.
 """
 
 from spkern._backend import BACKENDS, empty_cache, use_backend
 from spkern.cross_entropy import LogitStats, cross_entropy, mse_onehot_loss
-from spkern.modules import CrossEntropyLoss
+from spkern.linear_loss import linear_cross_entropy, linear_mse_onehot_loss
+from spkern.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "CrossEntropyLoss", "LogitStats", "cross_entropy", "empty_cache", "mse_onehot_loss",
+__all__ = ["BACKENDS", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LogitStats", "cross_entropy",
+           "empty_cache", "linear_cross_entropy", "linear_mse_onehot_loss", "mse_onehot_loss",
            "use_backend"]

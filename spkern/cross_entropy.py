@@ -99,18 +99,24 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
             raise ValueError(
                 f"target of class indices must have shape {tuple(expected)} for input of shape "
                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    check_options(weight, C, input.device, reduction, label_smoothing, z_loss, softcap)
+
+
+def check_options(weight, C, device, reduction, label_smoothing, z_loss, softcap,
+                  weight_name="weight"):
+    """Checks the class weights and the scalar options of the logit losses."""
     if weight is not None:
         if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+            raise TypeError(f"{weight_name} must be a Tensor or None, got {type(weight).__name__}")
         if weight.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
+            raise ValueError(f"{weight_name} must have shape ({C},), got {tuple(weight.shape)}")
         if not weight.is_floating_point():
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on device {weight.device} but input is on device {input.device}")
+            raise TypeError(f"{weight_name} must be floating point, got {weight.dtype}")
+        if weight.device != device:
+            raise ValueError(f"{weight_name} is on device {weight.device} but input is on device {device}")
         if weight.requires_grad:
-            raise ValueError("gradients with respect to weight are not supported (nor in "
-                             "torch.nn.functional.cross_entropy); pass weight.detach()")
+            raise ValueError(f"gradients with respect to {weight_name} are not supported (nor in "
+                             f"torch.nn.functional.cross_entropy); pass {weight_name}.detach()")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):

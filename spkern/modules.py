@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.loss import _Reduction
 
 from spkern.cross_entropy import cross_entropy
+from spkern.linear_loss import linear_cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
@@ -56,3 +57,38 @@ class CrossEntropyLoss(nn.Module):
             if getattr(self, name) != default:
                 extras.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(extras)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``F.cross_entropy(F.linear(input, weight, bias), target)`` without the logits:
+    :func:`spkern.linear_cross_entropy` as a module. Called as ``loss(input, weight,
+    target, bias=None)``, so that the head's own parameters stay where they are."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        class_weight: Optional[Tensor] = None,
+        return_stats: bool = False,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_stats = return_stats
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None):
+        return linear_cross_entropy(
+            input, weight, target, bias, reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            class_weight=self.class_weight, return_stats=self.return_stats,
+            chunk_size=self.chunk_size)
