@@ -1,0 +1,160 @@
+"""Linear cross-entropy benchmark: forward+backward time and peak memory of
+spkern.linear_cross_entropy against the three matrix products alone (the floor), eager
+F.linear + F.cross_entropy, PyTorch's chunked F.linear_cross_entropy, and
+cut-cross-entropy (when installed; impl "torch_compile" on CPU, "cce" on GPU), all in
+the same run.
+
+    python bench/bench_linear_cross_entropy.py            # (4096, 1024, 32768), (8192, 768, 50257)
+    python bench/bench_linear_cross_entropy.py --quick    # one small shape
+    pip install cut-cross-entropy                         # optional peer
+
+Every step starts from x.grad = W.grad = None. Peak memory is what a step needs above
+the inputs and the weight (it includes the gradients: N x D + V x D). Method:
+bench/harness.py. Results: a table on stdout, JSON under runs/bench/ (or --out).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+IMPLS = ["three matmuls", "torch eager", "torch chunked", "cut-cross-entropy", "spkern", "spkern +stats"]
+
+
+def run_one(impl, N, D, V, dtype_name, device, repeats):
+    """Runs in the subprocess: one implementation on one shape."""
+    import torch
+    import torch.nn.functional as F
+
+    import spkern
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    w = (torch.randn(V, D, device=device, dtype=dtype, generator=g) * D**-0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device, generator=g)
+
+    if impl == "three matmuls":
+        # the products of forward and backward, on a stand-in gradient of the logits
+        dlogits = torch.randn(N, V, device=device, dtype=dtype, generator=g)
+
+        def step():
+            with torch.no_grad():
+                x @ w.t()
+                dlogits @ w
+                dlogits.t() @ x
+    elif impl == "torch eager":
+        def step():
+            F.cross_entropy(F.linear(x, w), t).backward()
+    elif impl == "torch chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def step():
+            F.linear_cross_entropy(x, w, t, options=options).backward()
+    elif impl == "cut-cross-entropy":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        kind = "cce" if device == "cuda" else "torch_compile"
+
+        def step():
+            cce(x, w, t, impl=kind).backward()
+    else:
+        stats = impl.endswith("+stats")
+
+        def step():
+            out = spkern.linear_cross_entropy(x, w, t, return_stats=stats)
+            (out[0] if stats else out).backward()
+
+    def clear():
+        x.grad = None
+        w.grad = None
+
+    r = harness.measure(step, device, repeats, warmup=1, before_each=clear)
+    if impl == "three matmuls":
+        r["peak_extra_mb"] = None  # the stand-in gradient is not the method's memory
+    return r
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
+    parser.add_argument("--shapes", default=None, help="N x D x V list, e.g. 4096x1024x32768")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--impls", default=None, help="comma-separated subset of: " + ", ".join(IMPLS))
+    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
+                        help="folder for the JSON results ('' to skip)")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._one:
+        import json
+
+        print(json.dumps(run_one(*json.loads(args._one))))
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    shapes = harness.parse_shapes(
+        args.shapes or ("1024x512x16384" if args.quick else "4096x1024x32768,8192x768x50257"), 3, parser)
+    repeats = args.repeats or (3 if args.quick else 5)
+    impls = IMPLS
+    if args.impls:
+        unknown = set(args.impls.split(",")) - set(IMPLS)
+        if unknown:
+            parser.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
+        impls = [i for i in IMPLS if i in args.impls.split(",")]
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        if "cut-cross-entropy" in impls:
+            print("# cut-cross-entropy is not installed: skipped (pip install cut-cross-entropy)")
+            impls = [i for i in impls if i != "cut-cross-entropy"]
+
+    info = harness.machine_info(args.device)
+    harness.print_header(f"linear cross-entropy forward+backward, {args.dtype}", info, args.device)
+    header = ("| N x D x V | implementation | median ms | min-max ms | vs floor | vs eager "
+              "| peak extra MB | extra beyond gradients, of eager's logits+grad |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    results = []
+    for N, D, V in shapes:
+        floor_ms = eager_ms = None
+        grads_mb = (N * D + V * D) * itemsize / 2**20
+        logits_mb = 2 * N * V * itemsize / 2**20  # what eager holds for logits and their gradient
+        for impl in impls:
+            r = harness.run_isolated(__file__, [impl, N, D, V, args.dtype, args.device, repeats])
+            if "error" in r:
+                print(f"| {N}x{D}x{V} | {impl} | failed: {r['error']} |")
+                continue
+            floor_ms = r["median_ms"] if impl == "three matmuls" else floor_ms
+            eager_ms = r["median_ms"] if impl == "torch eager" else eager_ms
+            extra = None if r["peak_extra_mb"] is None else max(r["peak_extra_mb"] - grads_mb, 0.0)
+            r.update(N=N, D=D, V=V, impl=impl, dtype=args.dtype, device=args.device,
+                     vs_floor=r["median_ms"] / floor_ms if floor_ms else None,
+                     vs_eager=eager_ms / r["median_ms"] if eager_ms else None,
+                     extra_beyond_gradients_mb=extra,
+                     extra_fraction_of_eager_logits=None if extra is None else extra / logits_mb)
+            results.append(r)
+
+            def fmt(v, spec):
+                return "-" if v is None else format(v, spec)
+
+            print(f"| {N}x{D}x{V} | {impl} | {r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | "
+                  f"{fmt(r['vs_floor'], '.3f')}x | {fmt(r['vs_eager'], '.2f')}x | {fmt(r['peak_extra_mb'], '.0f')} | "
+                  f"{fmt(r['extra_fraction_of_eager_logits'], '.1%')} |", flush=True)
+    if args.out:
+        harness.save(args.out, f"linear_cross_entropy_{args.device}", args.quick, info, results,
+                     repeats=repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

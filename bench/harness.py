@@ -1,0 +1,170 @@
+"""What every spkern benchmark shares: timing, peak memory, isolation, the machine record.
+
+Each (implementation, shape) runs in a fresh subprocess (``run_isolated``), so that one
+allocator's cache does not help or hurt the next and the peak memory is that
+implementation's own. Inside it, ``measure`` warms up (lazy imports, compilation,
+kernel caches), gives back what the warm-up kept, then times repeated steps: the median,
+min and max, with CUDA events on GPU. Peak memory is the largest amount above what
+existed before the timed steps: on CPU the peak resident size of the process (torch
+keeps allocator statistics only for CUDA; the peak is reset with /proc/self/clear_refs),
+on CUDA torch.cuda.max_memory_allocated.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kb) * 1024
+
+
+def _reset_peak_rss():
+    """Sets the process's peak resident size (VmHWM) to its current size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(step, device, repeats, warmup=2, before_each=None):
+    """Times ``step()`` and records the peak memory it needs above the current usage."""
+    import torch
+
+    import spkern
+
+    for _ in range(warmup):
+        if before_each:
+            before_each()
+        step()
+    if before_each:
+        before_each()
+    spkern.empty_cache()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        base = _status_bytes("VmRSS")
+    times = []
+    for _ in range(repeats):
+        if before_each:
+            before_each()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - base
+    times.sort()
+    return dict(median_ms=times[len(times) // 2] * 1e3, min_ms=times[0] * 1e3,
+                max_ms=times[-1] * 1e3, peak_extra_mb=max(peak, 0) / 2**20)
+
+
+def run_isolated(script, spec):
+    """Runs ``script --_one <spec as JSON>`` in a fresh interpreter; returns its last
+    stdout line parsed as JSON, or a dict with "error"."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--_one", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth(device):
+    """Measured copy bandwidth (bytes read + written per second) of a 512 MB buffer."""
+    import torch
+
+    a = torch.empty(2**27, device=device)
+    a.uniform_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(7):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * a.numel() * a.element_size() / times[len(times) // 2]
+
+
+def machine_info(device):
+    import torch
+
+    from spkern import _backend
+
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                threads=torch.get_num_threads(), machine=platform.machine(), cpu_cores=os.cpu_count())
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    ext = _backend.compiled()
+    info["spkern_cpu_isa"] = ext.compiled_isa() if ext else None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "spkern", "csrc", "kernels"],
+                                        cwd=ROOT, text=True).strip()
+        info["commit"] += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info
+
+
+def print_header(title, info, device, bandwidth=None):
+    where = info.get("gpu") or info["cpu"]
+    bw = f", copy bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""
+    print(f"# {title}, {device}: {where}, {info['threads']} threads, torch {info['torch']}, "
+          f"commit {info['commit']}{bw}", flush=True)
+
+
+def save(out_dir, name, quick, info, results, **extra):
+    """Writes the results with the machine record as JSON; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = os.path.join(out_dir, f"{name}_{stamp:%Y-%m-%d}{'_quick' if quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(dict(date=stamp.isoformat(timespec="seconds"),
+                       command=" ".join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+                       **extra, **info, results=results), f, indent=1)
+    print(f"# wrote {os.path.relpath(path)}")
+    return path
+
+
+def parse_shapes(text, arity, parser):
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        assert all(len(s) == arity and min(s) > 0 for s in shapes)
+    except (ValueError, AssertionError):
+        parser.error(f"--shapes must be {arity} positive integers joined by x, comma-separated; "
+                     f"got {text!r}")
+    return shapes
