@@ -1,0 +1,42 @@
+"""Markdown tables of benchmark results, as quoted in README.md.
+
+    python bench/tables.py bench/results/cross_entropy_cpu_2026-11-24.json ...
+"""
+
+import json
+import sys
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(path):
+    with open(path) as f:
+        d = json.load(f)
+    where = d.get("gpu") or d["cpu"]
+    lines = [f"`{d['command']}` on {where}, {d['threads']} threads, torch {d['torch']}, "
+             f"spkern `_C` built for {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
+    rows = d["results"]
+    if rows and "vocab" in rows[0]:
+        lines += ["| rows x vocab | implementation | median ms | min-max ms | vs eager | peak extra MB |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['rows']} x {r['vocab']} | {r['impl']} | {r['median_ms']:.1f} | "
+                         f"{r['min_ms']:.1f}-{r['max_ms']:.1f} | {_fmt(r['speedup_vs_eager'], '.2f')}x | "
+                         f"{r['peak_extra_mb']:.0f} |")
+    else:
+        lines += ["| N x D x V | implementation | median ms | vs three matmuls | vs eager | peak extra MB "
+                  "| extra beyond gradients / eager's logits + gradient |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['N']} x {r['D']} x {r['V']} | {r['impl']} | {r['median_ms']:.0f} | "
+                         f"{_fmt(r['vs_floor'], '.2f')}x | {_fmt(r['vs_eager'], '.2f')}x | "
+                         f"{_fmt(r['peak_extra_mb'], '.0f')} | {_fmt(r['extra_fraction_of_eager_logits'], '.1%')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print("\n\n".join(table(p) for p in sys.argv[1:]))
