@@ -128,7 +128,7 @@ def main(argv=None):
             cost = by["spkern +stats"]["median_ms"] / by["spkern"]["median_ms"] - 1
             print(f"# {rows}x{vocab}: statistics cost {cost:+.1%} over the plain loss")
     if args.out:
-        harness.save(args.out, f"cross_entropy_{args.device}", args.quick, info, results,
+        harness.save(args.out, f"cross_entropy_{args.device}_{args.dtype}", args.quick, info, results,
                      repeats=repeats, copy_bandwidth_gb_s=bandwidth / 1e9)
     return 0
 

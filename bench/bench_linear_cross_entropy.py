@@ -151,7 +151,7 @@ def main(argv=None):
                   f"{fmt(r['vs_floor'], '.3f')}x | {fmt(r['vs_eager'], '.2f')}x | {fmt(r['peak_extra_mb'], '.0f')} | "
                   f"{fmt(r['extra_fraction_of_eager_logits'], '.1%')} |", flush=True)
     if args.out:
-        harness.save(args.out, f"linear_cross_entropy_{args.device}", args.quick, info, results,
+        harness.save(args.out, f"linear_cross_entropy_{args.device}_{args.dtype}", args.quick, info, results,
                      repeats=repeats)
     return 0
 

@@ -1,6 +1,6 @@
 """Markdown tables of benchmark results, as quoted in README.md.
 
-    python bench/tables.py bench/results/cross_entropy_cpu_2026-11-24.json ...
+    python bench/tables.py bench/results/cross_entropy_cpu_float32_2026-11-24.json ...
 """
 
 import json

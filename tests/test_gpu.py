@@ -1,0 +1,101 @@
+"""The GPU backends (Triton and CUDA) against the reference, on CUDA tensors.
+
+Skipped on machines without a GPU; bench/gpu_run.sh runs it on a lent one.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spkern
+from spkern import _backend
+from spkern.cross_entropy import CROSS_ENTROPY, IMPLEMENTATIONS, MSE_LOGITS, MSE_PROBS, cross_entropy_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = ["triton", "cuda"]
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
+
+
+def _backend_or_skip(name):
+    reason = _backend.unavailable_reason(name, torch.empty(0, device="cuda"), "cross_entropy")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("C", [1, 3, 1000, 4099, 50257, 131072])
+@pytest.mark.parametrize("kind", [CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS])
+@pytest.mark.parametrize("options", ["plain", "all", "prob"])
+def test_kernel_against_reference(backend, dtype, C, kind, options):
+    _backend_or_skip(backend)
+    if kind != CROSS_ENTROPY and options != "plain":
+        pytest.skip("squared errors take no options")
+    g = torch.Generator(device="cuda").manual_seed(C)
+    M = 37
+    x = (torch.randn(M, C, device="cuda", generator=g) * 3).to(dtype)
+    if options == "prob":
+        target = torch.softmax(torch.randn(M, C, device="cuda", generator=g), 1).to(dtype)
+    else:
+        target = torch.randint(0, C, (M,), device="cuda", generator=g)
+        target[::5] = -100
+    w = torch.rand(C, device="cuda", generator=g) + 0.5 if options != "plain" else None
+    eps, z, cap = (0.1, 1e-3, 20.0) if options != "plain" else (0.0, 0.0, 0.0)
+    scalars = torch.tensor([0.125, float(w.sum()) if w is not None else float(C)], device="cuda")
+    args = (x, target, w, scalars, kind, -100, eps, z, cap, True, True, None)
+    got = IMPLEMENTATIONS[backend](*args)
+    ref = cross_entropy_reference(*args)
+    rtol, atol = TOL[dtype]
+    for a, b, name in zip(got, ref, ("loss", "stats", "grad")):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name == "grad":
+            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * b.abs().max().item())
+        else:
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_public_api_on_gpu(backend):
+    _backend_or_skip(backend)
+    x = torch.randn(64, 3000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 3000, (64,), device="cuda")
+    with spkern.use_backend(backend):
+        loss = spkern.cross_entropy(x, t, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss, x)
+    ref = F.cross_entropy(x.double(), t, label_smoothing=0.1)
+    (gr,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, gr.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_on_gpu(backend, dtype):
+    _backend_or_skip(backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 96, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(5003, 96, device="cuda", generator=g) / 10).to(dtype).requires_grad_()
+    t = torch.randint(0, 5003, (300,), device="cuda", generator=g)
+    with spkern.use_backend(backend):
+        loss = spkern.linear_cross_entropy(x, w, t, chunk_size=64)
+        gx, gw = torch.autograd.grad(loss, (x, w))
+    xd, wd = x.double(), w.double()
+    ref = F.cross_entropy(xd @ wd.t(), t)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    rtol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(gx.double(), rx.double(), rtol=rtol, atol=rtol * rx.abs().max().item())
+    torch.testing.assert_close(gw.double(), rw.double(), rtol=rtol, atol=rtol * rw.abs().max().item())
+
+
+def test_no_host_sync_in_the_loss():
+    x = torch.randn(256, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (256,), device="cuda")
+    spkern.cross_entropy(x, t).backward()  # warm-up: lazy imports, compilation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = spkern.cross_entropy(x, t, return_stats=True)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
