@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -17,31 +19,77 @@ namespace spkern {
 //                              grad_out when given (which may be the logits themselves)
 // scalars = [gradient scale, sum of class weights]. The CPU version is in
 // csrc/cpu/cross_entropy.cpp, the CUDA one (CUDA builds only) in csrc/cuda/bindings.cpp.
-namespace cpu {
-std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& scalars, int64_t kind,
-                                          int64_t ignore_index, double label_smoothing,
-                                          double z_loss, double softcap, bool compute_stats,
-                                          bool compute_grad,
-                                          const c10::optional<at::Tensor>& grad_out);
-}  // namespace cpu
-namespace cuda {
-std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& scalars, int64_t kind,
-                                          int64_t ignore_index, double label_smoothing,
-                                          double z_loss, double softcap, bool compute_stats,
-                                          bool compute_grad,
-                                          const c10::optional<at::Tensor>& grad_out);
-}  // namespace cuda
+using LogitLossFwd = std::vector<at::Tensor>(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& scalars, int64_t kind, int64_t ignore_index, double label_smoothing,
+    double z_loss, double softcap, bool compute_stats, bool compute_grad,
+    const c10::optional<at::Tensor>& grad_out);
 
 namespace cpu {
+LogitLossFwd cross_entropy_fwd;
+
 // Frees the gradient buffer kept for reuse by the CPU kernels (see empty_large).
 void release_cached_buffer();
 
 // The vector instruction set this file was compiled for ("avx512", "avx2" or "default").
 const char* compiled_isa();
 }  // namespace cpu
+
+namespace cuda {
+LogitLossFwd cross_entropy_fwd;
+}  // namespace cuda
+
+// Checks the arguments of a LogitLossFwd entry point (shapes, dtypes, devices; not the
+// target values) and allocates its outputs {loss, stats, grad}; a fresh gradient comes
+// from make_grad(sizes, options).
+template <typename MakeGrad>
+std::vector<at::Tensor> check_and_allocate(const char* where, const at::Tensor& logits,
+                                           const at::Tensor& target,
+                                           const c10::optional<at::Tensor>& weight,
+                                           const at::Tensor& scalars, int64_t kind,
+                                           bool compute_stats, bool compute_grad,
+                                           const c10::optional<at::Tensor>& grad_out,
+                                           MakeGrad make_grad) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, where,
+              ": logits must be (rows, classes) with unit class stride");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, where,
+              ": logits must be float32, bfloat16 or float16");
+  TORCH_CHECK(kind >= 0 && kind <= 2, where, ": unknown kind ", kind);
+  const int64_t M = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(target.device() == logits.device(), where, ": target must be on the logits' device");
+  if (target.is_floating_point()) {
+    TORCH_CHECK(target.sizes() == logits.sizes() && target.stride(1) == 1 &&
+                    target.scalar_type() == dtype,
+                where, ": probability target must match logits");
+    TORCH_CHECK(kind == 0, where, ": squared errors take class indices");
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == M && target.scalar_type() == at::kLong &&
+                    target.is_contiguous(),
+                where, ": target must be int64 of shape (rows,)");
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                    weight->numel() == C && weight->device() == logits.device(),
+                where, ": weight must be float32 of shape (classes,) on the logits' device");
+  }
+  TORCH_CHECK(scalars.scalar_type() == at::kFloat && scalars.numel() == 2 &&
+                  scalars.device() == logits.device(),
+              where, ": scalars must be float32 (2,) on the logits' device");
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor grad;
+  if (!compute_grad) {
+    grad = at::empty({0}, logits.options());
+  } else if (grad_out.has_value() && grad_out->defined()) {
+    // may be the logits themselves: every row is read before its gradient is written
+    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->stride(1) == 1 &&
+                    grad_out->scalar_type() == dtype && grad_out->device() == logits.device(),
+                where, ": grad_out must be shaped and typed like logits");
+    grad = *grad_out;
+  } else {
+    grad = make_grad(logits.sizes(), logits.options());
+  }
+  return {at::empty({M}, f32), at::empty({compute_stats ? 6 : 1, M}, f32), grad};
+}
 
 }  // namespace spkern

@@ -423,51 +423,19 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
                                           bool compute_grad,
                                           const c10::optional<at::Tensor>& grad_out) {
   TORCH_CHECK(logits.device().is_cpu(), "spkern cpu cross_entropy: logits must be a CPU tensor");
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1,
-              "spkern cpu cross_entropy: logits must be (rows, classes) with unit class stride");
+  auto out = check_and_allocate("spkern cpu cross_entropy", logits, target, weight, scalars, kind,
+                                compute_stats, compute_grad, grad_out, empty_large);
+  const at::Tensor &loss = out[0], &stats = out[1], &grad = out[2];
   const int64_t M = logits.size(0), C = logits.size(1);
   const bool prob = target.is_floating_point();
-  if (prob) {
-    TORCH_CHECK(target.sizes() == logits.sizes() && target.stride(1) == 1 &&
-                    target.scalar_type() == logits.scalar_type(),
-                "spkern cpu cross_entropy: probability target must match logits");
-  } else {
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == M && target.scalar_type() == at::kLong &&
-                    target.is_contiguous(),
-                "spkern cpu cross_entropy: target must be int64 of shape (rows,)");
+  if (!prob) {
     const int64_t* t = target.data_ptr<int64_t>();
     for (int64_t i = 0; i < M; ++i)
       TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < C), "Target ", t[i],
                         " is out of bounds.");
   }
-  const float* w = nullptr;
-  if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
-                    weight->numel() == C,
-                "spkern cpu cross_entropy: weight must be float32 of shape (classes,)");
-    w = weight->data_ptr<float>();
-  }
-  TORCH_CHECK(scalars.scalar_type() == at::kFloat && scalars.numel() == 2,
-              "spkern cpu cross_entropy: scalars must be float32 (2,)");
+  const float* w = weight.has_value() && weight->defined() ? weight->data_ptr<float>() : nullptr;
   const float* sc = scalars.data_ptr<float>();
-
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({M}, f32);
-  at::Tensor stats = at::empty({compute_stats ? 6 : 1, M}, f32);
-  TORCH_CHECK(kind >= kCrossEntropy && kind <= kMseProbs, "spkern cpu cross_entropy: unknown kind ", kind);
-  TORCH_CHECK(kind == kCrossEntropy || !prob, "spkern cpu cross_entropy: MSE takes class indices");
-  at::Tensor grad;
-  if (!compute_grad) {
-    grad = at::empty({0}, logits.options());
-  } else if (grad_out.has_value() && grad_out->defined()) {
-    // may be the logits themselves: every row is read before its gradient is written
-    TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->stride(1) == 1 &&
-                    grad_out->scalar_type() == logits.scalar_type(),
-                "spkern cpu cross_entropy: grad_out must be shaped and typed like logits");
-    grad = *grad_out;
-  } else {
-    grad = empty_large({M, C}, logits.options());
-  }
 
   Params p{kind, C, ignore_index, float(label_smoothing), float(z_loss), float(softcap), prob,
            compute_stats, compute_grad, w, sc[1], sc[0]};
@@ -489,9 +457,9 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
     case at::kFloat: run(float{}); break;
     case at::kBFloat16: run(at::BFloat16{}); break;
     case at::kHalf: run(at::Half{}); break;
-    default: TORCH_CHECK(false, "spkern cpu cross_entropy: logits must be float32, bfloat16 or float16");
+    default: break;  // checked above
   }
-  return {loss, stats, grad};
+  return out;
 }
 
 }  // namespace cpu
