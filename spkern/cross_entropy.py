@@ -1,4 +1,5 @@
-"""Cross-entropy with per-row logit statistics, fused forward and backward.
+"""Cross-entropy (and squared error on one-hot targets) with per-row logit statistics,
+fused forward and backward.
 
 ``spkern.cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy``: the
 same arguments give the same loss and the same gradient. It adds
@@ -33,6 +34,13 @@ Statistics (float32, shaped like the per-row loss):
     entropy     of the softmax: lse - sum_c p_c x'_c
     correct     argmax of the logits equals the target (for probability targets: the
                 target is largest at the argmax); False for ignored rows
+
+The same kernels compute the squared error against one-hot targets of
+``mse_onehot_loss``, with the same statistics:
+
+    loss     = sum_c (x_c - [c = y])^2             d loss / d x_c = 2 x_c - 2 [c = y]
+    loss     = sum_c (p_c - [c = y])^2             d loss / d x_c = 2 p_c (p_c - K) - 2 p_y [c = y],
+                                                   K = sum_k p_k^2 - p_y
 
 The forward pass writes d(loss)/d(logits) when the logits require a gradient, so the
 backward pass only scales it by the incoming gradient (and is free when that is 1, as
