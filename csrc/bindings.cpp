@@ -8,12 +8,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spkern compiled kernels";
   m.def("cross_entropy_fwd_cpu", &spkern::cpu::cross_entropy_fwd,
         "fused cross-entropy forward (+grad) with logit statistics, CPU");
+  m.def("multi_tensor_norms_cpu", &spkern::cpu::multi_tensor_norms,
+        "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CPU tensors");
   m.def("compiled_isa", &spkern::cpu::compiled_isa);
   m.def("release_cached_buffer", &spkern::cpu::release_cached_buffer,
         "free the large CPU buffer kept for reuse");
 #ifdef SPKERN_WITH_CUDA
   m.def("cross_entropy_fwd_cuda", &spkern::cuda::cross_entropy_fwd,
         "fused cross-entropy forward (+grad) with logit statistics, CUDA");
+  m.def("multi_tensor_norms_cuda", &spkern::cuda::multi_tensor_norms,
+        "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CUDA tensors");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -28,6 +28,10 @@ using LogitLossFwd = std::vector<at::Tensor>(
 namespace cpu {
 LogitLossFwd cross_entropy_fwd;
 
+// For tensors a_i and (optionally, else b_i = 0) b_i of equal sizes: a (T, 4) float32
+// tensor of ||a_i - b_i||^2, ||a_i||^2, ||b_i||^2, <a_i, b_i>. csrc/cpu/norms.cpp.
+at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
+
 // Frees the gradient buffer kept for reuse by the CPU kernels (see empty_large).
 void release_cached_buffer();
 
@@ -37,6 +41,7 @@ const char* compiled_isa();
 
 namespace cuda {
 LogitLossFwd cross_entropy_fwd;
+at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
 }  // namespace cuda
 
 // Checks the arguments of a LogitLossFwd entry point (shapes, dtypes, devices; not the

@@ -99,3 +99,20 @@ def test_no_host_sync_in_the_loss():
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_multi_tensor_norms_on_gpu(backend):
+    _backend_or_skip(backend)
+    from spkern.norms import multi_tensor_norms_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1,), (7,), (33, 3), (65537,), (300, 700), (4096, 4096)]
+    a = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    a[2] = a[2].bfloat16()
+    b = [(x.float() + 0.1).to(torch.float16 if i % 2 else torch.bfloat16) for i, x in enumerate(a)]
+    with spkern.use_backend(backend):
+        out = spkern.multi_tensor_norms(a, b)
+        out_a = spkern.multi_tensor_norms(a)
+    torch.testing.assert_close(out.double(), multi_tensor_norms_reference(a, b).double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out_a.double(), multi_tensor_norms_reference(a, []).double(), rtol=1e-5, atol=1e-4)

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cross_entropy.h"
+#include "norms.h"
+
+#include <map>
 
 namespace spkern {
 namespace cuda {
@@ -58,6 +61,87 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   a.kind = static_cast<Kind>(kind);
   const char* err = spkern::cuda::launch_cross_entropy_fwd(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "spkern cuda cross_entropy: ", err);
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace spkern
+
+namespace spkern {
+namespace cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    default: TORCH_CHECK(false, "spkern cuda multi_tensor_norms: tensors must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t T = static_cast<int64_t>(a.size());
+  TORCH_CHECK(b.empty() || b.size() == a.size(),
+              "spkern cuda multi_tensor_norms: b must be empty or as long as a");
+  TORCH_CHECK(T > 0, "spkern cuda multi_tensor_norms: no tensors");
+  const auto device = a[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out = at::zeros({T, 4}, a[0].options().dtype(at::kFloat));
+  // group by (dtype of a, dtype of b): one launch per group
+  std::map<std::pair<int, int>, std::vector<int64_t>> groups;
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK(a[i].device() == device && a[i].is_contiguous(), "spkern cuda multi_tensor_norms: a[", i,
+                "] must be contiguous on ", device);
+    if (!b.empty())
+      TORCH_CHECK(b[i].device() == device && b[i].is_contiguous() && b[i].numel() == a[i].numel(),
+                  "spkern cuda multi_tensor_norms: b[", i, "] must be contiguous on ", device,
+                  " with the size of a[", i, "]");
+    if (a[i].numel() == 0) continue;
+    groups[{int(dtype_of(a[i])), b.empty() ? -1 : int(dtype_of(b[i]))}].push_back(i);
+  }
+  for (const auto& [key, idx] : groups) {
+    std::vector<int64_t> a_ptrs, b_ptrs, work_t, work_s, work_e, first, last;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      const int64_t i = idx[j];
+      a_ptrs.push_back(reinterpret_cast<int64_t>(a[i].data_ptr()));
+      if (!b.empty()) b_ptrs.push_back(reinterpret_cast<int64_t>(b[i].data_ptr()));
+      first.push_back(static_cast<int64_t>(work_t.size()));
+      for (int64_t s = 0; s < a[i].numel(); s += kChunk) {
+        work_t.push_back(static_cast<int64_t>(j));
+        work_s.push_back(s);
+        work_e.push_back(std::min(s + kChunk, a[i].numel()));
+      }
+      last.push_back(static_cast<int64_t>(work_t.size()));
+    }
+    auto table = [&](const std::vector<int64_t>& v) {
+      return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+    };
+    at::Tensor ta = table(a_ptrs), tw = table(work_t), ts = table(work_s), te = table(work_e),
+               tf = table(first), tl = table(last), tr = table(idx);
+    at::Tensor tb = b.empty() ? at::Tensor() : table(b_ptrs);
+    at::Tensor partial = at::empty({static_cast<int64_t>(work_t.size()), 4}, out.options());
+    MultiNormArgs args{};
+    args.a_ptrs = ta.data_ptr<int64_t>();
+    args.b_ptrs = b.empty() ? nullptr : tb.data_ptr<int64_t>();
+    args.work_t = tw.data_ptr<int64_t>();
+    args.work_start = ts.data_ptr<int64_t>();
+    args.work_end = te.data_ptr<int64_t>();
+    args.n_work = static_cast<int64_t>(work_t.size());
+    args.first = tf.data_ptr<int64_t>();
+    args.last = tl.data_ptr<int64_t>();
+    args.out_rows = tr.data_ptr<int64_t>();
+    args.n_group = static_cast<int64_t>(idx.size());
+    args.partial = partial.data_ptr<float>();
+    args.out = out.data_ptr<float>();
+    args.a_dtype = static_cast<DType>(key.first);
+    args.b_dtype = key.second < 0 ? args.a_dtype : static_cast<DType>(key.second);
+    const char* err = launch_multi_tensor_norms(args, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, "spkern cuda multi_tensor_norms: ", err);
+  }
   return out;
 }
 

@@ -1,0 +1,149 @@
+// Multi-tensor pair norms, CPU: for tensors a_i (and b_i), one call returns per tensor
+// ||a - b||^2, ||a||^2, ||b||^2 and <a, b> in float32 (b = 0 when not given).
+//
+// The work is cut into chunks of kChunk elements across all tensors, so that one large
+// tensor and many small ones both keep every thread busy; each chunk's partial sums are
+// reduced per tensor afterwards in float64, in a fixed order (deterministic).
+
+#include "../spkern.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <vector>
+
+namespace spkern {
+namespace cpu {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kTile = 1024;  // elements converted to float at a time
+
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    using bVec = at::vec::Vectorized<T>;
+    int64_t i = 0;
+    for (; i + bVec::size() <= n; i += bVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
+      lo.store(buf + i);
+      hi.store(buf + i + fVec::size());
+    }
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// Sums over [begin, end) of one tensor: {||a-b||^2, ||a||^2, ||b||^2, <a,b>}.
+template <typename A, typename B>
+std::array<double, 4> chunk_sums(const A* a, const B* b, int64_t begin, int64_t end) {
+  alignas(64) float abuf[kTile], bbuf[kTile];
+  std::array<double, 4> out{0, 0, 0, 0};
+  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+    const int64_t n = std::min(kTile, end - t0);
+    const float* x = as_float(a + t0, abuf, n);
+    const float* y = b ? as_float(b + t0, bbuf, n) : nullptr;
+    fVec dd(0.f), aa(0.f), bb(0.f), ab(0.f);
+    float sdd = 0.f, saa = 0.f, sbb = 0.f, sab = 0.f;
+    int64_t i = 0;
+    for (; i + fVec::size() <= n; i += fVec::size()) {
+      fVec xv = fVec::loadu(x + i);
+      aa = at::vec::fmadd(xv, xv, aa);
+      if (y) {
+        fVec yv = fVec::loadu(y + i), d = xv - yv;
+        dd = at::vec::fmadd(d, d, dd);
+        bb = at::vec::fmadd(yv, yv, bb);
+        ab = at::vec::fmadd(xv, yv, ab);
+      }
+    }
+    for (; i < n; ++i) {
+      saa += x[i] * x[i];
+      if (y) {
+        const float d = x[i] - y[i];
+        sdd += d * d;
+        sbb += y[i] * y[i];
+        sab += x[i] * y[i];
+      }
+    }
+    auto total = [](fVec& v, float s) {
+      return double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v)) + s;
+    };
+    out[1] += total(aa, saa);
+    if (y) {
+      out[0] += total(dd, sdd);
+      out[2] += total(bb, sbb);
+      out[3] += total(ab, sab);
+    }
+  }
+  if (!b) out[0] = out[1];
+  return out;
+}
+
+template <typename A, typename B>
+std::array<double, 4> dispatch_b(const at::Tensor& a, const at::Tensor* b, int64_t begin, int64_t end) {
+  return chunk_sums<A, B>(a.const_data_ptr<A>(), b ? b->const_data_ptr<B>() : nullptr, begin, end);
+}
+
+template <typename A>
+std::array<double, 4> dispatch_a(const at::Tensor& a, const at::Tensor* b, int64_t begin, int64_t end) {
+  switch (b ? b->scalar_type() : at::kFloat) {
+    case at::kBFloat16: return dispatch_b<A, at::BFloat16>(a, b, begin, end);
+    case at::kHalf: return dispatch_b<A, at::Half>(a, b, begin, end);
+    default: return dispatch_b<A, float>(a, b, begin, end);
+  }
+}
+
+}  // namespace
+
+at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  const int64_t T = static_cast<int64_t>(a.size());
+  TORCH_CHECK(b.empty() || b.size() == a.size(),
+              "spkern cpu multi_tensor_norms: b must be empty or as long as a");
+  auto ok = [](const at::Tensor& t) {
+    const auto d = t.scalar_type();
+    return t.device().is_cpu() && t.is_contiguous() &&
+           (d == at::kFloat || d == at::kBFloat16 || d == at::kHalf);
+  };
+  struct Work {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Work> work;
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK(ok(a[i]), "spkern cpu multi_tensor_norms: a[", i,
+                "] must be a contiguous CPU tensor of float32, bfloat16 or float16");
+    if (!b.empty()) {
+      TORCH_CHECK(ok(b[i]), "spkern cpu multi_tensor_norms: b[", i,
+                  "] must be a contiguous CPU tensor of float32, bfloat16 or float16");
+      TORCH_CHECK(b[i].numel() == a[i].numel(), "spkern cpu multi_tensor_norms: b[", i,
+                  "] has ", b[i].numel(), " elements, a[", i, "] has ", a[i].numel());
+    }
+    for (int64_t s = 0; s < a[i].numel(); s += kChunk)
+      work.push_back({i, s, std::min(s + kChunk, a[i].numel())});
+  }
+  std::vector<std::array<double, 4>> partial(work.size());
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const at::Tensor& x = a[work[w].tensor];
+      const at::Tensor* y = b.empty() ? nullptr : &b[work[w].tensor];
+      switch (x.scalar_type()) {
+        case at::kBFloat16: partial[w] = dispatch_a<at::BFloat16>(x, y, work[w].begin, work[w].end); break;
+        case at::kHalf: partial[w] = dispatch_a<at::Half>(x, y, work[w].begin, work[w].end); break;
+        default: partial[w] = dispatch_a<float>(x, y, work[w].begin, work[w].end); break;
+      }
+    }
+  });
+  at::Tensor out = at::zeros({T, 4}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (size_t w = 0; w < work.size(); ++w)
+    for (int k = 0; k < 4; ++k) o[work[w].tensor * 4 + k] += partial[w][k];
+  return out.to(at::kFloat);
+}
+
+}  // namespace cpu
+}  // namespace spkern

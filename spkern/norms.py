@@ -1,0 +1,190 @@
+"""Norms of many tensors in one launch, and operator norms by warm-started power iteration.
+
+Definitions (all norms of a tensor flattened to a vector unless said otherwise):
+
+    fro(A)   = sqrt(sum_ij A_ij^2)                 Frobenius norm
+    rms(A)   = fro(A) / sqrt(numel(A))
+    op(A)    = largest singular value of the matrix A (spectral norm)
+    rms_op(A) = sqrt(fan_in / fan_out) * op(A)      the RMS-to-RMS operator norm of a
+               (fan_out, fan_in) weight: how much it scales the RMS of an input vector
+
+:func:`multi_tensor_norms` returns the squared sums from which these follow, per tensor,
+without a host sync; :func:`spectral_norm` returns op and rms_op.
+"""
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from spkern import _backend
+
+# ---------------------------------------------------------------------------------------
+# multi-tensor pair norms
+# ---------------------------------------------------------------------------------------
+
+NORM_COLUMNS = ("diff_sq", "a_sq", "b_sq", "dot")  # ||a - b||^2, ||a||^2, ||b||^2, <a, b>
+
+
+def multi_tensor_norms_reference(a, b):
+    """Float64 reference: (T, 4) rows of ||a-b||^2, ||a||^2, ||b||^2, <a,b> (b = 0 if empty)."""
+    rows = []
+    for i, x in enumerate(a):
+        x = x.double().reshape(-1)
+        y = b[i].double().reshape(-1) if b else torch.zeros_like(x)
+        rows.append(torch.stack([(x - y).square().sum(), x.square().sum(), y.square().sum(), x.dot(y)]))
+    device = a[0].device if a else torch.device("cpu")
+    return torch.stack(rows).float() if rows else torch.zeros(0, 4, device=device)
+
+
+def _cpu_norms(a, b):
+    return _backend.compiled().multi_tensor_norms_cpu(a, b)
+
+
+def _triton_norms(a, b):
+    return _backend.triton_kernels("norms").multi_tensor_norms(a, b)
+
+
+def _cuda_norms(a, b):
+    return _backend.compiled().multi_tensor_norms_cuda(a, b)
+
+
+NORM_IMPLEMENTATIONS = {
+    "reference": multi_tensor_norms_reference,
+    "cpu": _cpu_norms,
+    "triton": _triton_norms,
+    "cuda": _cuda_norms,
+}
+
+
+@torch.library.custom_op("spkern::multi_tensor_norms", mutates_args=())
+def _multi_tensor_norms_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    if not a:
+        return torch.zeros(0, 4)
+    # one backend for the whole list: the first tensor the kernels cannot take decides
+    probe = next((t for t in list(a) + list(b) if t.dtype not in _backend.KERNEL_DTYPES), a[0])
+    backend = _backend.resolve("multi_tensor_norms", probe, "norms")
+    return NORM_IMPLEMENTATIONS[backend](list(a), list(b))
+
+
+@_multi_tensor_norms_op.register_fake
+def _(a, b):
+    return a[0].new_empty((len(a), 4), dtype=torch.float32) if a else torch.empty(0, 4)
+
+
+def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """Per-tensor squared norms of many tensors (for example all parameters of a model)
+    in one pass: a float32 tensor of shape ``(len(a), 4)`` on their device, with columns
+    ``||a_i - b_i||^2``, ``||a_i||^2``, ``||b_i||^2``, ``<a_i, b_i>`` (``b_i = 0`` when
+    ``b`` is None). Nothing is read back to the host.
+
+    ``a_i`` and ``b_i`` must have the same number of elements and may differ in dtype
+    (float32, bfloat16, float16; for example weights and their initial values kept in
+    bfloat16). Sums accumulate in float32 per chunk and float64 across chunks.
+    """
+    a = list(a)
+    if not all(isinstance(t, Tensor) for t in a):
+        raise TypeError("a must be a sequence of Tensors")
+    b_list = [] if b is None else list(b)
+    if b is not None:
+        if not all(isinstance(t, Tensor) for t in b_list):
+            raise TypeError("b must be None or a sequence of Tensors")
+        if len(b_list) != len(a):
+            raise ValueError(f"b has {len(b_list)} tensors but a has {len(a)}")
+    for name, seq in (("a", a), ("b", b_list)):
+        for i, t in enumerate(seq):
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{i}] must be floating point, got {t.dtype}")
+            if a and t.device != a[0].device:
+                raise ValueError(f"{name}[{i}] is on device {t.device} but a[0] is on device {a[0].device}")
+    for i, (x, y) in enumerate(zip(a, b_list)):
+        if x.numel() != y.numel():
+            raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()} "
+                             f"(shapes {tuple(y.shape)} and {tuple(x.shape)})")
+    a = [t.detach().contiguous() for t in a]
+    b_list = [t.detach().contiguous() for t in b_list]
+    return torch.ops.spkern.multi_tensor_norms(a, b_list)
+
+
+# ---------------------------------------------------------------------------------------
+# operator norms
+# ---------------------------------------------------------------------------------------
+
+
+class SpectralNorm(NamedTuple):
+    """Result of :func:`spectral_norm`; ``state`` warm-starts the next call."""
+
+    op: Tensor  # largest singular value, float32 scalar on the matrix's device
+    rms_op: Tensor  # sqrt(fan_in / fan_out) * op
+    state: Tensor  # (fan_in,) float32 unit vector: the estimated top right singular vector
+
+
+COLD_ITERS = 50
+WARM_ITERS = 4
+
+
+def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optional[int] = None, *,
+                  minus: Optional[Tensor] = None) -> SpectralNorm:
+    """Operator (spectral) norm of ``matrix - minus`` (``minus`` None: of ``matrix``) by
+    power iteration on ``A^T A``, without a host sync and without forming ``A^T A``.
+
+    Args:
+        matrix: ``(fan_out, fan_in)``; more dimensions are flattened to
+            ``(shape[0], -1)`` as for convolution weights.
+        state: the ``state`` of the previous call on the same (slowly changing) matrix:
+            its top right singular vector, so that a few iterations suffice.
+        iters: power iterations; default 50 from a cold start, 4 from a warm one.
+        minus: a matrix of the same shape (for example the initial weights W_0, in any
+            float dtype); ``matrix - minus`` is never materialised: each product is
+            ``matrix v - minus v``.
+
+    Each iteration costs two matrix-vector products with the matrix (four with
+    ``minus``): O(fan_out * fan_in), against O(fan_out * fan_in * min(...)) for an SVD.
+    The estimate never exceeds the true norm and approaches it from below.
+    """
+    if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
+        raise TypeError("matrix must be a floating-point Tensor")
+    if matrix.dim() < 2:
+        raise ValueError(f"matrix must have at least 2 dimensions, got shape {tuple(matrix.shape)}")
+    A = matrix.detach().reshape(matrix.shape[0], -1)
+    fan_out, fan_in = A.shape
+    B = None
+    if minus is not None:
+        if not isinstance(minus, Tensor) or minus.numel() != matrix.numel() or minus.shape[0] != matrix.shape[0]:
+            raise ValueError(f"minus must have the shape of matrix {tuple(matrix.shape)}, got "
+                             f"{tuple(minus.shape) if isinstance(minus, Tensor) else type(minus).__name__}")
+        if minus.device != matrix.device:
+            raise ValueError(f"minus is on device {minus.device} but matrix is on device {matrix.device}")
+        B = minus.detach().reshape(fan_out, fan_in)
+    if iters is not None and (not isinstance(iters, int) or iters < 1):
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    if state is not None:
+        if not isinstance(state, Tensor) or state.shape != (fan_in,):
+            raise ValueError(f"state must be the ({fan_in},) vector returned with a previous result, got "
+                             f"{tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
+        v = state.to(device=A.device, dtype=torch.float32)
+    else:
+        g = torch.Generator(device=A.device).manual_seed(0)
+        v = torch.randn(fan_in, device=A.device, dtype=torch.float32, generator=g)
+        v = v / v.norm()
+    n_iter = iters or (WARM_ITERS if state is not None else COLD_ITERS)
+
+    A = A.float()  # (no copy for float32)
+    B = B.float() if B is not None else None
+
+    def matvec(x):  # (A - B) x
+        return A @ x - B @ x if B is not None else A @ x
+
+    def rmatvec(y):  # (A - B)^T y
+        return A.t() @ y - B.t() @ y if B is not None else A.t() @ y
+
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(n_iter):
+        w = rmatvec(matvec(v))
+        v = w / (w.norm() + tiny)
+    op = matvec(v).norm()
+    return SpectralNorm(op, op * math.sqrt(fan_in / fan_out), v)
+
+
+__all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "spectral_norm"]

@@ -1,0 +1,124 @@
+"""spkern.multi_tensor_norms and spkern.spectral_norm against float64 computed the slow way."""
+
+import pytest
+import torch
+
+import spkern
+from spkern.norms import multi_tensor_norms_reference
+
+
+def _tensors(dtypes_a, dtypes_b=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(0,), (1,), (7,), (33, 3), (65537,), (300, 700)]
+    a = [torch.randn(s, generator=g).to(dtypes_a[i % len(dtypes_a)]) for i, s in enumerate(shapes)]
+    if dtypes_b is None:
+        return a, None
+    b = [(x.float() + 0.1 * torch.randn(x.shape, generator=g)).to(dtypes_b[i % len(dtypes_b)])
+         for i, x in enumerate(a)]
+    return a, b
+
+
+@pytest.mark.parametrize("dtypes", [
+    ([torch.float32], None),
+    ([torch.float32], [torch.float32]),
+    ([torch.float32], [torch.bfloat16]),
+    ([torch.bfloat16, torch.float16], [torch.float32, torch.float16]),
+], ids=["a", "a-b", "a-b_bf16", "mixed"])
+def test_multi_tensor_norms(backend, dtypes):
+    a, b = _tensors(*dtypes)
+    before = [t.clone() for t in a]
+    out = spkern.multi_tensor_norms(a, b)
+    ref = multi_tensor_norms_reference(a, b or [])
+    assert out.shape == (len(a), 4) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref.double(), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(a, before))
+    if b is None:
+        torch.testing.assert_close(out[:, 0], out[:, 1])
+        assert torch.equal(out[:, 2:], torch.zeros_like(out[:, 2:]))
+
+
+def test_multi_tensor_norms_of_model_parameters(backend):
+    model = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5, bias=False))
+    init = [p.detach().clone().bfloat16() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = spkern.multi_tensor_norms(list(model.parameters()), init)
+    for i, (p, p0) in enumerate(zip(model.parameters(), init)):
+        d = (p.double() - p0.double()).norm() ** 2
+        torch.testing.assert_close(out[i, 0].double(), d, rtol=1e-5, atol=1e-7)
+    assert not out.requires_grad
+
+
+def test_multi_tensor_norms_errors():
+    a, b = _tensors([torch.float32], [torch.float32])
+    with pytest.raises(ValueError, match=r"b\[3\] has"):
+        spkern.multi_tensor_norms(a, b[:3] + [torch.zeros(5)] + b[4:])
+    with pytest.raises(ValueError, match="b has 2 tensors"):
+        spkern.multi_tensor_norms(a, b[:2])
+    with pytest.raises(TypeError, match=r"a\[0\] must be floating"):
+        spkern.multi_tensor_norms([torch.ones(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="device"):
+        spkern.multi_tensor_norms([torch.ones(3), torch.ones(3, device="meta")])
+    with pytest.raises(TypeError, match="sequence of Tensors"):
+        spkern.multi_tensor_norms([1.0])
+    assert spkern.multi_tensor_norms([]).shape == (0, 4)
+
+
+def test_multi_tensor_norms_opcheck():
+    a, b = _tensors([torch.float32], [torch.bfloat16])
+    torch.library.opcheck(torch.ops.spkern.multi_tensor_norms.default, ([x for x in a if x.numel()],
+                                                                       [y for y in b if y.numel()]))
+
+
+def _low_rank_plus_noise(m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(m, 3, generator=g), torch.randn(3, n, generator=g)
+    return u @ v / n**0.5 + 0.1 * torch.randn(m, n, generator=g) / n**0.5
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (300, 517), (517, 300)])
+def test_spectral_norm_cold(shape):
+    for A in (torch.randn(shape, generator=torch.Generator().manual_seed(1)), _low_rank_plus_noise(*shape)):
+        r = spkern.spectral_norm(A)
+        exact = torch.linalg.matrix_norm(A.double(), ord=2)
+        assert r.op.item() <= exact.item() * (1 + 1e-5)
+        assert abs(r.op.item() / exact.item() - 1) < 0.01
+        torch.testing.assert_close(r.rms_op, r.op * (shape[1] / shape[0]) ** 0.5)
+        assert r.state.shape == (shape[1],)
+
+
+def test_spectral_norm_warm_start_follows_a_changing_matrix():
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(400, 300, generator=g) / 300**0.5
+    state = spkern.spectral_norm(A).state
+    for _ in range(5):
+        A = A + 0.01 * torch.randn(A.shape, generator=g) / 300**0.5
+        r = spkern.spectral_norm(A, state)
+        state = r.state
+        exact = torch.linalg.matrix_norm(A.double(), ord=2).item()
+        assert abs(r.op.item() / exact - 1) < 0.01
+
+
+def test_spectral_norm_of_a_difference_and_dtypes():
+    W0 = torch.randn(200, 150)
+    W = W0 + _low_rank_plus_noise(200, 150, seed=3)
+    r = spkern.spectral_norm(W, minus=W0.bfloat16())
+    exact = torch.linalg.matrix_norm((W.double() - W0.bfloat16().double()), ord=2).item()
+    assert abs(r.op.item() / exact - 1) < 0.01
+    conv = torch.randn(16, 3, 5, 5)
+    rc = spkern.spectral_norm(conv.bfloat16())
+    exact = torch.linalg.matrix_norm(conv.bfloat16().double().reshape(16, -1), ord=2).item()
+    assert abs(rc.op.item() / exact - 1) < 0.01 and rc.state.shape == (75,)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: spkern.spectral_norm(torch.ones(5)), ValueError, "2 dimensions"),
+    (lambda: spkern.spectral_norm(torch.ones(5, 4, dtype=torch.long)), TypeError, "floating"),
+    (lambda: spkern.spectral_norm(torch.ones(5, 4), state=torch.ones(5)), ValueError, "state"),
+    (lambda: spkern.spectral_norm(torch.ones(5, 4), minus=torch.ones(4, 5)), ValueError, "minus"),
+    (lambda: spkern.spectral_norm(torch.ones(5, 4), iters=0), ValueError, "iters"),
+])
+def test_spectral_norm_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
