@@ -1,0 +1,125 @@
+"""Norm benchmark: spkern.multi_tensor_norms over all parameters of an 8-layer MLP
+(||W - W0||^2, ||W||^2, ||W0||^2, <W, W0> per parameter) against the per-tensor PyTorch
+way, and spkern.spectral_norm (warm-started power iteration) against the SVD-based
+torch.linalg.matrix_norm(A, ord=2), all in the same run.
+
+    python bench/bench_norms.py               # widths 1024, 2048, 4096; spectral at 4096
+    python bench/bench_norms.py --quick
+
+Method: bench/harness.py (each case in a fresh process; median of repeated calls;
+peak memory above the parameters and the initial weights).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+IMPLS = ["torch per-tensor", "torch _foreach", "spkern multi_tensor_norms",
+         "torch matrix_norm(ord=2)", "spkern spectral_norm warm", "spkern spectral_norm cold"]
+
+
+def run_one(impl, width, device, repeats):
+    import torch
+
+    import spkern
+
+    g = torch.Generator(device=device).manual_seed(0)
+    if "spectral" in impl or "matrix_norm" in impl:
+        A = torch.randn(width, width, device=device, generator=g) / width**0.5
+        state = spkern.spectral_norm(A).state
+        B = A + 1e-3 * torch.randn(width, width, device=device, generator=g) / width**0.5
+        step = {
+            "torch matrix_norm(ord=2)": lambda: torch.linalg.matrix_norm(B, ord=2),
+            "spkern spectral_norm warm": lambda: spkern.spectral_norm(B, state),
+            "spkern spectral_norm cold": lambda: spkern.spectral_norm(B),
+        }[impl]
+        r = harness.measure(step, device, repeats, warmup=1)
+        exact = torch.linalg.matrix_norm(B.double(), ord=2).item()
+        r["relative_error"] = (step().op.item() if "spkern" in impl else step().item()) / exact - 1
+        return r
+    # 8-layer MLP: input 784 -> width x 7 -> 10, with biases
+    dims = [784] + [width] * 7 + [10]
+    params = []
+    for i in range(8):
+        params.append(torch.randn(dims[i + 1], dims[i], device=device, generator=g) / dims[i] ** 0.5)
+        params.append(torch.zeros(dims[i + 1], device=device))
+    init = [p.clone() for p in params]
+    for p in params:
+        p.add_(1e-3 * torch.randn(p.shape, device=device, generator=g))
+    if impl == "torch per-tensor":
+        def step():
+            return torch.stack([torch.stack([(p - q).square().sum(), p.square().sum(), q.square().sum(),
+                                             (p * q).sum()]) for p, q in zip(params, init)])
+    elif impl == "torch _foreach":
+        def step():
+            diff = torch._foreach_sub(params, init)
+            return torch.stack([torch.stack(torch._foreach_norm(diff)) ** 2,
+                                torch.stack(torch._foreach_norm(params)) ** 2,
+                                torch.stack(torch._foreach_norm(init)) ** 2,
+                                torch.stack([(p * q).sum() for p, q in zip(params, init)])], 1)
+    else:
+        def step():
+            return spkern.multi_tensor_norms(params, init)
+    return harness.measure(step, device, repeats, warmup=2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
+                        help="folder for the JSON results ('' to skip)")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._one:
+        import json
+
+        print(json.dumps(run_one(*json.loads(args._one))))
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    try:
+        widths = [int(w) for w in (args.widths or ("512" if args.quick else "1024,2048,4096")).split(",")]
+        assert all(w > 0 for w in widths)
+    except (ValueError, AssertionError):
+        parser.error(f"--widths must be positive integers joined by commas, got {args.widths!r}")
+    repeats = args.repeats or (3 if args.quick else 7)
+    info = harness.machine_info(args.device)
+    harness.print_header("norms", info, args.device)
+    print("| case | width | implementation | median ms | min-max ms | vs torch | peak extra MB | rel. error |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    cases = [("8-layer MLP parameters", w, i) for w in widths for i in IMPLS[:3]]
+    cases += [("operator norm", max(widths), i) for i in IMPLS[3:]]
+    baseline = {}
+    for case, width, impl in cases:
+        r = harness.run_isolated(__file__, [impl, width, args.device, repeats])
+        if "error" in r:
+            print(f"| {case} | {width} | {impl} | failed: {r['error']} |")
+            continue
+        if impl.startswith("torch"):
+            baseline.setdefault((case, width), r["median_ms"])
+        base = baseline.get((case, width))
+        r.update(case=case, width=width, impl=impl, device=args.device,
+                 speedup_vs_torch=base / r["median_ms"] if base else None)
+        results.append(r)
+        err = r.get("relative_error")
+        print(f"| {case} | {width} | {impl} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | "
+              f"{r['speedup_vs_torch']:.1f}x | {r['peak_extra_mb']:.0f} | "
+              f"{'-' if err is None else f'{err:+.2%}'} |", flush=True)
+    if args.out:
+        harness.save(args.out, f"norms_{args.device}", args.quick, info, results, repeats=repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
