@@ -18,7 +18,15 @@ def table(path):
     lines = [f"`{d['command']}` on {where}, {d['threads']} threads, torch {d['torch']}, "
              f"spkern `_C` built for {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
     rows = d["results"]
-    if rows and "vocab" in rows[0]:
+    if rows and "case" in rows[0]:
+        lines += ["| case | width | implementation | median ms | vs torch | peak extra MB | relative error |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            err = r.get("relative_error")
+            lines.append(f"| {r['case']} | {r['width']} | {r['impl']} | {r['median_ms']:.2f} | "
+                         f"{_fmt(r['speedup_vs_torch'], '.1f')}x | {r['peak_extra_mb']:.0f} | "
+                         f"{'-' if err is None else format(err, '+.2%')} |")
+    elif rows and "vocab" in rows[0]:
         lines += ["| rows x vocab | implementation | median ms | min-max ms | vs eager | peak extra MB |",
                   "|---|---|---|---|---|---|"]
         for r in rows:
