@@ -47,7 +47,9 @@ def extensions():
     # -lgomp: the OpenMP symbols resolve to the runtime torch already loaded, so the
     # process keeps one thread pool.
     # (the C++ standard is torch's choice: it adds the -std= its headers need)
-    cxx = ["-O3", "-fopenmp"] + ISA_FLAGS[cpu_isa()]
+    # -ffp-contract=off: no silent fused multiply-adds, so that each float operation of
+    # the fused optimizer steps rounds as the torch op it replaces (fmas are explicit).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + ISA_FLAGS[cpu_isa()]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

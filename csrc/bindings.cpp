@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused cross-entropy forward (+grad) with logit statistics, CPU");
   m.def("multi_tensor_norms_cpu", &spkern::cpu::multi_tensor_norms,
         "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CPU tensors");
+  m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU");
+  m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU");
   m.def("compiled_isa", &spkern::cpu::compiled_isa);
   m.def("release_cached_buffer", &spkern::cpu::release_cached_buffer,
         "free the large CPU buffer kept for reuse");

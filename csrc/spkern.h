@@ -32,6 +32,19 @@ LogitLossFwd cross_entropy_fwd;
 // tensor of ||a_i - b_i||^2, ||a_i||^2, ||b_i||^2, <a_i, b_i>. csrc/cpu/norms.cpp.
 at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
 
+// Fused optimizer steps (csrc/cpu/optim.cpp): apply torch.optim.SGD's / AdamW's update
+// in one pass and write per parameter into stats (P, 4) float32: ||W_{t+1} - W_t||^2,
+// ||W_{t+1}||^2, ||grad||^2, ||W_{t+1} - W_0||^2 (0 when init is empty).
+void sgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+              const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
+              const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double momentum,
+              double dampening, double weight_decay, bool nesterov, bool maximize);
+void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
+                const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double beta1,
+                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize);
+
 // Frees the gradient buffer kept for reuse by the CPU kernels (see empty_large).
 void release_cached_buffer();
 

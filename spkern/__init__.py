@@ -5,6 +5,7 @@ Functional API: :func:`cross_entropy`, :func:`mse_onehot_loss`, :func:`linear_cr
 Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable.
 """
 
+from spkern import optim
 from spkern._backend import BACKENDS, empty_cache, use_backend
 from spkern.cross_entropy import LogitStats, cross_entropy, mse_onehot_loss
 from spkern.linear_loss import linear_cross_entropy, linear_mse_onehot_loss
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LogitStats", "cross_entropy",
            "SpectralNorm", "empty_cache", "linear_cross_entropy", "linear_mse_onehot_loss",
-           "mse_onehot_loss", "multi_tensor_norms", "spectral_norm", "use_backend"]
+           "mse_onehot_loss", "multi_tensor_norms", "optim", "spectral_norm", "use_backend"]

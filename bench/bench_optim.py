@@ -1,0 +1,109 @@
+"""Optimizer-step benchmark: the step of an 8-layer MLP (784 -> width x 7 -> 10) with
+torch.optim alone, with spkern.optim (the same step plus every per-parameter norm), and
+the naive way of getting those norms (copy the weights, step, subtract, norm), all in
+the same run.
+
+    python bench/bench_optim.py             # widths 1024, 2048, 4096; SGD (momentum) and AdamW
+    python bench/bench_optim.py --quick
+
+Method: bench/harness.py. Peak memory is what a step needs above the parameters, their
+gradients and the optimizer state (created by the warm-up); "+drift" keeps the initial
+weights in bfloat16, created before the measurement like the state.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+IMPLS = ["torch.optim", "spkern.optim +norms", "spkern.optim +norms +drift", "naive norms"]
+OPTIMS = {"sgd": dict(lr=0.01, momentum=0.9), "adamw": dict(lr=1e-3)}
+
+
+def run_one(impl, optim, width, device, repeats):
+    import torch
+
+    import spkern
+
+    torch.manual_seed(0)
+    dims = [784] + [width] * 7 + [10]
+    model = torch.nn.Sequential(*[torch.nn.Linear(dims[i], dims[i + 1]) for i in range(8)]).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    kw = OPTIMS[optim]
+    torch_cls = torch.optim.SGD if optim == "sgd" else torch.optim.AdamW
+    spkern_cls = spkern.optim.SGD if optim == "sgd" else spkern.optim.AdamW
+    if impl == "torch.optim":
+        opt = torch_cls(model.parameters(), **kw)
+        step = opt.step
+    elif impl.startswith("spkern"):
+        drift = impl.endswith("+drift")
+        opt = spkern_cls(model.parameters(), track_drift=drift, drift_dtype=torch.bfloat16, **kw)
+        step = opt.step
+    else:
+        opt = torch_cls(model.parameters(), **kw)
+        params = list(model.parameters())
+
+        def step():
+            before = [p.detach().clone() for p in params]
+            opt.step()
+            return [((p - q).norm(), p.norm(), p.grad.norm()) for p, q in zip(params, before)]
+    return harness.measure(step, device, repeats, warmup=2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--widths", default=None, help="e.g. 1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
+                        help="folder for the JSON results ('' to skip)")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._one:
+        import json
+
+        print(json.dumps(run_one(*json.loads(args._one))))
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    try:
+        widths = [int(w) for w in (args.widths or ("512" if args.quick else "1024,2048,4096")).split(",")]
+        assert all(w > 0 for w in widths)
+    except (ValueError, AssertionError):
+        parser.error(f"--widths must be positive integers joined by commas, got {args.widths!r}")
+    repeats = args.repeats or (3 if args.quick else 7)
+    info = harness.machine_info(args.device)
+    harness.print_header("optimizer step of an 8-layer MLP", info, args.device)
+    print("| optimizer | width | implementation | median ms | min-max ms | vs torch.optim | peak extra MB |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    for optim in OPTIMS:
+        for width in widths:
+            base = None
+            for impl in IMPLS:
+                r = harness.run_isolated(__file__, [impl, optim, width, args.device, repeats])
+                if "error" in r:
+                    print(f"| {optim} | {width} | {impl} | failed: {r['error']} |")
+                    continue
+                base = r["median_ms"] if impl == "torch.optim" else base
+                r.update(optim=optim, width=width, impl=impl, device=args.device,
+                         vs_torch=r["median_ms"] / base if base else None)
+                results.append(r)
+                vs = "-" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}x"
+                print(f"| {optim} | {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
+                      f"{vs} | {r['peak_extra_mb']:.0f} |", flush=True)
+    if args.out:
+        harness.save(args.out, f"optim_{args.device}", args.quick, info, results, repeats=repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""torch.optim.SGD and torch.optim.AdamW with per-parameter update norms fused into the step.
+
+:class:`SGD` and :class:`AdamW` are the torch optimizers (they subclass them: same
+arguments, defaults, parameter groups, named parameters and ``state_dict``); only
+``step`` differs. On CPU, one pass over each parameter applies the update and
+accumulates, per parameter, in float32 on the device:
+
+    update_sq  ||W_{t+1} - W_t||^2      the update actually applied (after rounding)
+    weight_sq  ||W_{t+1}||^2
+    grad_sq    ||grad||^2
+    drift_sq   ||W_{t+1} - W_0||^2      with ``track_drift=True``; every ``drift_every`` steps
+
+No copy of the previous weights, no extra pass, no host sync. ``track_drift=True``
+keeps a copy of the initial weights, in ``drift_dtype`` (bfloat16 halves its memory).
+
+:meth:`norm_stats` turns the sums into norms (device tensors), keyed by parameter name
+when the optimizer was built from ``named_parameters()``, else by the parameter:
+
+    *_fro   Frobenius norm, sqrt(sum of squares)
+    *_rms   Frobenius norm / sqrt(numel)
+    relative_update   update_fro / weight_fro
+
+:meth:`norm_stats_floats` returns the same as Python floats with one host transfer.
+
+Parameters that are not float32 CPU tensors (GPU parameters, bfloat16 ones) take torch's
+own step and get the same statistics from :func:`spkern.multi_tensor_norms` against a
+copy of the weights taken before the step: correct, but with that copy and extra passes
+(fused GPU and bfloat16 steps are not written yet).
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
+
+from spkern import _backend
+from spkern.norms import multi_tensor_norms
+
+STAT_NAMES = ("update_sq", "weight_sq", "grad_sq", "drift_sq")
+
+
+class _NormStats:
+    """What SGD and AdamW share: the initial weights, the statistics and their readers."""
+
+    def _init_norms(self, track_drift, drift_dtype, drift_every):
+        if not isinstance(drift_every, int) or drift_every < 1:
+            raise ValueError(f"drift_every must be a positive int, got {drift_every!r}")
+        if drift_dtype is not None and drift_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"drift_dtype must be None, float32, bfloat16 or float16, got {drift_dtype}")
+        self.drift_every = drift_every
+        self.steps_taken = 0
+        self.initial_weights = {}
+        if track_drift:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.initial_weights[p] = p.detach().clone().to(drift_dtype or p.dtype)
+        self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
+
+    def _check_lr(self):
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                raise ValueError("a tensor learning rate is not supported by spkern.optim; pass a float")
+            if not math.isfinite(lr):
+                raise ValueError(f"learning rate must be finite, got {lr}")
+
+    def _fused_ok(self, params, grads):
+        if _backend.compiled() is None:
+            return False
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise ValueError("spkern.optim does not take sparse gradients")
+            if p.device.type != "cpu" or p.dtype != torch.float32 or g.dtype != torch.float32 \
+                    or not p.is_contiguous():
+                return False
+        return True
+
+    def _inits(self, params):
+        """The initial weights to measure drift against at this step (or [])."""
+        if not self.initial_weights or self.steps_taken % self.drift_every != 0:
+            return []
+        return [self.initial_weights[p] for p in params]
+
+    def _record(self, params, sums, measured_drift):
+        for i, p in enumerate(params):
+            if not measured_drift and p in self._stats:
+                sums[i, 3] = self._stats[p][3]  # keep the last drift
+            self._stats[p] = sums[i]
+
+    def _fallback(self, params, grads, torch_step):
+        """torch's own step; the statistics from a copy taken before it."""
+        before = [p.detach().clone() for p in params]
+        torch_step()
+        inits = self._inits(params)
+        sums = torch.stack([multi_tensor_norms(params, before)[:, 0],
+                            multi_tensor_norms(params)[:, 1],
+                            multi_tensor_norms(grads)[:, 1],
+                            multi_tensor_norms(params, inits)[:, 0] if inits
+                            else torch.zeros(len(params), device=params[0].device)], 1)
+        return sums, bool(inits)
+
+    def norm_stats(self):
+        """{name or parameter: {statistic: device tensor}}; see the module docstring."""
+        out = {}
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                if p not in self._stats:
+                    continue
+                s = self._stats[p].clamp_min(0).sqrt()
+                n = math.sqrt(max(p.numel(), 1))
+                st = {"update_fro": s[0], "weight_fro": s[1], "grad_fro": s[2],
+                      "update_rms": s[0] / n, "weight_rms": s[1] / n, "grad_rms": s[2] / n,
+                      "relative_update": s[0] / s[1]}
+                if self.initial_weights:
+                    st.update(drift_fro=s[3], drift_rms=s[3] / n)
+                out[names[j] if names else p] = st
+        return out
+
+    def norm_stats_floats(self):
+        """:meth:`norm_stats` as Python floats, read from the device in one transfer."""
+        stats = self.norm_stats()
+        flat = [v for st in stats.values() for v in st.values()]
+        if not flat:
+            return {}
+        values = iter(torch.stack(flat).tolist())
+        return {key: {name: next(values) for name in st} for key, st in stats.items()}
+
+
+class SGD(torch.optim.SGD, _NormStats):
+    """``torch.optim.SGD`` whose step also records update norms; see the module docstring.
+
+    Extra keyword arguments: ``track_drift`` (keep W_0 and record ||W - W_0||),
+    ``drift_dtype`` (dtype of the kept W_0), ``drift_every`` (steps between drift updates).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None,
+                 track_drift: bool = False, drift_dtype: Optional[torch.dtype] = None,
+                 drift_every: int = 1):
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by spkern.optim.SGD")
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=False, fused=None)
+        self._init_norms(track_drift, drift_dtype, drift_every)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_lr()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            momentum = group["momentum"]
+            if self._fused_ok(params, grads):
+                bufs, fresh = [], []
+                if momentum != 0:
+                    for p in params:
+                        state = self.state[p]
+                        fresh.append(state.get("momentum_buffer") is None)
+                        if fresh[-1]:
+                            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                        bufs.append(state["momentum_buffer"])
+                inits = self._inits(params)
+                sums = torch.empty(len(params), 4, dtype=torch.float32)
+                _backend.compiled().sgd_step_cpu(
+                    [p.data for p in params], [g.contiguous() for g in grads], bufs, fresh, inits, sums,
+                    group["lr"], momentum, group["dampening"], group["weight_decay"],
+                    group["nesterov"], group["maximize"])
+                measured = bool(inits)
+            else:
+                def torch_step(group=group):
+                    # (self.state is a defaultdict: touch it only where torch does)
+                    bufs = ([self.state[p].get("momentum_buffer") for p in params] if momentum != 0
+                            else [None] * len(params))
+                    _torch_sgd(
+                        params, grads, bufs, weight_decay=group["weight_decay"], momentum=momentum,
+                        lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                        maximize=group["maximize"], foreach=group["foreach"])
+                    if momentum != 0:  # sgd() creates the buffers of a first step in the list
+                        for p, buf in zip(params, bufs):
+                            self.state[p]["momentum_buffer"] = buf
+                sums, measured = self._fallback(params, grads, torch_step)
+            self._record(params, sums, measured)
+        self.steps_taken += 1
+        return loss
+
+
+class AdamW(torch.optim.AdamW, _NormStats):
+    """``torch.optim.AdamW`` whose step also records update norms; see the module docstring.
+
+    Extra keyword arguments as for :class:`SGD`.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, track_drift: bool = False,
+                 drift_dtype: Optional[torch.dtype] = None, drift_every: int = 1):
+        if differentiable or capturable:
+            raise ValueError("differentiable=True and capturable=True are not supported by spkern.optim.AdamW")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=False,
+                         differentiable=False, fused=None)
+        self._init_norms(track_drift, drift_dtype, drift_every)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_lr()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            beta1, beta2 = group["betas"]
+            amsgrad = group["amsgrad"]
+            for p in params:  # state as torch.optim.AdamW creates it
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            if self._fused_ok(params, grads):
+                steps = []
+                for s in states:
+                    s["step"] += 1
+                    steps.append(float(s["step"]))  # a CPU scalar: no device sync
+                inits = self._inits(params)
+                sums = torch.empty(len(params), 4, dtype=torch.float32)
+                _backend.compiled().adamw_step_cpu(
+                    [p.data for p in params], [g.contiguous() for g in grads],
+                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps, inits, sums,
+                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
+                    group["maximize"])
+                measured = bool(inits)
+            else:
+                def torch_step(group=group):
+                    _torch_adam(
+                        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                        [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                        [s["step"] for s in states], foreach=group["foreach"], amsgrad=amsgrad,
+                        beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                        eps=group["eps"], maximize=group["maximize"], decoupled_weight_decay=True)
+                sums, measured = self._fallback(params, grads, torch_step)
+            self._record(params, sums, measured)
+        self.steps_taken += 1
+        return loss
+
+
+__all__ = ["AdamW", "SGD", "STAT_NAMES"]

@@ -1,0 +1,159 @@
+"""spkern.optim.SGD / AdamW against torch.optim, and their norms against float64 ones
+computed the slow way (copy, step, subtract)."""
+
+import math
+
+import pytest
+import torch
+
+import spkern
+
+SHAPES = [(300, 37), (300,), (10, 300), (10,), (5, 7, 3)]
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+CASES = [
+    (spkern.optim.SGD, torch.optim.SGD, dict(lr=0.1)),
+    (spkern.optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)),
+    (spkern.optim.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.5, dampening=0.3, maximize=True)),
+    (spkern.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+    (spkern.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)),
+    (spkern.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES, ids=lambda c: getattr(c, "__module__", "") and "" or str(c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_equals_torch_over_many_steps(ours, theirs, kw, dtype):
+    a, b = _params(dtype), _params(dtype)
+    # two parameter groups with different learning rates
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": kw["lr"] / 3}]  # noqa: E731
+    o1, o2 = ours(groups(a), **kw), theirs(groups(b), **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        for x, y in zip(a, b):
+            grad = torch.randn(x.shape, generator=g).to(dtype)
+            x.grad, y.grad = grad.clone(), grad.clone()
+        a[3].grad = None  # a parameter without a gradient this step
+        b[3].grad = None
+        o1.step()
+        o2.step()
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:
+        assert s1["state"][k].keys() == s2["state"][k].keys()
+        for name in s1["state"][k]:
+            torch.testing.assert_close(s1["state"][k][name], s2["state"][k][name], **tol)
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES[1::2])
+def test_norms_against_the_slow_way(ours, theirs, kw):
+    params = _params()
+    init = [p.detach().clone() for p in params]
+    opt = ours(params, track_drift=True, drift_dtype=torch.bfloat16, **kw)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+    stats = opt.norm_stats()
+    floats = opt.norm_stats_floats()
+    for p, q, p0 in zip(params, before, init):
+        st, fl = stats[p], floats[p]
+        n = math.sqrt(p.numel())
+        p64, q64, g64 = p.detach().double(), q.double(), p.grad.double()
+        w0 = p0.bfloat16().double()
+        ref = dict(update_fro=(p64 - q64).norm(), weight_fro=p64.norm(), grad_fro=g64.norm(),
+                   drift_fro=(p64 - w0).norm())
+        ref.update(update_rms=ref["update_fro"] / n, weight_rms=ref["weight_fro"] / n,
+                   grad_rms=ref["grad_fro"] / n, drift_rms=ref["drift_fro"] / n,
+                   relative_update=ref["update_fro"] / ref["weight_fro"])
+        assert st.keys() == ref.keys()
+        for name, value in ref.items():
+            torch.testing.assert_close(st[name].double(), value, rtol=1e-5, atol=1e-7, msg=name)
+            assert isinstance(fl[name], float) and math.isclose(fl[name], st[name].item(), rel_tol=1e-6)
+
+
+def test_named_parameters_and_drift_every():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = spkern.optim.AdamW(model.named_parameters(), lr=1e-2, track_drift=True, drift_every=3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    drifts = []
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        drifts.append(opt.norm_stats_floats()["0.weight"]["drift_fro"])
+    assert set(opt.norm_stats()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    # measured at steps 0 and 3, kept in between
+    assert drifts[1] == drifts[0] and drifts[2] == drifts[0] and drifts[3] > drifts[0]
+    # a torch optimizer loads spkern's state and the other way round
+    torch_opt = torch.optim.AdamW(model.named_parameters(), lr=1e-2)
+    torch_opt.load_state_dict(opt.state_dict())
+    opt.load_state_dict(torch_opt.state_dict())
+
+
+def test_no_drift_without_tracking_and_no_copy():
+    params = _params()
+    opt = spkern.optim.SGD(params, lr=0.1, momentum=0.9)
+    assert opt.initial_weights == {}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert "drift_fro" not in next(iter(opt.norm_stats().values()))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda ps: spkern.optim.SGD(ps, lr=0.1, drift_every=0), ValueError, "drift_every"),
+    (lambda ps: spkern.optim.SGD(ps, lr=0.1, track_drift=True, drift_dtype=torch.int8), ValueError, "drift_dtype"),
+    (lambda ps: spkern.optim.SGD(ps, lr=-1.0), ValueError, "learning rate"),
+    (lambda ps: spkern.optim.AdamW(ps, lr=0.1, capturable=True), ValueError, "capturable"),
+    (lambda ps: spkern.optim.SGD(ps, lr=0.1, differentiable=True), ValueError, "differentiable"),
+])
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make(_params())
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf])
+def test_non_finite_learning_rate(lr):
+    params = _params()
+    opt = spkern.optim.SGD(params, lr=0.1)
+    opt.param_groups[0]["lr"] = lr
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="learning rate must be finite"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_sparse_gradient_is_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = spkern.optim.SGD(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_closure():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = spkern.optim.SGD([p], lr=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
+    torch.testing.assert_close(p.detach(), torch.zeros(3))
