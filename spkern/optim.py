@@ -22,10 +22,13 @@ when the optimizer was built from ``named_parameters()``, else by the parameter:
 
 :meth:`norm_stats_floats` returns the same as Python floats with one host transfer.
 
-Parameters that are not float32 CPU tensors (GPU parameters, bfloat16 ones) take torch's
+Parameters that are not float32 (or not all on one device) take torch's
 own step and get the same statistics from :func:`spkern.multi_tensor_norms` against a
-copy of the weights taken before the step: correct, but with that copy and extra passes
-(fused GPU and bfloat16 steps are not written yet).
+copy of the weights taken before the step: correct, but with that copy and extra passes.
+Backends (``spkern.use_backend``): ``cpu`` (C++, csrc/cpu/optim.cpp), ``triton``
+(kernels/optim.py; CUDA tensors, or CPU ones through the interpreter), ``reference``
+(torch's own step, as above); there is no CUDA C++ optimizer step yet, nor a fused
+bfloat16 one.
 """
 
 import math
@@ -67,16 +70,22 @@ class _NormStats:
             if not math.isfinite(lr):
                 raise ValueError(f"learning rate must be finite, got {lr}")
 
-    def _fused_ok(self, params, grads):
-        if _backend.compiled() is None:
-            return False
+    def _fused_backend(self, params, grads):
+        """The backend whose fused step takes these parameters ("cpu", "triton"), or None
+        for torch's own step."""
         for p, g in zip(params, grads):
             if g.is_sparse:
                 raise ValueError("spkern.optim does not take sparse gradients")
-            if p.device.type != "cpu" or p.dtype != torch.float32 or g.dtype != torch.float32 \
-                    or not p.is_contiguous():
-                return False
-        return True
+            if p.dtype != torch.float32 or g.dtype != torch.float32 or not p.is_contiguous() \
+                    or p.device != params[0].device:
+                return None
+        name = _backend.resolve("optim", params[0], "optim")
+        return name if name in ("cpu", "triton") else None
+
+    def _fused(self, backend, name):
+        if backend == "cpu":
+            return getattr(_backend.compiled(), f"{name}_cpu")
+        return getattr(_backend.triton_kernels("optim"), name)
 
     def _inits(self, params):
         """The initial weights to measure drift against at this step (or [])."""
@@ -161,7 +170,8 @@ class SGD(torch.optim.SGD, _NormStats):
                 continue
             grads = [p.grad for p in params]
             momentum = group["momentum"]
-            if self._fused_ok(params, grads):
+            backend = self._fused_backend(params, grads)
+            if backend:
                 bufs, fresh = [], []
                 if momentum != 0:
                     for p in params:
@@ -171,8 +181,8 @@ class SGD(torch.optim.SGD, _NormStats):
                             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
                         bufs.append(state["momentum_buffer"])
                 inits = self._inits(params)
-                sums = torch.empty(len(params), 4, dtype=torch.float32)
-                _backend.compiled().sgd_step_cpu(
+                sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
+                self._fused(backend, "sgd_step")(
                     [p.data for p in params], [g.contiguous() for g in grads], bufs, fresh, inits, sums,
                     group["lr"], momentum, group["dampening"], group["weight_decay"],
                     group["nesterov"], group["maximize"])
@@ -235,14 +245,15 @@ class AdamW(torch.optim.AdamW, _NormStats):
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
-            if self._fused_ok(params, grads):
+            backend = self._fused_backend(params, grads)
+            if backend:
                 steps = []
                 for s in states:
                     s["step"] += 1
                     steps.append(float(s["step"]))  # a CPU scalar: no device sync
                 inits = self._inits(params)
-                sums = torch.empty(len(params), 4, dtype=torch.float32)
-                _backend.compiled().adamw_step_cpu(
+                sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
+                self._fused(backend, "adamw_step")(
                     [p.data for p in params], [g.contiguous() for g in grads],
                     [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps, inits, sums,

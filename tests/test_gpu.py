@@ -116,3 +116,26 @@ def test_multi_tensor_norms_on_gpu(backend):
         out_a = spkern.multi_tensor_norms(a)
     torch.testing.assert_close(out.double(), multi_tensor_norms_reference(a, b).double(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out_a.double(), multi_tensor_norms_reference(a, []).double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_fused_optimizer_on_gpu(name):
+    _backend_or_skip("triton")
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3) if name == "SGD" else dict(lr=1e-2)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in [(4096, 1000), (4096,), (3, 5)]]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    o1 = getattr(spkern.optim, name)(a, track_drift=True, **kw)
+    o2 = getattr(torch.optim, name)(b, **kw)
+    for _ in range(20):
+        for x, y in zip(a, b):
+            grad = torch.randn(x.shape, device="cuda", generator=g)
+            x.grad, y.grad = grad.clone(), grad.clone()
+        before = [x.detach().clone() for x in a]
+        o1.step()
+        o2.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    st = o1.norm_stats()
+    for x, q in zip(a, before):
+        torch.testing.assert_close(st[x]["update_fro"].double(), (x.double() - q.double()).norm(), rtol=1e-5, atol=1e-7)

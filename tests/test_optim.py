@@ -28,7 +28,7 @@ CASES = [
 
 @pytest.mark.parametrize("ours, theirs, kw", CASES, ids=lambda c: getattr(c, "__module__", "") and "" or str(c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_equals_torch_over_many_steps(ours, theirs, kw, dtype):
+def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):
     a, b = _params(dtype), _params(dtype)
     # two parameter groups with different learning rates
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": kw["lr"] / 3}]  # noqa: E731
@@ -43,6 +43,8 @@ def test_equals_torch_over_many_steps(ours, theirs, kw, dtype):
         o1.step()
         o2.step()
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    if backend == "triton" and dtype == torch.float32:
+        tol["atol"] = 1e-6  # the Triton interpreter does not fuse multiply-adds: a few ulps in 50 steps
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **tol)
     s1, s2 = o1.state_dict(), o2.state_dict()
@@ -55,7 +57,7 @@ def test_equals_torch_over_many_steps(ours, theirs, kw, dtype):
 
 
 @pytest.mark.parametrize("ours, theirs, kw", CASES[1::2])
-def test_norms_against_the_slow_way(ours, theirs, kw):
+def test_norms_against_the_slow_way(backend, ours, theirs, kw):
     params = _params()
     init = [p.detach().clone() for p in params]
     opt = ours(params, track_drift=True, drift_dtype=torch.bfloat16, **kw)

@@ -1,0 +1,158 @@
+"""Fused SGD and AdamW steps with per-parameter norms, Triton.
+
+Parameters are read through tables of pointers, so that one launch covers every float32
+parameter of a group: each program updates one chunk of one parameter and writes the
+chunk's sums of ||W_{t+1} - W_t||^2, ||W_{t+1}||^2, ||grad||^2 and ||W_{t+1} - W_0||^2;
+the reduction of spkern.kernels.norms adds the chunks of each parameter in order.
+Formulas as torch.optim's (see csrc/cpu/optim.cpp).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from spkern.kernels.norms import CHUNK, _reduce_kernel
+
+
+@triton.jit
+def _ptr(TABLE, t):
+    return tl.load(TABLE + t).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _sums(PARTIAL, w, pn, p0, g, W0_PTRS, t, offs, mask, HAS_W0: tl.constexpr, W0_TY: tl.constexpr):
+    du = tl.where(mask, pn - p0, 0.0)
+    tl.store(PARTIAL + 4 * w, tl.sum(du * du))
+    pz = tl.where(mask, pn, 0.0)
+    tl.store(PARTIAL + 4 * w + 1, tl.sum(pz * pz))
+    tl.store(PARTIAL + 4 * w + 2, tl.sum(g * g))
+    if HAS_W0:
+        w0 = tl.load(tl.load(W0_PTRS + t).to(tl.pointer_type(W0_TY)) + offs, mask=mask, other=0.0)
+        dd = tl.where(mask, pn - w0.to(tl.float32), 0.0)
+        tl.store(PARTIAL + 4 * w + 3, tl.sum(dd * dd))
+    else:
+        tl.store(PARTIAL + 4 * w + 3, 0.0)
+
+
+@triton.jit
+def _sgd_kernel(P_PTRS, G_PTRS, BUF_PTRS, W0_PTRS, FRESH, WORK_T, WORK_S, WORK_E, PARTIAL,
+                lr, momentum, damp1, weight_decay,
+                HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_W0: tl.constexpr, W0_TY: tl.constexpr, BLOCK: tl.constexpr):
+    w = tl.program_id(0)
+    t = tl.load(WORK_T + w)
+    offs = tl.load(WORK_S + w) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(WORK_E + w)
+    p_ptr = _ptr(P_PTRS, t)
+    g = tl.load(_ptr(G_PTRS, t) + offs, mask=mask, other=0.0)
+    p0 = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    gk = -g if MAXIMIZE else g
+    # fused multiply-adds where torch's add(x, y, alpha) has them (csrc/cpu/optim.cpp)
+    d = tl.fma(p0, weight_decay, gk)
+    if HAS_MOM:
+        b_ptr = _ptr(BUF_PTRS, t)
+        buf = tl.load(b_ptr + offs, mask=mask, other=0.0)
+        m = tl.where(tl.load(FRESH + t) != 0, d, tl.fma(d, damp1, buf * momentum))
+        tl.store(b_ptr + offs, m, mask=mask)
+        d = tl.fma(m, momentum, d) if NESTEROV else m
+    pn = tl.fma(d, -lr, p0)
+    tl.store(p_ptr + offs, pn, mask=mask)
+    _sums(PARTIAL, w, pn, p0, g, W0_PTRS, t, offs, mask, HAS_W0, W0_TY)
+
+
+@triton.jit
+def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, VMAX_PTRS, W0_PTRS, NEG_STEP, BC2_SQRT,
+                  WORK_T, WORK_S, WORK_E, PARTIAL, decay, w1, beta2, w2, eps,
+                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_W0: tl.constexpr,
+                  W0_TY: tl.constexpr, BLOCK: tl.constexpr):
+    w = tl.program_id(0)
+    t = tl.load(WORK_T + w)
+    offs = tl.load(WORK_S + w) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(WORK_E + w)
+    p_ptr, m_ptr, v_ptr = _ptr(P_PTRS, t), _ptr(M_PTRS, t), _ptr(V_PTRS, t)
+    g = tl.load(_ptr(G_PTRS, t) + offs, mask=mask, other=0.0)
+    p0 = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m0 = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v0 = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    gk = -g if MAXIMIZE else g
+    pk = p0 * decay
+    mk = tl.fma(w1, gk - m0, m0)
+    vk = tl.fma(w2 * gk, gk, v0 * beta2)
+    tl.store(m_ptr + offs, mk, mask=mask)
+    tl.store(v_ptr + offs, vk, mask=mask)
+    vd = vk
+    if AMSGRAD:
+        x_ptr = _ptr(VMAX_PTRS, t)
+        vd = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=0.0), vk)
+        tl.store(x_ptr + offs, vd, mask=mask)
+    denom = tl.sqrt(vd) / tl.load(BC2_SQRT + t) + eps
+    pn = pk + (tl.load(NEG_STEP + t) * mk) / denom
+    tl.store(p_ptr + offs, pn, mask=mask)
+    _sums(PARTIAL, w, pn, p0, g, W0_PTRS, t, offs, mask, HAS_W0, W0_TY)
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+BLOCK = 2048
+
+
+class _Plan:
+    """Device tables of one launch: pointers, chunks of BLOCK elements, chunk ranges."""
+
+    def __init__(self, params, init):
+        self.device = params[0].device
+        work_t, work_s, work_e, first, last = [], [], [], [], []
+        for i, p in enumerate(params):
+            first.append(len(work_t))
+            for s in range(0, p.numel(), BLOCK):
+                work_t.append(i)
+                work_s.append(s)
+                work_e.append(min(s + BLOCK, p.numel()))
+            last.append(len(work_t))
+        self.n_work, self.n_params = len(work_t), len(params)
+        self.work = [self.table(work_t), self.table(work_s), self.table(work_e)]
+        self.ranges = [self.table(first), self.table(last), self.table(list(range(len(params))))]
+        self.w0 = self.pointers(init)
+        self.meta = dict(HAS_W0=bool(init), W0_TY=_TL[init[0].dtype] if init else tl.float32, BLOCK=BLOCK)
+        self.partial = torch.empty(max(self.n_work, 1), 4, device=self.device, dtype=torch.float32)
+
+    def table(self, values, dtype=torch.int64):
+        return torch.tensor(values or [0], dtype=dtype).to(self.device, non_blocking=True)
+
+    def pointers(self, tensors):
+        return self.table([t.data_ptr() for t in tensors])
+
+    def finish(self, stats):
+        out = torch.zeros(self.n_params, 4, device=self.device, dtype=torch.float32)
+        if self.n_work:
+            first, last, rows = self.ranges
+            _reduce_kernel[(self.n_params,)](self.partial, first, last, out, rows)
+        stats.copy_(out)
+
+
+def sgd_step(params, grads, bufs, fresh, init, stats, lr, momentum, dampening, weight_decay,
+             nesterov, maximize):
+    """Same contract as spkern._C.sgd_step_cpu (float32 parameters on one device)."""
+    plan = _Plan(params, init)
+    if plan.n_work:
+        _sgd_kernel[(plan.n_work,)](
+            plan.pointers(params), plan.pointers(grads), plan.pointers(bufs if momentum != 0 else []),
+            plan.w0, plan.table([int(f) for f in fresh], torch.int32), *plan.work, plan.partial,
+            float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+            HAS_MOM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), **plan.meta)
+    plan.finish(stats)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, init, stats, lr, beta1,
+               beta2, eps, weight_decay, amsgrad, maximize):
+    """Same contract as spkern._C.adamw_step_cpu (float32 parameters on one device)."""
+    plan = _Plan(params, init)
+    neg_step = [-(lr / (1 - beta1**s)) for s in steps]
+    bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+    if plan.n_work:
+        _adamw_kernel[(plan.n_work,)](
+            plan.pointers(params), plan.pointers(grads), plan.pointers(exp_avgs),
+            plan.pointers(exp_avg_sqs), plan.pointers(max_exp_avg_sqs if amsgrad else []), plan.w0,
+            plan.table(neg_step, torch.float32), plan.table(bc2_sqrt, torch.float32), *plan.work,
+            plan.partial, float(1 - lr * weight_decay), float(1 - beta1), float(beta2),
+            float(1 - beta2), float(eps), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), **plan.meta)
+    plan.finish(stats)
