@@ -11,7 +11,8 @@ accumulates, per parameter, in float32 on the device:
     drift_sq   ||W_{t+1} - W_0||^2      with ``track_drift=True``; every ``drift_every`` steps
 
 No copy of the previous weights, no extra pass, no host sync. ``track_drift=True``
-keeps a copy of the initial weights, in ``drift_dtype`` (bfloat16 halves its memory).
+keeps a copy of the initial weights, in ``drift_dtype`` (bfloat16 halves its memory);
+``initial_weights=`` takes them from the caller instead.
 
 :meth:`norm_stats` turns the sums into norms (device tensors), keyed by parameter name
 when the optimizer was built from ``named_parameters()``, else by the parameter:
@@ -48,19 +49,50 @@ STAT_NAMES = ("update_sq", "weight_sq", "grad_sq", "drift_sq")
 class _NormStats:
     """What SGD and AdamW share: the initial weights, the statistics and their readers."""
 
-    def _init_norms(self, track_drift, drift_dtype, drift_every):
+    def _init_norms(self, track_drift, drift_dtype, drift_every, initial_weights):
         if not isinstance(drift_every, int) or drift_every < 1:
             raise ValueError(f"drift_every must be a positive int, got {drift_every!r}")
         if drift_dtype is not None and drift_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"drift_dtype must be None, float32, bfloat16 or float16, got {drift_dtype}")
         self.drift_every = drift_every
         self.steps_taken = 0
+        params = [p for group in self.param_groups for p in group["params"]]
         self.initial_weights = {}
-        if track_drift:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    self.initial_weights[p] = p.detach().clone().to(drift_dtype or p.dtype)
+        if initial_weights is not None:
+            self.initial_weights = self._given_initial_weights(params, initial_weights, drift_dtype)
+        elif track_drift:
+            self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
+
+    def _given_initial_weights(self, params, given, drift_dtype):
+        """W_0 from the caller: a sequence in the order of the parameters, or a dict keyed
+        by parameter or by name; stored contiguous, in drift_dtype when given."""
+        if isinstance(given, dict):
+            names = {p: n for group in self.param_groups
+                     for p, n in zip(group["params"], group.get("param_names") or [None] * len(group["params"]))}
+            values = []
+            for p in params:
+                key = p if p in given else names.get(p)
+                if key not in given:
+                    raise ValueError(f"initial_weights has no entry for parameter {names.get(p) or tuple(p.shape)}")
+                values.append(given[key])
+        else:
+            values = list(given)
+            if len(values) != len(params):
+                raise ValueError(f"initial_weights has {len(values)} tensors but the optimizer has "
+                                 f"{len(params)} parameters")
+        out = {}
+        for i, (p, w0) in enumerate(zip(params, values)):
+            if not isinstance(w0, Tensor) or not w0.is_floating_point():
+                raise TypeError(f"initial_weights[{i}] must be a floating-point Tensor")
+            if w0.shape != p.shape:
+                raise ValueError(f"initial_weights[{i}] has shape {tuple(w0.shape)} but its parameter "
+                                 f"has shape {tuple(p.shape)}")
+            if w0.device != p.device:
+                raise ValueError(f"initial_weights[{i}] is on device {w0.device} but its parameter is on "
+                                 f"device {p.device}")
+            out[p] = w0.detach().to(drift_dtype or w0.dtype).contiguous()
+        return out
 
     def _check_lr(self):
         for group in self.param_groups:
@@ -142,20 +174,22 @@ class _NormStats:
 class SGD(torch.optim.SGD, _NormStats):
     """``torch.optim.SGD`` whose step also records update norms; see the module docstring.
 
-    Extra keyword arguments: ``track_drift`` (keep W_0 and record ||W - W_0||),
-    ``drift_dtype`` (dtype of the kept W_0), ``drift_every`` (steps between drift updates).
+    Extra keyword arguments: ``track_drift`` (keep a copy of the weights as W_0 and record
+    ||W - W_0||), ``initial_weights`` (W_0 given instead: tensors in the order of the
+    parameters, or a dict by parameter or name), ``drift_dtype`` (dtype W_0 is kept in),
+    ``drift_every`` (steps between drift updates).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  track_drift: bool = False, drift_dtype: Optional[torch.dtype] = None,
-                 drift_every: int = 1):
+                 drift_every: int = 1, initial_weights=None):
         if differentiable:
             raise ValueError("differentiable=True is not supported by spkern.optim.SGD")
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                          foreach=foreach, differentiable=False, fused=None)
-        self._init_norms(track_drift, drift_dtype, drift_every)
+        self._init_norms(track_drift, drift_dtype, drift_every, initial_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -214,13 +248,14 @@ class AdamW(torch.optim.AdamW, _NormStats):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, track_drift: bool = False,
-                 drift_dtype: Optional[torch.dtype] = None, drift_every: int = 1):
+                 drift_dtype: Optional[torch.dtype] = None, drift_every: int = 1,
+                 initial_weights=None):
         if differentiable or capturable:
             raise ValueError("differentiable=True and capturable=True are not supported by spkern.optim.AdamW")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=False,
                          differentiable=False, fused=None)
-        self._init_norms(track_drift, drift_dtype, drift_every)
+        self._init_norms(track_drift, drift_dtype, drift_every, initial_weights)
 
     @torch.no_grad()
     def step(self, closure=None):

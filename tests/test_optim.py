@@ -159,3 +159,30 @@ def test_closure():
 
     assert opt.step(closure).item() == 3.0
     torch.testing.assert_close(p.detach(), torch.zeros(3))
+
+
+def test_given_initial_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    by_name = spkern.optim.SGD(model.named_parameters(), lr=0.1, initial_weights=w0)
+    by_order = spkern.optim.SGD(model.parameters(), lr=0.1, initial_weights=list(w0.values()),
+                                drift_dtype=torch.bfloat16)
+    assert by_order.initial_weights[model[0].weight].dtype == torch.bfloat16
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    by_name.step()
+    st = by_name.norm_stats_floats()["0.weight"]
+    assert math.isclose(st["drift_fro"], st["update_fro"], rel_tol=1e-6)  # W_0 was the start
+
+
+@pytest.mark.parametrize("given, error, match", [
+    (lambda m: [p.detach() for p in m.parameters()][:3], ValueError, "has 3 tensors"),
+    (lambda m: [torch.zeros(2, 2)] + [p.detach() for p in m.parameters()][1:], ValueError, "shape"),
+    (lambda m: {"0.weight": torch.zeros(16, 8)}, ValueError, "no entry"),
+    (lambda m: [torch.zeros(16, 8, dtype=torch.long)] + [p.detach() for p in m.parameters()][1:], TypeError,
+     "floating"),
+])
+def test_bad_initial_weights(given, error, match):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.raises(error, match=match):
+        spkern.optim.AdamW(model.named_parameters(), lr=0.1, initial_weights=given(model))
