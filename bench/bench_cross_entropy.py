@@ -10,7 +10,6 @@ Results: a table on stdout and JSON under runs/bench/ (or --out); the figures qu
 README.md are in bench/results/.
 """
 
-import argparse
 import contextlib
 import os
 import sys
@@ -61,30 +60,16 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
+    parser = harness.parser(__doc__)
     parser.add_argument("--shapes", default=None, help="rows x vocab list, e.g. 4096x32768,8192x50257")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(list(IMPLS) + list(CUDA_IMPLS)))
-    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
-                        help="folder for the JSON results ('' to skip)")
-    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args._one:  # inside the subprocess
-        import json
-
-        print(json.dumps(run_one(*json.loads(args._one))))
+    args = harness.parse(parser, argv, run_one)
+    if args is None:
         return 0
-
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
     shapes = harness.parse_shapes(args.shapes or ("1024x32768" if args.quick else "4096x32768,8192x50257"),
                                   2, parser)
     repeats = args.repeats or (3 if args.quick else 7)

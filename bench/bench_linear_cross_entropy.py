@@ -13,7 +13,6 @@ the inputs and the weight (it includes the gradients: N x D + V x D). Method:
 bench/harness.py. Results: a table on stdout, JSON under runs/bench/ (or --out).
 """
 
-import argparse
 import os
 import sys
 
@@ -78,29 +77,15 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
+    parser = harness.parser(__doc__)
     parser.add_argument("--shapes", default=None, help="N x D x V list, e.g. 4096x1024x32768")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--impls", default=None, help="comma-separated subset of: " + ", ".join(IMPLS))
-    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
-                        help="folder for the JSON results ('' to skip)")
-    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args._one:
-        import json
-
-        print(json.dumps(run_one(*json.loads(args._one))))
+    args = harness.parse(parser, argv, run_one)
+    if args is None:
         return 0
-
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
     shapes = harness.parse_shapes(
         args.shapes or ("1024x512x16384" if args.quick else "4096x1024x32768,8192x768x50257"), 3, parser)
     repeats = args.repeats or (3 if args.quick else 5)

@@ -10,7 +10,6 @@ Method: bench/harness.py (each case in a fresh process; median of repeated calls
 peak memory above the parameters and the initial weights).
 """
 
-import argparse
 import os
 import sys
 
@@ -67,31 +66,12 @@ def run_one(impl, width, device, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true")
+    parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048,4096")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"),
-                        help="folder for the JSON results ('' to skip)")
-    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._one:
-        import json
-
-        print(json.dumps(run_one(*json.loads(args._one))))
+    args = harness.parse(parser, argv, run_one)
+    if args is None:
         return 0
-
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
-    try:
-        widths = [int(w) for w in (args.widths or ("512" if args.quick else "1024,2048,4096")).split(",")]
-        assert all(w > 0 for w in widths)
-    except (ValueError, AssertionError):
-        parser.error(f"--widths must be positive integers joined by commas, got {args.widths!r}")
+    widths = harness.parse_ints(parser, args.widths or ("512" if args.quick else "1024,2048,4096"), "--widths")
     repeats = args.repeats or (3 if args.quick else 7)
     info = harness.machine_info(args.device)
     harness.print_header("norms", info, args.device)

@@ -10,6 +10,7 @@ keeps allocator statistics only for CUDA; the peak is reset with /proc/self/clea
 on CUDA torch.cuda.max_memory_allocated.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -168,3 +169,40 @@ def parse_shapes(text, arity, parser):
         parser.error(f"--shapes must be {arity} positive integers joined by x, comma-separated; "
                      f"got {text!r}")
     return shapes
+
+
+def parser(doc):
+    """The options every benchmark takes; add its own, then call ``parse``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"),
+                   help="folder for the JSON results ('' to skip); committed ones are in bench/results")
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse(p, argv, run_one):
+    """Parses the options. Inside the subprocess of ``run_isolated`` (--_one), runs
+    ``run_one`` on the JSON arguments, prints its JSON result and returns None."""
+    args = p.parse_args(argv)
+    if args._one:
+        print(json.dumps(run_one(*json.loads(args._one))))
+        return None
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
+    return args
+
+
+def parse_ints(p, text, name):
+    """Comma-separated positive integers, or a clear error naming the option."""
+    try:
+        values = [int(v) for v in text.split(",")]
+        assert values and all(v > 0 for v in values)
+    except (ValueError, AssertionError):
+        p.error(f"{name} must be positive integers joined by commas, got {text!r}")
+    return values

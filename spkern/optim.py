@@ -94,6 +94,22 @@ class _NormStats:
             out[p] = w0.detach().to(drift_dtype or w0.dtype).contiguous()
         return out
 
+    def _begin_step(self, closure):
+        """Runs the closure (as torch.optim does) and checks the learning rates."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_lr()
+        return loss
+
+    def _groups_with_grads(self):
+        """(group, parameters with a gradient, their gradients) for each group that has any."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                yield group, params, [p.grad for p in params]
+
     def _check_lr(self):
         for group in self.param_groups:
             lr = group["lr"]
@@ -193,16 +209,8 @@ class SGD(torch.optim.SGD, _NormStats):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_lr()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
+        loss = self._begin_step(closure)
+        for group, params, grads in self._groups_with_grads():
             momentum = group["momentum"]
             backend = self._fused_backend(params, grads)
             if backend:
@@ -259,16 +267,8 @@ class AdamW(torch.optim.AdamW, _NormStats):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_lr()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
+        loss = self._begin_step(closure)
+        for group, params, grads in self._groups_with_grads():
             beta1, beta2 = group["betas"]
             amsgrad = group["amsgrad"]
             for p in params:  # state as torch.optim.AdamW creates it
