@@ -8,6 +8,7 @@
 // Definitions match spkern/cross_entropy.py (the reference implementation).
 
 #include "../spkern.h"
+#include "convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,18 +32,6 @@ namespace cpu {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
-
-template <typename scalar_t>
-void load_row(const scalar_t* src, float* dst, int64_t n) {
-  using bVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + bVec::size() <= n; i += bVec::size()) {
-    auto [a, b] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
-    a.store(dst + i);
-    b.store(dst + i + fVec::size());
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 
 template <typename scalar_t>
 void store_row(const float* src, scalar_t* dst, int64_t n) {

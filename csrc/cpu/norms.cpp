@@ -6,6 +6,7 @@
 // reduced per tensor afterwards in float64, in a fixed order (deterministic).
 
 #include "../spkern.h"
+#include "convert.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,23 +23,6 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 1 << 16;
 constexpr int64_t kTile = 1024;  // elements converted to float at a time
-
-template <typename T>
-inline const float* as_float(const T* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    using bVec = at::vec::Vectorized<T>;
-    int64_t i = 0;
-    for (; i + bVec::size() <= n; i += bVec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + fVec::size());
-    }
-    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
 
 // Sums over [begin, end) of one tensor: {||a-b||^2, ||a||^2, ||b||^2, <a,b>}.
 template <typename A, typename B>

@@ -8,6 +8,7 @@
 // keep every thread busy); chunk sums are reduced per parameter in a fixed order.
 
 #include "../spkern.h"
+#include "convert.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -82,16 +83,8 @@ void check_lists(const char* where, const std::vector<at::Tensor>& params,
 // after conversion.
 const float* init_as_float(const at::Tensor& w0, int64_t b, int64_t n, float* buf) {
   switch (w0.scalar_type()) {
-    case at::kBFloat16: {
-      const auto* q = w0.const_data_ptr<at::BFloat16>() + b;
-      for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(q[k]);
-      return buf;
-    }
-    case at::kHalf: {
-      const auto* q = w0.const_data_ptr<at::Half>() + b;
-      for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(q[k]);
-      return buf;
-    }
+    case at::kBFloat16: return as_float(w0.const_data_ptr<at::BFloat16>() + b, buf, n);
+    case at::kHalf: return as_float(w0.const_data_ptr<at::Half>() + b, buf, n);
     default: return w0.const_data_ptr<float>() + b;
   }
 }
