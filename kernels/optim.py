@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spkern.kernels.norms import CHUNK, _reduce_kernel
+from spkern.kernels.norms import _reduce_kernel
 
 
 @triton.jit

@@ -250,8 +250,8 @@ def _scalars(target, weight, ignore_index, reduction, C, dtype, kind=CROSS_ENTRO
     if reduction != "mean":
         scale = torch.ones((), dtype=dtype, device=device)
     elif target.is_floating_point():
-        scale = torch.full((), 1.0 / max(target.shape[0], 1) if target.shape[0] else math.nan,
-                           dtype=dtype, device=device)
+        rows = target.shape[0]
+        scale = torch.full((), 1.0 / rows if rows else math.nan, dtype=dtype, device=device)
     else:
         valid = target != ignore_index
         if weight is None:

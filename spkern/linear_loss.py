@@ -165,11 +165,17 @@ def _(input, weight, target, bias, class_weight, kind, ignore_index, label_smoot
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=acc)
     stats = input.new_empty((6 if compute_stats else 1, N), dtype=acc)
+    return (loss, stats) + _fake_grads(input, weight, bias, need_dx, need_dw, need_db)
+
+
+def _fake_grads(input, weight, bias, need_dx, need_dw, need_db):
+    """Shapes and dtypes of (d input, d weight, d bias) as _chunked returns them."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     dx = torch.empty_like(input) if need_dx else input.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else input.new_empty(0)
     db = input.new_empty(0) if not need_db else (torch.empty_like(bias) if bias is not None
                                                   else input.new_empty(weight.shape[0], dtype=acc))
-    return loss, stats, dx, dw, db
+    return dx, dw, db
 
 
 @torch.library.custom_op("spkern::linear_logit_loss_backward", mutates_args=())
@@ -199,12 +205,7 @@ def _linear_logit_loss_backward_op(
 @_linear_logit_loss_backward_op.register_fake
 def _(input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
       softcap, dloss, need_dx, need_dw, need_db, chunk_size):
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    dx = torch.empty_like(input) if need_dx else input.new_empty(0)
-    dw = torch.empty_like(weight) if need_dw else input.new_empty(0)
-    db = input.new_empty(0) if not need_db else (torch.empty_like(bias) if bias is not None
-                                                  else input.new_empty(weight.shape[0], dtype=acc))
-    return dx, dw, db
+    return _fake_grads(input, weight, bias, need_dx, need_dw, need_db)
 
 
 _ARGS = ("input", "weight", "target", "bias", "class_weight", "kind", "ignore_index",
@@ -296,10 +297,8 @@ def _linear_call(input, weight, target, bias, class_weight, kind, ignore_index, 
         dtype = torch.get_autocast_dtype(device)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    x2 = input.reshape(-1, input.shape[-1])
-    if x2.stride(-1) != 1 or not x2.is_contiguous():
-        x2 = x2.contiguous()
-    w2 = weight if weight.is_contiguous() else weight.contiguous()
+    x2 = input.reshape(-1, input.shape[-1]).contiguous()
+    w2 = weight.contiguous()
     t2 = target.reshape(-1).long().contiguous()
     if class_weight is not None:
         class_weight = class_weight.to(torch.float64 if x2.dtype == torch.float64 else torch.float32).contiguous()

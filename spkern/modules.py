@@ -2,7 +2,6 @@
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Reduction
 

@@ -43,9 +43,6 @@ from torch.optim.sgd import sgd as _torch_sgd
 from spkern import _backend
 from spkern.norms import multi_tensor_norms
 
-STAT_NAMES = ("update_sq", "weight_sq", "grad_sq", "drift_sq")
-
-
 class _NormStats:
     """What SGD and AdamW share: the initial weights, the statistics and their readers."""
 
@@ -152,8 +149,8 @@ class _NormStats:
         before = [p.detach().clone() for p in params]
         torch_step()
         inits = self._inits(params)
-        sums = torch.stack([multi_tensor_norms(params, before)[:, 0],
-                            multi_tensor_norms(params)[:, 1],
+        moved = multi_tensor_norms(params, before)  # ||W_{t+1} - W_t||^2, ||W_{t+1}||^2, ...
+        sums = torch.stack([moved[:, 0], moved[:, 1],
                             multi_tensor_norms(grads)[:, 1],
                             multi_tensor_norms(params, inits)[:, 0] if inits
                             else torch.zeros(len(params), device=params[0].device)], 1)
@@ -309,4 +306,4 @@ class AdamW(torch.optim.AdamW, _NormStats):
         return loss
 
 
-__all__ = ["AdamW", "SGD", "STAT_NAMES"]
+__all__ = ["AdamW", "SGD"]
