@@ -1,7 +1,9 @@
 """Norm benchmark: spkern.multi_tensor_norms over all parameters of an 8-layer MLP
 (||W - W0||^2, ||W||^2, ||W0||^2, <W, W0> per parameter) against the per-tensor PyTorch
-way, and spkern.spectral_norm (warm-started power iteration) against the SVD-based
-torch.linalg.matrix_norm(A, ord=2), all in the same run.
+way, spkern.spectral_norm (warm-started power iteration) against the SVD-based
+torch.linalg.matrix_norm(A, ord=2), and an AdamW step with the operator norm of its
+update (spkern: fused step + update_spectral_norm; torch: copy, step, SVD of the
+difference), all in the same run.
 
     python bench/bench_norms.py               # widths 1024, 2048, 4096; spectral at 4096
     python bench/bench_norms.py --quick
@@ -18,6 +20,7 @@ import harness  # noqa: E402
 
 IMPLS = ["torch per-tensor", "torch _foreach", "spkern multi_tensor_norms",
          "torch matrix_norm(ord=2)", "spkern spectral_norm warm", "spkern spectral_norm cold"]
+UPDATE_IMPLS = ["torch copy + step + matrix_norm(ord=2)", "spkern step + update_spectral_norm warm"]
 
 
 def run_one(impl, width, device, repeats):
@@ -26,6 +29,8 @@ def run_one(impl, width, device, repeats):
     import spkern
 
     g = torch.Generator(device=device).manual_seed(0)
+    if impl in UPDATE_IMPLS:
+        return update_norm(impl, width, device, repeats, g)
     if "spectral" in impl or "matrix_norm" in impl:
         A = torch.randn(width, width, device=device, generator=g) / width**0.5
         state = spkern.spectral_norm(A).state
@@ -65,6 +70,40 @@ def run_one(impl, width, device, repeats):
     return harness.measure(step, device, repeats, warmup=2)
 
 
+def update_norm(impl, width, device, repeats, g):
+    """Operator norm of one AdamW step's update of a width x width layer: a copy of W_t,
+    the step and an SVD, against the fused step and the update rebuilt from the state."""
+    import torch
+
+    import spkern
+
+    w = torch.nn.Parameter(torch.randn(width, width, device=device, generator=g) / width**0.5)
+    w.grad = torch.randn(width, width, device=device, generator=g) * 1e-3
+    if impl.startswith("torch"):
+        opt = torch.optim.AdamW([w], lr=1e-3)
+
+        def step():
+            before = w.detach().clone()
+            opt.step()
+            return torch.linalg.matrix_norm(w.detach() - before, ord=2)
+    else:
+        opt = spkern.optim.AdamW([w], lr=1e-3)
+        opt.step()
+        state = [opt.update_spectral_norm(w).state]
+
+        def step():
+            opt.step()
+            r = opt.update_spectral_norm(w, state[0])
+            state[0] = r.state
+            return r.op
+    r = harness.measure(step, device, repeats, warmup=1)
+    before = w.detach().clone()
+    got = step()
+    exact = torch.linalg.matrix_norm((w.detach() - before).double(), ord=2).item()
+    r["relative_error"] = got.item() / exact - 1
+    return r
+
+
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048,4096")
@@ -80,6 +119,7 @@ def main(argv=None):
     results = []
     cases = [("8-layer MLP parameters", w, i) for w in widths for i in IMPLS[:3]]
     cases += [("operator norm", max(widths), i) for i in IMPLS[3:]]
+    cases += [("AdamW step + update operator norm", max(widths), i) for i in UPDATE_IMPLS]
     baseline = {}
     for case, width, impl in cases:
         r = harness.run_isolated(__file__, [impl, width, args.device, repeats])

@@ -3,7 +3,8 @@ torch.optim alone, with spkern.optim (the same step plus every per-parameter nor
 the naive way of getting those norms (copy the weights, step, subtract, norm), all in
 the same run.
 
-    python bench/bench_optim.py             # widths 1024, 2048, 4096; SGD (momentum) and AdamW
+    python bench/bench_optim.py             # widths 1024, 2048, 4096; SGD (momentum) and AdamW;
+                                            # float32 and bfloat16 parameters
     python bench/bench_optim.py --quick
 
 Method: bench/harness.py. Peak memory is what a step needs above the parameters, their
@@ -21,14 +22,15 @@ IMPLS = ["torch.optim", "spkern.optim +norms", "spkern.optim +norms +drift", "na
 OPTIMS = {"sgd": dict(lr=0.01, momentum=0.9), "adamw": dict(lr=1e-3)}
 
 
-def run_one(impl, optim, width, device, repeats):
+def run_one(impl, optim, width, dtype, device, repeats):
     import torch
 
     import spkern
 
     torch.manual_seed(0)
     dims = [784] + [width] * 7 + [10]
-    model = torch.nn.Sequential(*[torch.nn.Linear(dims[i], dims[i + 1]) for i in range(8)]).to(device)
+    model = torch.nn.Sequential(*[torch.nn.Linear(dims[i], dims[i + 1]) for i in range(8)])
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     kw = OPTIMS[optim]
@@ -55,6 +57,7 @@ def run_one(impl, optim, width, device, repeats):
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048,4096")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="parameter dtypes")
     args = harness.parse(parser, argv, run_one)
     if args is None:
         return 0
@@ -62,24 +65,29 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 7)
     info = harness.machine_info(args.device)
     harness.print_header("optimizer step of an 8-layer MLP", info, args.device)
-    print("| optimizer | width | implementation | median ms | min-max ms | vs torch.optim | peak extra MB |")
-    print("|---|---|---|---|---|---|---|")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        parser.error(f"--dtypes: unknown dtype {bad[0]!r} (float32, bfloat16, float16)")
+    print("| optimizer | dtype | width | implementation | median ms | min-max ms | vs torch.optim | peak extra MB |")
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for optim in OPTIMS:
-        for width in widths:
-            base = None
-            for impl in IMPLS:
-                r = harness.run_isolated(__file__, [impl, optim, width, args.device, repeats])
-                if "error" in r:
-                    print(f"| {optim} | {width} | {impl} | failed: {r['error']} |")
-                    continue
-                base = r["median_ms"] if impl == "torch.optim" else base
-                r.update(optim=optim, width=width, impl=impl, device=args.device,
-                         vs_torch=r["median_ms"] / base if base else None)
-                results.append(r)
-                vs = "-" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}x"
-                print(f"| {optim} | {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
-                      f"{vs} | {r['peak_extra_mb']:.0f} |", flush=True)
+        for dtype in dtypes:
+            for width in widths:
+                base = None
+                for impl in IMPLS:
+                    r = harness.run_isolated(__file__, [impl, optim, width, dtype, args.device, repeats])
+                    if "error" in r:
+                        print(f"| {optim} | {dtype} | {width} | {impl} | failed: {r['error']} |")
+                        continue
+                    base = r["median_ms"] if impl == "torch.optim" else base
+                    r.update(optim=optim, dtype=dtype, width=width, impl=impl, device=args.device,
+                             vs_torch=r["median_ms"] / base if base else None)
+                    results.append(r)
+                    vs = "-" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}x"
+                    print(f"| {optim} | {dtype} | {width} | {impl} | {r['median_ms']:.1f} | "
+                          f"{r['min_ms']:.1f}-{r['max_ms']:.1f} | {vs} | {r['peak_extra_mb']:.0f} |", flush=True)
     if args.out:
         harness.save(args.out, f"optim_{args.device}", args.quick, info, results, repeats=repeats)
     return 0

@@ -19,10 +19,11 @@ def table(path):
              f"spkern `_C` built for {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
     rows = d["results"]
     if rows and "optim" in rows[0]:
-        lines += ["| optimizer | width | implementation | median ms | vs torch.optim | peak extra MB |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| optimizer | dtype | width | implementation | median ms | vs torch.optim | peak extra MB |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['optim']} | {r['width']} | {r['impl']} | {r['median_ms']:.1f} | "
+            lines.append(f"| {r['optim']} | {r.get('dtype', 'float32')} | {r['width']} | {r['impl']} | "
+                         f"{r['median_ms']:.1f} | "
                          f"{_fmt(r['vs_torch'], '.2f')}x | {r['peak_extra_mb']:.0f} |")
     elif rows and "case" in rows[0]:
         lines += ["| case | width | implementation | median ms | vs torch | peak extra MB | relative error |",

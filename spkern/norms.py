@@ -157,18 +157,7 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
         if minus.device != matrix.device:
             raise ValueError(f"minus is on device {minus.device} but matrix is on device {matrix.device}")
         B = minus.detach().reshape(fan_out, fan_in)
-    if iters is not None and (not isinstance(iters, int) or iters < 1):
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
-    if state is not None:
-        if not isinstance(state, Tensor) or state.shape != (fan_in,):
-            raise ValueError(f"state must be the ({fan_in},) vector returned with a previous result, got "
-                             f"{tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
-        v = state.to(device=A.device, dtype=torch.float32)
-    else:
-        g = torch.Generator(device=A.device).manual_seed(0)
-        v = torch.randn(fan_in, device=A.device, dtype=torch.float32, generator=g)
-        v = v / v.norm()
-    n_iter = iters or (WARM_ITERS if state is not None else COLD_ITERS)
+    v, n_iter = start_vector(fan_in, A.device, state, iters)
 
     A = A.float()  # (no copy for float32)
     B = B.float() if B is not None else None
@@ -179,12 +168,35 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
     def rmatvec(y):  # (A - B)^T y
         return A.t() @ y - B.t() @ y if B is not None else A.t() @ y
 
+    return power_iteration(matvec, rmatvec, v, n_iter, fan_in / fan_out)
+
+
+def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[int]):
+    """The checked start of a power iteration: (unit vector, iterations)."""
+    if iters is not None and (not isinstance(iters, int) or iters < 1):
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    if state is not None:
+        if not isinstance(state, Tensor) or state.shape != (fan_in,):
+            raise ValueError(f"state must be the ({fan_in},) vector returned with a previous result, got "
+                             f"{tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
+        v = state.to(device=device, dtype=torch.float32)
+    else:
+        g = torch.Generator(device=device).manual_seed(0)
+        v = torch.randn(fan_in, device=device, dtype=torch.float32, generator=g)
+        v = v / v.norm()
+    return v, iters or (WARM_ITERS if state is not None else COLD_ITERS)
+
+
+def power_iteration(matvec, rmatvec, v: Tensor, iters: int, fan_ratio: float, gram=None) -> SpectralNorm:
+    """Top singular value of the operator A given as x -> A x and y -> A^T y, from the
+    unit vector v; fan_ratio = fan_in / fan_out for the RMS-to-RMS norm. ``gram``, when
+    given, computes x -> A^T A x in one go (for operators rebuilt block by block)."""
     tiny = torch.finfo(torch.float32).tiny
-    for _ in range(n_iter):
-        w = rmatvec(matvec(v))
+    for _ in range(iters):
+        w = gram(v) if gram is not None else rmatvec(matvec(v))
         v = w / (w.norm() + tiny)
     op = matvec(v).norm()
-    return SpectralNorm(op, op * math.sqrt(fan_in / fan_out), v)
+    return SpectralNorm(op, op * math.sqrt(fan_ratio), v)
 
 
-__all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "spectral_norm"]
+__all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "power_iteration", "spectral_norm"]

@@ -22,14 +22,21 @@ when the optimizer was built from ``named_parameters()``, else by the parameter:
     relative_update   update_fro / weight_fro
 
 :meth:`norm_stats_floats` returns the same as Python floats with one host transfer.
+:meth:`update_spectral_norm` gives the operator norm of the last update of a matrix
+parameter by warm-started power iteration, rebuilding the update from the optimizer
+state (no copy of W_t).
 
-Parameters that are not float32 (or not all on one device) take torch's
-own step and get the same statistics from :func:`spkern.multi_tensor_norms` against a
-copy of the weights taken before the step: correct, but with that copy and extra passes.
+Parameters may be float32, bfloat16 or float16, with their gradients and optimizer state
+in the same dtype (as torch keeps them). In reduced precision the fused step rounds after
+each of torch's operations, as torch does, so that it follows torch's step closely (on
+CPU to the bit in our tests). A group whose parameters mix dtypes or devices, or are not
+contiguous, takes torch's own step and gets the same statistics from
+:func:`spkern.multi_tensor_norms` against a copy of the weights taken before the step:
+correct, but with that copy and extra passes.
 Backends (``spkern.use_backend``): ``cpu`` (C++, csrc/cpu/optim.cpp), ``triton``
 (kernels/optim.py; CUDA tensors, or CPU ones through the interpreter), ``reference``
-(torch's own step, as above); there is no CUDA C++ optimizer step yet, nor a fused
-bfloat16 one.
+(torch's own step, as above); there is no CUDA C++ optimizer step (the Triton one runs
+on CUDA).
 """
 
 import math
@@ -41,7 +48,12 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from spkern import _backend
-from spkern.norms import multi_tensor_norms
+from spkern.norms import SpectralNorm, multi_tensor_norms, power_iteration, start_vector
+
+_BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class _NormStats:
     """What SGD and AdamW share: the initial weights, the statistics and their readers."""
@@ -118,11 +130,12 @@ class _NormStats:
     def _fused_backend(self, params, grads):
         """The backend whose fused step takes these parameters ("cpu", "triton"), or None
         for torch's own step."""
+        dtype = params[0].dtype
         for p, g in zip(params, grads):
             if g.is_sparse:
                 raise ValueError("spkern.optim does not take sparse gradients")
-            if p.dtype != torch.float32 or g.dtype != torch.float32 or not p.is_contiguous() \
-                    or p.device != params[0].device:
+            if p.dtype != dtype or g.dtype != dtype or dtype not in _FUSED_DTYPES \
+                    or not p.is_contiguous() or p.device != params[0].device:
                 return None
         name = _backend.resolve("optim", params[0], "optim")
         return name if name in ("cpu", "triton") else None
@@ -173,6 +186,62 @@ class _NormStats:
                     st.update(drift_fro=s[3], drift_rms=s[3] / n)
                 out[names[j] if names else p] = st
         return out
+
+    def _find(self, param):
+        """(parameter, its group) for a parameter or its name."""
+        for group in self.param_groups:
+            names = group.get("param_names") or []
+            for j, p in enumerate(group["params"]):
+                if p is param or (isinstance(param, str) and j < len(names) and names[j] == param):
+                    return p, group
+        raise KeyError(f"{param if isinstance(param, str) else 'the tensor'} is not a parameter of this optimizer")
+
+    def update_spectral_norm(self, param, state: Optional[Tensor] = None,
+                             iters: Optional[int] = None) -> SpectralNorm:
+        """Operator norm of the last step's update ``W_{t+1} - W_t`` of one matrix parameter
+        (given as the tensor or its name), by power iteration as :func:`spkern.spectral_norm`
+        (``state`` and ``iters`` as there), with the update applied as a linear operator
+        rebuilt from the optimizer state: no copy of ``W_t`` is kept. Call it after
+        :meth:`step` and before the gradients are cleared (SGD without momentum, or with
+        Nesterov momentum, reads them). The rebuilt update equals the applied one up to
+        float32 rounding. Parameters with more than two dimensions are flattened to
+        ``(shape[0], -1)``."""
+        p, group = self._find(param)
+        if p.dim() < 2:
+            raise ValueError(f"update_spectral_norm needs a matrix parameter, got shape {tuple(p.shape)}")
+        if p not in self._stats:
+            raise RuntimeError("update_spectral_norm: this parameter has not been updated by a step yet")
+        fan_out = p.shape[0]
+        fan_in = p.numel() // max(fan_out, 1)
+        terms, blocks = self._update_operator(p, group)
+        terms = [(c, t.detach().reshape(fan_out, fan_in)) for c, t in terms]
+        rows = max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
+        spans = [(r, min(r + rows, fan_out)) for r in range(0, fan_out, rows)]
+
+        def matvec(x):
+            out = sum(c * (t.float() @ x) for c, t in terms)
+            if blocks is not None:
+                out = out + torch.cat([blocks(r0, r1) @ x for r0, r1 in spans])
+            return out
+
+        def rmatvec(y):
+            return sum(c * (t.float().t() @ y) for c, t in terms)
+
+        def gram(x):  # A^T A x with A = terms + blocks, each block of rows rebuilt once
+            y = sum(c * (t.float() @ x) for c, t in terms) if terms else None
+            if blocks is None:
+                return rmatvec(y)
+            out = torch.zeros_like(x)
+            for r0, r1 in spans:
+                u = blocks(r0, r1)
+                yb = u @ x if y is None else u @ x + y[r0:r1]
+                out += u.t() @ yb
+                for c, t in terms:
+                    out += c * (t[r0:r1].float().t() @ yb)
+            return out
+
+        v, n_iter = start_vector(fan_in, p.device, state, iters)
+        return power_iteration(matvec, None, v, n_iter, fan_in / fan_out, gram=gram)
 
     def norm_stats_floats(self):
         """:meth:`norm_stats` as Python floats, read from the device in one transfer."""
@@ -244,6 +313,26 @@ class SGD(torch.optim.SGD, _NormStats):
         return loss
 
 
+    def _update_operator(self, p, group):
+        """The last update as sum(c * tensor): -lr buf with plain momentum; otherwise, from
+        d = g + wd W_t (and + momentum buf with Nesterov) and W_t = W_{t+1} - update,
+        update = -lr (g + wd W_{t+1} [+ momentum buf]) / (1 - lr wd)."""
+        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        buf = self.state[p].get("momentum_buffer")
+        if momentum != 0 and not group["nesterov"]:
+            return [(-lr, buf)], None
+        if p.grad is None:
+            raise RuntimeError("update_spectral_norm: SGD without momentum or with Nesterov momentum reads "
+                               "the gradient of the step; call it before zero_grad()")
+        c = -lr / (1 - lr * wd)
+        terms = [(-c if group["maximize"] else c, p.grad)]
+        if wd != 0:
+            terms.append((c * wd, p.detach()))
+        if momentum != 0:
+            terms.append((c * momentum, buf))
+        return terms, None
+
+
 class AdamW(torch.optim.AdamW, _NormStats):
     """``torch.optim.AdamW`` whose step also records update norms; see the module docstring.
 
@@ -304,6 +393,29 @@ class AdamW(torch.optim.AdamW, _NormStats):
             self._record(params, sums, measured)
         self.steps_taken += 1
         return loss
+
+    def _update_operator(self, p, group):
+        """The last update: with U = exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps) and
+        W_t = (W_{t+1} + lr / bc1 U) / (1 - lr wd),
+        update = (-lr wd W_{t+1} - lr / bc1 U) / (1 - lr wd); U is rebuilt a block of rows
+        at a time."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        st = self.state[p]
+        step = float(st["step"])
+        step_size = lr / (1 - beta1**step)
+        bc2_sqrt = (1 - beta2**step) ** 0.5
+        scale = 1 / (1 - lr * wd)
+        fan_out = p.shape[0]
+        m = st["exp_avg"].reshape(fan_out, -1)
+        v = (st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(fan_out, -1)
+
+        def blocks(r0, r1):
+            u = v[r0:r1].float().sqrt().div_(bc2_sqrt).add_(eps)  # one temporary per block
+            return torch.div(m[r0:r1], u, out=u).mul_(-step_size * scale)
+
+        terms = [(-lr * wd * scale, p.detach())] if wd != 0 else []
+        return terms, blocks
 
 
 __all__ = ["AdamW", "SGD"]

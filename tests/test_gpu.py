@@ -118,24 +118,29 @@ def test_multi_tensor_norms_on_gpu(backend):
     torch.testing.assert_close(out_a.double(), multi_tensor_norms_reference(a, []).double(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
-def test_fused_optimizer_on_gpu(name):
+def test_fused_optimizer_on_gpu(name, dtype):
     _backend_or_skip("triton")
     kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3) if name == "SGD" else dict(lr=1e-2)
     g = torch.Generator(device="cuda").manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in [(4096, 1000), (4096,), (3, 5)]]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g).to(dtype))
+         for s in [(4096, 1000), (4096,), (3, 5)]]
     b = [torch.nn.Parameter(x.detach().clone()) for x in a]
     o1 = getattr(spkern.optim, name)(a, track_drift=True, **kw)
     o2 = getattr(torch.optim, name)(b, **kw)
     for _ in range(20):
         for x, y in zip(a, b):
-            grad = torch.randn(x.shape, device="cuda", generator=g)
+            grad = torch.randn(x.shape, device="cuda", generator=g).to(dtype)
             x.grad, y.grad = grad.clone(), grad.clone()
         before = [x.detach().clone() for x in a]
         o1.step()
         o2.step()
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+        # bfloat16: torch's CUDA step (foreach) rounds after each op as spkern's does, but its
+        # fused multiply-adds may differ: an ulp on a few elements, carried by later steps
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(x, y, **tol)
     st = o1.norm_stats()
     for x, q in zip(a, before):
-        torch.testing.assert_close(st[x]["update_fro"].double(), (x.double() - q.double()).norm(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(st[x]["update_fro"].double(), (x.double() - q.double()).norm(), rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("ours, theirs, kw", CASES, ids=lambda c: getattr(c, "__module__", "") and "" or str(c))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):
     a, b = _params(dtype), _params(dtype)
     # two parameter groups with different learning rates
@@ -42,9 +42,19 @@ def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):
         b[3].grad = None
         o1.step()
         o2.step()
-    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=0)
-    if backend == "triton" and dtype == torch.float32:
+    tol = dict(rtol=1e-6, atol=1e-7)
+    if backend == "triton":
         tol["atol"] = 1e-6  # the Triton interpreter does not fuse multiply-adds: a few ulps in 50 steps
+    if dtype != torch.float32:
+        # reduced precision rounds after each of torch's ops, as torch does; torch's add(x, y,
+        # alpha) rounds alpha * y first on the elements of its scalar loop (the tail of each
+        # vectorised range) and once elsewhere, as spkern does everywhere: a few elements
+        # differ by an ulp, which later steps carry on
+        tol = dict(rtol=2e-2, atol=2e-2)
+        same = sum((x == y).sum().item() for x, y in zip(a, b)) / sum(x.numel() for x in a)
+        assert same > (0.97 if backend != "triton" else 0.9), same
+        if ours is spkern.optim.AdamW and backend == "cpu":
+            tol = dict(rtol=0, atol=0)  # AdamW has no add(x, y, alpha): bit for bit
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **tol)
     s1, s2 = o1.state_dict(), o2.state_dict()
@@ -186,3 +196,50 @@ def test_bad_initial_weights(given, error, match):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     with pytest.raises(error, match=match):
         spkern.optim.AdamW(model.named_parameters(), lr=0.1, initial_weights=given(model))
+
+
+@pytest.mark.parametrize("ours, kw", [
+    (spkern.optim.SGD, dict(lr=0.1)),
+    (spkern.optim.SGD, dict(lr=0.1, weight_decay=0.01, maximize=True)),
+    (spkern.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+    (spkern.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
+    (spkern.optim.AdamW, dict(lr=1e-2)),
+    (spkern.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+])
+def test_update_spectral_norm_without_a_copy(ours, kw, monkeypatch):
+    monkeypatch.setattr(spkern.optim, "_BLOCK_ELEMENTS", 1000)  # several blocks of rows
+    g = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(70, 45, generator=g))
+    conv = torch.nn.Parameter(torch.randn(6, 3, 2, 2, generator=g))
+    opt = ours([{"params": [w]}, {"params": [conv], "lr": kw["lr"] / 2}], **kw)
+    state = None
+    for _ in range(3):
+        for p in (w, conv):
+            p.grad = torch.randn(p.shape, generator=g)
+        before = [w.detach().clone(), conv.detach().clone()]
+        opt.step()
+        for p, q in zip((w, conv), before):
+            exact = torch.linalg.matrix_norm((p.detach() - q).reshape(p.shape[0], -1).double(), ord=2)
+            r = opt.update_spectral_norm(p, iters=300)
+            torch.testing.assert_close(r.op.double(), exact, rtol=1e-4, atol=0)
+            fan_out, fan_in = p.shape[0], p.numel() // p.shape[0]
+            torch.testing.assert_close(r.rms_op, r.op * math.sqrt(fan_in / fan_out))
+        state = opt.update_spectral_norm(w, state=state).state  # warm start accepted
+
+
+def test_update_spectral_norm_errors():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="not been updated"):
+        opt.update_spectral_norm("0.weight")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.update_spectral_norm("0.weight").op.item() > 0
+    with pytest.raises(ValueError, match="matrix"):
+        opt.update_spectral_norm("0.bias")
+    with pytest.raises(KeyError, match="nope"):
+        opt.update_spectral_norm("nope")
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.update_spectral_norm("2.weight")

@@ -25,6 +25,20 @@ inline void load_row(const scalar_t* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Elements [0, n) of the float row src, rounded to nearest even into dst.
+template <typename scalar_t>
+inline void store_row(const float* src, scalar_t* dst, int64_t n) {
+  using bVec = at::vec::Vectorized<scalar_t>;
+  using fVec = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + bVec::size() <= n; i += bVec::size()) {
+    auto a = fVec::loadu(src + i);
+    auto b = fVec::loadu(src + i + fVec::size());
+    at::vec::convert_from_float<scalar_t>(a, b).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
 // Elements [0, n) of src as float: src itself when it is float, else buf after load_row.
 template <typename scalar_t>
 inline const float* as_float(const scalar_t* src, float* buf, int64_t n) {

@@ -33,18 +33,6 @@ namespace {
 
 using fVec = at::vec::Vectorized<float>;
 
-template <typename scalar_t>
-void store_row(const float* src, scalar_t* dst, int64_t n) {
-  using bVec = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + bVec::size() <= n; i += bVec::size()) {
-    auto a = fVec::loadu(src + i);
-    auto b = fVec::loadu(src + i + fVec::size());
-    at::vec::convert_from_float<scalar_t>(a, b).store(dst + i);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
 // max that propagates NaN, as torch.max does.
 inline float nanmax(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
 

@@ -1,7 +1,8 @@
 // Fused optimizer steps with per-parameter norms, CPU.
 //
-// One pass over each float32 parameter applies the update of torch.optim.SGD or
-// torch.optim.AdamW (same formulas, same order and rounding of operations) and
+// One pass over each parameter (float32, bfloat16 or float16) applies the update of torch.optim.SGD or
+// torch.optim.AdamW (same formulas, same order and rounding of operations: reduced
+// precision is rounded after each of torch's operations) and
 // accumulates, per parameter, ||W_{t+1} - W_t||^2 (the update actually applied),
 // ||W_{t+1}||^2, ||grad||^2 and, when initial weights are given, ||W_{t+1} - W_0||^2.
 // The work is cut into chunks across all parameters (a large weight and many biases
@@ -16,6 +17,8 @@
 
 #include <array>
 #include <cmath>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace spkern {
@@ -59,16 +62,19 @@ void check_lists(const char* where, const std::vector<at::Tensor>& params,
               where, ": stats must be a contiguous float32 CPU tensor of shape (params, 4)");
   TORCH_CHECK(init.empty() || static_cast<int64_t>(init.size()) == P, where,
               ": init must be empty or one per parameter");
+  const auto dtype = P ? params[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, where,
+              ": parameters must be float32, bfloat16 or float16");
   for (int64_t i = 0; i < P; ++i) {
     const auto& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == at::kFloat, where,
-                ": parameter ", i, " must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == dtype, where, ": parameter ",
+                i, " must be a contiguous CPU tensor of the dtype of the first");
     for (const auto& list : same_size) {
       TORCH_CHECK(static_cast<int64_t>(list.size()) == P, where, ": one tensor per parameter expected");
       TORCH_CHECK(list[i].device().is_cpu() && list[i].is_contiguous() && list[i].numel() == p.numel() &&
-                      list[i].scalar_type() == at::kFloat,
+                      list[i].scalar_type() == dtype,
                   where, ": gradient and state of parameter ", i,
-                  " must be contiguous float32 CPU tensors of its size");
+                  " must be contiguous CPU tensors of its size and dtype");
     }
     if (!init.empty())
       TORCH_CHECK(init[i].device().is_cpu() && init[i].is_contiguous() && init[i].numel() == p.numel() &&
@@ -89,40 +95,225 @@ const float* init_as_float(const at::Tensor& w0, int64_t b, int64_t n, float* bu
   }
 }
 
+// Elements [b, b + n) of a tensor of scalar_t as floats: the tensor itself for float, else
+// a converted copy that write() rounds back (to nearest even, as torch does).
+template <typename scalar_t>
+struct Span {
+  scalar_t* src;
+  int64_t n;
+  float* f;
+  alignas(64) float buf[std::is_same_v<scalar_t, float> ? 1 : kTile];
+  Span(scalar_t* base, int64_t b, int64_t n_) : src(base + b), n(n_) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      f = src;
+    } else {
+      load_row(src, buf, n);
+      f = buf;
+    }
+  }
+  void write() {
+    if constexpr (!std::is_same_v<scalar_t, float>) store_row(buf, src, n);
+  }
+};
+
+// torch's reduced-precision ops compute in float and round once per op: rnd<scalar_t>
+// is that rounding (none for float).
+template <typename scalar_t>
+inline fVec rnd(const fVec& x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(x, x)));
+  }
+}
+template <typename scalar_t>
+inline float rnd(float x) {
+  return static_cast<float>(static_cast<scalar_t>(x));
+}
+
 // Partial sums of one tile, in float lanes, flushed to double per tile.
 struct Sums {
   fVec u{0.f}, w{0.f}, g{0.f}, d{0.f};
-  float su = 0, sw = 0, sg = 0, sd = 0;
   std::array<double, 4> total{0, 0, 0, 0};
-  void add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k) {
-    const fVec du = pn - pk;
-    u = at::vec::fmadd(du, du, u);
-    w = at::vec::fmadd(pn, pn, w);
-    g = at::vec::fmadd(gk, gk, g);
-    if (w0) {
-      const fVec dd = pn - fVec::loadu(w0 + k);
-      d = at::vec::fmadd(dd, dd, d);
-    }
-  }
-  void add(float pn, float pk, float gk, const float* w0, int64_t k) {
-    su += (pn - pk) * (pn - pk);
-    sw += pn * pn;
-    sg += gk * gk;
-    if (w0) sd += (pn - w0[k]) * (pn - w0[k]);
-  }
+  void add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k, int64_t count);
   void flush() {
-    auto red = [](fVec& v, float& s) {
-      const double r = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v)) + s;
+    auto red = [](fVec& v) {
+      const double r = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v));
       v = fVec(0.f);
-      s = 0;
       return r;
     };
-    total[0] += red(u, su);
-    total[1] += red(w, sw);
-    total[2] += red(g, sg);
-    total[3] += red(d, sd);
+    total[0] += red(u);
+    total[1] += red(w);
+    total[2] += red(g);
+    total[3] += red(d);
   }
 };
+
+// Vector loads and stores of `count` lanes (the last, partial vector of a tile: the
+// remaining lanes load as zero, and zeros contribute nothing to the sums).
+inline fVec load(const float* p, int64_t count) {
+  return count == fVec::size() ? fVec::loadu(p) : fVec::loadu(p, count);
+}
+inline void store(const fVec& v, float* p, int64_t count) {
+  if (count == fVec::size())
+    v.store(p);
+  else
+    v.store(p, count);
+}
+
+// Runs body(k, count) over elements [0, n) a vector at a time, the tail on a partial
+// vector: every element goes through the same vector code, as in ATen's vectorised loops
+// (its scalar loop, with other roundings, only takes tensors smaller than one vector).
+template <typename Body>
+inline void over(int64_t n, Body body) {
+  for (int64_t k = 0; k < n; k += fVec::size()) body(k, std::min<int64_t>(fVec::size(), n - k));
+}
+
+inline void Sums::add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k, int64_t count) {
+  const fVec du = pn - pk;
+  u = at::vec::fmadd(du, du, u);
+  w = at::vec::fmadd(pn, pn, w);
+  g = at::vec::fmadd(gk, gk, g);
+  if (w0) {
+    const fVec dd = pn - load(w0 + k, count);  // zero lanes: pn = 0, so dd = 0 there
+    d = at::vec::fmadd(dd, dd, d);
+  }
+}
+
+// torch's add(x, y, alpha) and add(x, scalar) round the scalar to the tensor's dtype;
+// mul, div, lerp, addcmul and addcdiv take it in float.
+template <typename scalar_t>
+inline float add_scalar(double x) {
+  return rnd<scalar_t>(static_cast<float>(x));
+}
+
+struct SgdArgs {
+  float lr, momentum, damp1, weight_decay, momentum_mul;  // add alphas, and buf.mul_(momentum)
+  bool nesterov, maximize;
+  template <typename scalar_t>
+  static SgdArgs make(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                      bool maximize) {
+    return {add_scalar<scalar_t>(lr), add_scalar<scalar_t>(momentum), add_scalar<scalar_t>(1 - dampening),
+            add_scalar<scalar_t>(weight_decay), static_cast<float>(momentum), nesterov, maximize};
+  }
+};
+
+// One vector of SGD elements with torch's operations and roundings:
+// d = g + wd p; buf = buf * momentum + (1 - dampening) d; d = nesterov ? d + momentum buf : buf;
+// p = p - lr d (each add(x, y, alpha) a fused multiply-add, as in ATen)
+template <typename scalar_t>
+inline fVec sgd_elem(fVec pk, fVec graw, fVec* buf, bool fresh, const SgdArgs& a) {
+  const fVec gk = a.maximize ? graw.neg() : graw;
+  fVec d = a.weight_decay != 0 ? rnd<scalar_t>(at::vec::fmadd(pk, fVec(a.weight_decay), gk)) : gk;
+  if (buf) {
+    const fVec m = fresh ? d : rnd<scalar_t>(at::vec::fmadd(d, fVec(a.damp1), rnd<scalar_t>(*buf * fVec(a.momentum_mul))));
+    *buf = m;
+    d = a.nesterov ? rnd<scalar_t>(at::vec::fmadd(m, fVec(a.momentum), d)) : m;
+  }
+  return rnd<scalar_t>(at::vec::fmadd(d, fVec(-a.lr), pk));
+}
+
+template <typename scalar_t>
+void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
+               const std::vector<at::Tensor>& init, at::Tensor& stats, const SgdArgs& a) {
+  const bool has_mom = a.momentum != 0;
+  chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
+    const bool fresh = has_mom && buf_is_new[i];
+    alignas(64) float w0buf[kTile];
+    Sums sums;
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t n = std::min(t0 + kTile, e) - t0;
+      Span<scalar_t> p(params[i].data_ptr<scalar_t>(), t0, n);
+      Span<scalar_t> g(grads[i].data_ptr<scalar_t>(), t0, n);
+      std::optional<Span<scalar_t>> buf;
+      if (has_mom) buf.emplace(bufs[i].data_ptr<scalar_t>(), t0, n);
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
+      over(n, [&](int64_t k, int64_t c) {
+        const fVec pk = load(p.f + k, c), graw = load(g.f + k, c);
+        fVec m = has_mom ? load(buf->f + k, c) : fVec(0.f);
+        const fVec pn = sgd_elem<scalar_t>(pk, graw, has_mom ? &m : nullptr, fresh, a);
+        if (has_mom) store(m, buf->f + k, c);
+        store(pn, p.f + k, c);
+        sums.add(pn, pk, graw, w0, k, c);
+      });
+      p.write();
+      if (has_mom) buf->write();
+      sums.flush();
+    }
+    return sums.total;
+  });
+}
+
+struct AdamArgs {
+  float decay, w1, beta2, w2, eps;
+  bool maximize;
+};
+
+// One vector of AdamW elements with torch's single-tensor operations and roundings:
+// p *= 1 - lr wd; m = lerp(m, g, 1 - b1) (a fused multiply-add for weights below 0.5);
+// v = v b2 + (1 - b2) g g (addcmul, fused); p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+// (addcdiv, not fused)
+template <typename scalar_t>
+inline fVec adam_elem(fVec p0, fVec graw, fVec& m, fVec& v, fVec* vmax, fVec neg_step, fVec bc2_sqrt, const AdamArgs& a) {
+  const fVec gk = a.maximize ? graw.neg() : graw;
+  const fVec pk = rnd<scalar_t>(p0 * fVec(a.decay));
+  m = rnd<scalar_t>(at::vec::fmadd(fVec(a.w1), gk - m, m));
+  v = rnd<scalar_t>(at::vec::fmadd(fVec(a.w2) * gk, gk, rnd<scalar_t>(v * fVec(a.beta2))));
+  fVec vd = v;
+  if (vmax) vd = *vmax = at::vec::maximum(*vmax, v);
+  const fVec denom = rnd<scalar_t>(rnd<scalar_t>(rnd<scalar_t>(vd.sqrt()) / bc2_sqrt) + fVec(a.eps));
+  return rnd<scalar_t>(pk + (neg_step * m) / denom);
+}
+
+template <typename scalar_t>
+void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
+                 const std::vector<at::Tensor>& init, at::Tensor& stats, double lr, double beta1,
+                 double beta2, const AdamArgs& a) {
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
+    const double bc1 = 1 - std::pow(beta1, steps[i]), bc2 = 1 - std::pow(beta2, steps[i]);
+    const float neg = static_cast<float>(-(lr / bc1)), bc2s = static_cast<float>(std::pow(bc2, 0.5));
+    alignas(64) float w0buf[kTile];
+    Sums sums;
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t n = std::min(t0 + kTile, e) - t0;
+      Span<scalar_t> p(params[i].data_ptr<scalar_t>(), t0, n), g(grads[i].data_ptr<scalar_t>(), t0, n);
+      Span<scalar_t> m(exp_avgs[i].data_ptr<scalar_t>(), t0, n), v(exp_avg_sqs[i].data_ptr<scalar_t>(), t0, n);
+      std::optional<Span<scalar_t>> vmax;
+      if (amsgrad) vmax.emplace(max_exp_avg_sqs[i].data_ptr<scalar_t>(), t0, n);
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
+      over(n, [&](int64_t k, int64_t c) {
+        const fVec p0 = load(p.f + k, c), graw = load(g.f + k, c);
+        fVec mk = load(m.f + k, c), vk = load(v.f + k, c);
+        fVec xk = amsgrad ? load(vmax->f + k, c) : fVec(0.f);
+        const fVec pn = adam_elem<scalar_t>(p0, graw, mk, vk, amsgrad ? &xk : nullptr, fVec(neg), fVec(bc2s), a);
+        store(mk, m.f + k, c);
+        store(vk, v.f + k, c);
+        if (amsgrad) store(xk, vmax->f + k, c);
+        store(pn, p.f + k, c);
+        sums.add(pn, p0, graw, w0, k, c);
+      });
+      p.write();
+      m.write();
+      v.write();
+      if (amsgrad) vmax->write();
+      sums.flush();
+    }
+    return sums.total;
+  });
+}
+
+template <typename F>
+void dispatch(at::ScalarType dtype, F f) {
+  switch (dtype) {
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    default: f(float{});
+  }
+}
 
 }  // namespace
 
@@ -134,48 +325,12 @@ void sgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
   if (momentum != 0) same.push_back(bufs);
   check_lists("spkern sgd_step", params, same, init, stats);
   TORCH_CHECK(momentum == 0 || buf_is_new.size() == params.size(), "spkern sgd_step: buf_is_new");
-  // torch's add(x, y, alpha) is fma(y, alpha, x) with alpha as float: the same here
-  const float flr = static_cast<float>(lr), fmom = static_cast<float>(momentum),
-              fdamp = static_cast<float>(1 - dampening), fwd = static_cast<float>(weight_decay);
-  const fVec vnlr(-flr), vmom(fmom), vdamp(fdamp), vwd(fwd);
-  chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
-    float* p = params[i].data_ptr<float>();
-    const float* g = grads[i].const_data_ptr<float>();
-    float* buf = momentum != 0 ? bufs[i].data_ptr<float>() : nullptr;
-    const bool fresh = momentum != 0 && buf_is_new[i];
-    alignas(64) float w0buf[kTile];
-    Sums sums;
-    for (int64_t t0 = b; t0 < e; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, e);
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, t1 - t0, w0buf) - t0;
-      int64_t k = t0;
-      for (; k + fVec::size() <= t1; k += fVec::size()) {
-        const fVec graw = fVec::loadu(g + k), pk = fVec::loadu(p + k);
-        const fVec gk = maximize ? graw.neg() : graw;
-        fVec d = fwd != 0 ? at::vec::fmadd(pk, vwd, gk) : gk;
-        if (buf) {
-          const fVec m = fresh ? d : at::vec::fmadd(d, vdamp, fVec::loadu(buf + k) * vmom);
-          m.store(buf + k);
-          d = nesterov ? at::vec::fmadd(m, vmom, d) : m;
-        }
-        const fVec pn = at::vec::fmadd(d, vnlr, pk);
-        pn.store(p + k);
-        sums.add(pn, pk, graw, w0, k);
-      }
-      for (; k < t1; ++k) {
-        const float pk = p[k], gk = maximize ? -g[k] : g[k];
-        float d = fwd != 0 ? std::fma(pk, fwd, gk) : gk;
-        if (buf) {
-          const float m = fresh ? d : std::fma(d, fdamp, buf[k] * fmom);
-          buf[k] = m;
-          d = nesterov ? std::fma(m, fmom, d) : m;
-        }
-        p[k] = std::fma(d, -flr, pk);
-        sums.add(p[k], pk, g[k], w0, k);
-      }
-      sums.flush();
-    }
-    return sums.total;
+  if (params.empty()) return;
+  // torch's add(x, y, alpha) is fma(y, alpha, x): the same here
+  dispatch(params[0].scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto a = SgdArgs::make<scalar_t>(lr, momentum, dampening, weight_decay, nesterov, maximize);
+    sgd_typed<scalar_t>(params, grads, bufs, buf_is_new, init, stats, a);
   });
 }
 
@@ -188,63 +343,15 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   if (amsgrad) same.push_back(max_exp_avg_sqs);
   check_lists("spkern adamw_step", params, same, init, stats);
   TORCH_CHECK(steps.size() == params.size(), "spkern adamw_step: one step count per parameter");
-  // as torch's single-tensor AdamW: p *= 1 - lr wd; m = lerp(m, g, 1 - b1), a fused
-  // multiply-add for weights below 0.5; v = v b2 + (1 - b2) g g (addcmul, fused);
-  // p += (-lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps) (addcdiv, not fused)
-  const fVec vdecay(static_cast<float>(1 - lr * weight_decay)), vw1(static_cast<float>(1 - beta1)),
-      vb2(static_cast<float>(beta2)), vw2(static_cast<float>(1 - beta2)), veps(static_cast<float>(eps));
-  chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
-    const double bc1 = 1 - std::pow(beta1, steps[i]), bc2 = 1 - std::pow(beta2, steps[i]);
-    const fVec vneg(static_cast<float>(-(lr / bc1))), vbc2(static_cast<float>(std::pow(bc2, 0.5)));
-    float* p = params[i].data_ptr<float>();
-    const float* g = grads[i].const_data_ptr<float>();
-    float* m = exp_avgs[i].data_ptr<float>();
-    float* v = exp_avg_sqs[i].data_ptr<float>();
-    float* vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
-    alignas(64) float w0buf[kTile];
-    Sums sums;
-    auto update = [&](const fVec& graw, const fVec& p0, const fVec& m0, const fVec& v0,
-                      const fVec& vmax0, fVec& mk, fVec& vk, fVec& vd) {
-      const fVec gk = maximize ? graw.neg() : graw;
-      const fVec pk = p0 * vdecay;
-      mk = at::vec::fmadd(vw1, gk - m0, m0);
-      vk = at::vec::fmadd(vw2 * gk, gk, v0 * vb2);
-      vd = vmax ? at::vec::maximum(vmax0, vk) : vk;
-      const fVec denom = vd.sqrt() / vbc2 + veps;
-      return pk + (vneg * mk) / denom;
-    };
-    for (int64_t t0 = b; t0 < e; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, e);
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, t1 - t0, w0buf) - t0;
-      int64_t k = t0;
-      fVec mk, vk, vd;
-      for (; k + fVec::size() <= t1; k += fVec::size()) {
-        const fVec graw = fVec::loadu(g + k), p0 = fVec::loadu(p + k);
-        const fVec pn = update(graw, p0, fVec::loadu(m + k), fVec::loadu(v + k),
-                               vmax ? fVec::loadu(vmax + k) : fVec(0.f), mk, vk, vd);
-        mk.store(m + k);
-        vk.store(v + k);
-        if (vmax) vd.store(vmax + k);
-        pn.store(p + k);
-        sums.add(pn, p0, graw, w0, k);
-      }
-      if (k < t1) {  // the tail, through the same vector code on padded lanes
-        const int n = static_cast<int>(t1 - k);
-        const fVec graw = fVec::loadu(g + k, n), p0 = fVec::loadu(p + k, n);
-        const fVec pn = update(graw, p0, fVec::loadu(m + k, n), fVec::loadu(v + k, n),
-                               vmax ? fVec::loadu(vmax + k, n) : fVec(0.f), mk, vk, vd);
-        mk.store(m + k, n);
-        vk.store(v + k, n);
-        if (vmax) vd.store(vmax + k, n);
-        pn.store(p + k, n);
-        alignas(64) float p0s[fVec::size()], gs[fVec::size()];
-        p0.store(p0s);
-        graw.store(gs);
-        for (int j = 0; j < n; ++j) sums.add(p[k + j], p0s[j], gs[j], w0, k + j);
-      }
-      sums.flush();
-    }
-    return sums.total;
+  if (params.empty()) return;
+  const std::vector<at::Tensor> none;
+  dispatch(params[0].scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const AdamArgs a{static_cast<float>(1 - lr * weight_decay), static_cast<float>(1 - beta1),
+                     static_cast<float>(beta2), static_cast<float>(1 - beta2), add_scalar<scalar_t>(eps),
+                     maximize};
+    adamw_typed<scalar_t>(params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : none,
+                               steps, init, stats, lr, beta1, beta2, a);
   });
 }
 
