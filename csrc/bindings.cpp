@@ -10,6 +10,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused cross-entropy forward (+grad) with logit statistics, CPU");
   m.def("multi_tensor_norms_cpu", &spkern::cpu::multi_tensor_norms,
         "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CPU tensors");
+  m.def("pair_stats_cpu", &spkern::cpu::pair_stats,
+        "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CPU tensors",
+        pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
   m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU");
   m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU");
   m.def("compiled_isa", &spkern::cpu::compiled_isa);
@@ -20,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused cross-entropy forward (+grad) with logit statistics, CUDA");
   m.def("multi_tensor_norms_cuda", &spkern::cuda::multi_tensor_norms,
         "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CUDA tensors");
+  m.def("pair_stats_cuda", &spkern::cuda::pair_stats,
+        "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CUDA tensors",
+        pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

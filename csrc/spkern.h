@@ -32,6 +32,11 @@ LogitLossFwd cross_entropy_fwd;
 // tensor of ||a_i - b_i||^2, ||a_i||^2, ||b_i||^2, <a_i, b_i>. csrc/cpu/norms.cpp.
 at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
 
+// Statistics of activation pairs a (current), b (reference, optional: else 0) of shape
+// (rows, features) and one dtype: a (rows, 5) float32 tensor of ||a||^2, ||b||^2,
+// ||a - b||^2, <a, b> and the number of exact zeros of a, per row. csrc/cpu/pair_stats.cpp.
+at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b);
+
 // Fused optimizer steps (csrc/cpu/optim.cpp): apply torch.optim.SGD's / AdamW's update
 // in one pass and write per parameter into stats (P, 4) float32: ||W_{t+1} - W_t||^2,
 // ||W_{t+1}||^2, ||grad||^2, ||W_{t+1} - W_0||^2 (0 when init is empty).
@@ -55,6 +60,7 @@ const char* compiled_isa();
 namespace cuda {
 LogitLossFwd cross_entropy_fwd;
 at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
+at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b);
 }  // namespace cuda
 
 // Checks the arguments of a LogitLossFwd entry point (shapes, dtypes, devices; not the

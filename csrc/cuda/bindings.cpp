@@ -7,6 +7,7 @@
 
 #include "cross_entropy.h"
 #include "norms.h"
+#include "pair_stats.h"
 
 #include <map>
 
@@ -76,7 +77,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kFloat: return DType::kFloat32;
-    default: TORCH_CHECK(false, "spkern cuda multi_tensor_norms: tensors must be float32, bfloat16 or float16");
+    default: TORCH_CHECK(false, "spkern cuda: tensors must be float32, bfloat16 or float16");
   }
 }
 
@@ -142,6 +143,23 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
     const char* err = launch_multi_tensor_norms(args, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, "spkern cuda multi_tensor_norms: ", err);
   }
+  return out;
+}
+
+at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
+  TORCH_CHECK(a.is_cuda() && a.dim() == 2 && a.is_contiguous(),
+              "spkern cuda pair_stats: a must be a contiguous (rows, features) CUDA tensor");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor* pb = b.has_value() && b->defined() ? &*b : nullptr;
+  if (pb)
+    TORCH_CHECK(pb->sizes() == a.sizes() && pb->is_contiguous() && pb->scalar_type() == a.scalar_type() &&
+                    pb->device() == a.device(),
+                "spkern cuda pair_stats: b must be a contiguous tensor of a's shape, dtype and device");
+  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kFloat));
+  PairStatsArgs args{a.data_ptr(), pb ? pb->data_ptr() : nullptr, out.data_ptr<float>(), a.size(0), a.size(1),
+                     dtype_of(a)};
+  const char* err = launch_pair_stats(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "spkern cuda pair_stats: ", err);
   return out;
 }
 

@@ -1,0 +1,132 @@
+"""Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128)
+without tracking, with spkern.Tracker measuring every step (feature change, RCC effective
+and propagating updates with their alignments, per-parameter update, drift, weight and
+gradient norms, logit statistics), and, when installed, with torch-module-monitor
+measuring every step (its refined coordinate check, activation norms, activation
+differences against the initial model, parameter, parameter-difference and gradient
+norms), all in the same run.
+
+    python bench/bench_tracker.py             # widths 1024, 2048
+    python bench/bench_tracker.py --quick
+
+Method: bench/harness.py. spkern's probe is a fixed batch of --probe rows (default: the
+training batch size, 128, as torch-module-monitor measures on the training batch itself).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+IMPLS = ["no tracking", "spkern Tracker", "torch-module-monitor"]
+BATCH = 128
+
+
+def run_one(impl, width, probe_rows, device, repeats):
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import spkern
+
+    torch.manual_seed(0)
+    dims = [784] + [width] * 3 + [10]
+    layers = []
+    for i in range(4):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False)] + ([nn.ReLU()] if i < 3 else [])
+    model = nn.Sequential(*layers).to(device)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(BATCH, 784, device=device, generator=g)
+    y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
+    if impl == "spkern Tracker":
+        opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
+        tracker = spkern.Tracker(model, opt, probe=x[:probe_rows])
+
+        def step():
+            opt.zero_grad()
+            loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
+            loss.backward()
+            tracker.record_loss(loss, stats)
+            opt.step()
+            return tracker.metrics()
+    elif impl == "torch-module-monitor":
+        try:
+            from torch_module_monitor import ModuleMonitor, RefinedCoordinateCheck
+        except ImportError:
+            return {"skipped": "torch-module-monitor is not installed"}
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        reference = copy.deepcopy(model)
+        monitor = ModuleMonitor(monitor_step_fn=lambda s: True)
+        monitor.set_module(model)
+        monitor.set_reference_module(reference)
+        rms = lambda t: t.pow(2).mean(dim=-1).sqrt()  # noqa: E731
+        monitor.add_activation_metric("rms", rms)
+        monitor.add_activation_difference_metric("change_rms", lambda a, b: rms(a - b))
+        monitor.add_parameter_metric("fro", lambda p: p.norm())
+        monitor.add_parameter_difference_metric("drift_fro", lambda p, q: (p - q).norm())
+        monitor.add_gradient_metric("fro", lambda g: g.norm())
+        rcc = RefinedCoordinateCheck(monitor)
+        counter = [0]
+
+        def step():
+            counter[0] += 1
+            monitor.begin_step(counter[0])
+            opt.zero_grad()
+            with torch.no_grad():
+                reference(x)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            monitor.monitor_parameters()
+            monitor.monitor_gradients()
+            rcc.refined_coordinate_check()
+            monitor.end_step()
+            opt.step()
+            return monitor.get_step_metrics()
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return harness.measure(step, device, repeats, warmup=2)
+
+
+def main(argv=None):
+    parser = harness.parser(__doc__)
+    parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048")
+    parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
+    args = harness.parse(parser, argv, run_one)
+    if args is None:
+        return 0
+    widths = harness.parse_ints(parser, args.widths or ("512" if args.quick else "1024,2048"), "--widths")
+    repeats = args.repeats or (3 if args.quick else 9)
+    info = harness.machine_info(args.device)
+    harness.print_header("training step with metric tracking", info, args.device)
+    print("| width | implementation | median ms | min-max ms | overhead vs no tracking | peak extra MB |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for width in widths:
+        base = None
+        for impl in IMPLS:
+            r = harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats])
+            if "error" in r or "skipped" in r:
+                print(f"| {width} | {impl} | {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} |")
+                continue
+            base = r["median_ms"] if impl == "no tracking" else base
+            r.update(width=width, impl=impl, device=args.device, probe_rows=args.probe,
+                     overhead=r["median_ms"] / base - 1 if base else None)
+            results.append(r)
+            over = "-" if r["overhead"] is None else f"{r['overhead']:+.0%}"
+            print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
+                  f"{r['peak_extra_mb']:.0f} |", flush=True)
+    if args.out:
+        harness.save(args.out, f"tracker_{args.device}", args.quick, info, results, repeats=repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+// Statistics of activation pairs, CPU: for a (current) and b (reference) of shape
+// (rows, features), per row ||a||^2, ||b||^2, ||a - b||^2, <a, b> and the number of
+// exact zeros of a, in one pass over both. Rows run in parallel; each row's sums are
+// kept in float lanes per tile of features and in double across tiles.
+
+#include "../spkern.h"
+#include "convert.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+
+namespace spkern {
+namespace cpu {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kTile = 1024;
+
+template <typename T>
+std::array<double, 5> row_sums(const T* a, const T* b, int64_t n) {
+  alignas(64) float abuf[kTile], bbuf[kTile];
+  std::array<double, 5> out{0, 0, 0, 0, 0};
+  const fVec zero(0.f), one(1.f);
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t m = std::min(kTile, n - t0);
+    const float* x = as_float(a + t0, abuf, m);
+    const float* y = b ? as_float(b + t0, bbuf, m) : nullptr;
+    fVec aa(0.f), bb(0.f), dd(0.f), ab(0.f), zz(0.f);
+    float saa = 0, sbb = 0, sdd = 0, sab = 0, szz = 0;
+    int64_t i = 0;
+    for (; i + fVec::size() <= m; i += fVec::size()) {
+      const fVec xv = fVec::loadu(x + i);
+      aa = at::vec::fmadd(xv, xv, aa);
+      zz = zz + (one & (xv == zero));
+      if (y) {
+        const fVec yv = fVec::loadu(y + i), d = xv - yv;
+        bb = at::vec::fmadd(yv, yv, bb);
+        dd = at::vec::fmadd(d, d, dd);
+        ab = at::vec::fmadd(xv, yv, ab);
+      }
+    }
+    for (; i < m; ++i) {
+      saa += x[i] * x[i];
+      szz += x[i] == 0.f ? 1.f : 0.f;
+      if (y) {
+        const float d = x[i] - y[i];
+        sbb += y[i] * y[i];
+        sdd += d * d;
+        sab += x[i] * y[i];
+      }
+    }
+    auto total = [](const fVec& v, float s) {
+      return double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v)) + s;
+    };
+    out[0] += total(aa, saa);
+    out[4] += total(zz, szz);
+    if (y) {
+      out[1] += total(bb, sbb);
+      out[2] += total(dd, sdd);
+      out[3] += total(ab, sab);
+    }
+  }
+  if (!b) out[2] = out[0];  // b = 0
+  return out;
+}
+
+template <typename T>
+void all_rows(const at::Tensor& a, const at::Tensor* b, at::Tensor& out) {
+  const int64_t rows = a.size(0), n = a.size(1);
+  const T* pa = a.const_data_ptr<T>();
+  const T* pb = b ? b->const_data_ptr<T>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const auto s = row_sums<T>(pa + r * n, pb ? pb + r * n : nullptr, n);
+      for (int k = 0; k < 5; ++k) o[5 * r + k] = static_cast<float>(s[k]);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
+  const auto dtype = a.scalar_type();
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.device().is_cpu() &&
+                  (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              "spkern cpu pair_stats: a must be a contiguous (rows, features) CPU tensor of float32, "
+              "bfloat16 or float16");
+  const at::Tensor* pb = b.has_value() && b->defined() ? &*b : nullptr;
+  if (pb)
+    TORCH_CHECK(pb->sizes() == a.sizes() && pb->is_contiguous() && pb->scalar_type() == dtype &&
+                    pb->device().is_cpu(),
+                "spkern cpu pair_stats: b must be a contiguous CPU tensor of a's shape and dtype");
+  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kFloat));
+  switch (dtype) {
+    case at::kBFloat16: all_rows<at::BFloat16>(a, pb, out); break;
+    case at::kHalf: all_rows<at::Half>(a, pb, out); break;
+    default: all_rows<float>(a, pb, out);
+  }
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace spkern

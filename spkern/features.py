@@ -1,0 +1,88 @@
+"""Statistics of activation pairs: how far each activation moved from its reference.
+
+:func:`pair_stats` reads ``a`` (current activations, for example h_t) and ``b`` (their
+reference, for example h_0 at initialisation) once and returns, in float32 on their
+device with no host sync, the columns of :data:`PAIR_COLUMNS`:
+
+    a_sq     ||a||^2
+    b_sq     ||b||^2
+    diff_sq  ||a - b||^2
+    dot      <a, b>
+    zeros    number of entries of a that are exactly 0 (dead ReLU units, for example)
+
+per tensor and, with ``per_row=True``, per row (a row is one sample: all dimensions but
+the last are flattened into rows). Backends: ``cpu`` (C++, csrc/cpu/pair_stats.cpp),
+``triton`` (kernels/features.py), ``cuda`` (csrc/cuda/pair_stats.cu), ``reference``.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spkern import _backend
+
+PAIR_COLUMNS = ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
+
+
+def pair_stats_reference(a: Tensor, b: Optional[Tensor]) -> Tensor:
+    """Float64 reference of the (rows, 5) per-row statistics, returned in float32."""
+    x = a.double()
+    y = b.double() if b is not None else torch.zeros_like(x)
+    out = torch.stack([x.square().sum(1), y.square().sum(1), (x - y).square().sum(1), (x * y).sum(1),
+                       (x == 0).sum(1).double()], 1)
+    return out.float()
+
+
+IMPLEMENTATIONS = {
+    "reference": pair_stats_reference,
+    "cpu": lambda a, b: _backend.compiled().pair_stats_cpu(a, b),
+    "triton": lambda a, b: _backend.triton_kernels("features").pair_stats(a, b),
+    "cuda": lambda a, b: _backend.compiled().pair_stats_cuda(a, b),
+}
+
+
+@torch.library.custom_op("spkern::pair_stats", mutates_args=())
+def _pair_stats_op(a: Tensor, b: Optional[Tensor]) -> Tensor:
+    backend = _backend.resolve("pair_stats", a, "features")
+    return IMPLEMENTATIONS[backend](a, b)
+
+
+@_pair_stats_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], 5), dtype=torch.float32)
+
+
+def _rows(t: Tensor) -> Tensor:
+    t = t.detach()
+    if t.dim() == 0:
+        t = t.reshape(1, 1)
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
+    """Statistics of ``a`` against ``b`` (``b`` None: against 0) in one pass: a float32
+    ``(5,)`` tensor of the :data:`PAIR_COLUMNS` sums over all entries, and with
+    ``per_row=True`` also the ``(rows, 5)`` per-row sums: ``(total, per_row)``.
+
+    ``a`` and ``b`` have the same shape, dtype (float32, bfloat16 or float16; other
+    dtypes take the reference path) and device. Sums accumulate in float32 within a row
+    and float64 across rows. Nothing is read back to the host.
+    """
+    if not isinstance(a, Tensor) or not a.is_floating_point():
+        raise TypeError(f"a must be a floating-point Tensor, got {type(a).__name__ if not isinstance(a, Tensor) else a.dtype}")
+    if b is not None:
+        if not isinstance(b, Tensor):
+            raise TypeError(f"b must be None or a Tensor, got {type(b).__name__}")
+        if b.shape != a.shape:
+            raise ValueError(f"b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}")
+        if b.dtype != a.dtype:
+            raise ValueError(f"b has dtype {b.dtype} but a has dtype {a.dtype}")
+        if b.device != a.device:
+            raise ValueError(f"b is on device {b.device} but a is on device {a.device}")
+    rows = _pair_stats_op(_rows(a), _rows(b) if b is not None else None)
+    total = rows.sum(0, dtype=torch.float64).float()
+    return (total, rows) if per_row else total
+
+
+__all__ = ["PAIR_COLUMNS", "pair_stats", "pair_stats_reference"]

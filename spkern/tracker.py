@@ -1,0 +1,498 @@
+"""The metric tracker: feature-change, refined-coordinate-check and update statistics of
+any model, every few steps, computed by spkern's fused kernels without host syncs.
+
+    tracker = spkern.Tracker(model, optimizer, probe=x_probe, log_dir="runs/demo")
+    for x, y in loader:
+        loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
+        loss.backward()
+        tracker.record_loss(loss, stats)  # device tensors: no sync
+        optimizer.step()                  # the tracker measures after the step (a step hook)
+        optimizer.zero_grad()
+    tracker.metrics()                     # {name: float}, one host transfer
+
+How it measures. At construction (or at the model's first forward, when no probe is
+given: the first batch becomes the probe) the tracker runs the model once on the fixed
+probe batch, in eval mode and without gradients, and keeps each tracked module's input
+x_0 and output h_0 and, for Linear layers, W_0 (a copy of the weight, in
+``reference_dtype``; or the weights and activations of a ``reference`` model you pass).
+Every ``every`` optimizer steps it runs the probe again and, in forward hooks that are
+active only during that probe pass (so gradient accumulation and activation
+checkpointing recomputations are never counted), computes for each tracked module:
+
+============================  ==============================================================
+``{module}/act_rms``          rms(h_t): the module's output on the probe
+``{module}/change_rms``       rms(h_t - h_0): feature change since the reference
+``{module}/zero_frac``        fraction of exact zeros in h_t
+``{module}/input_rms``        rms(x_t) (Linear)
+``{module}/input_change_rms`` rms(x_t - x_0) (Linear)
+``{module}/input_zero_frac``  fraction of exact zeros in x_t, e.g. dead ReLU units (Linear)
+``{module}/eff_rms``          rms((W_t - W_0) x_t): effective update (Linear, ``rcc=True``)
+``{module}/prop_rms``         rms(W_0 (x_t - x_0)): propagating update (Linear, ``rcc=True``)
+``{module}/eff_align``        fro((W_t - W_0) X) / (op(W_t - W_0) fro(X)), in [0, 1]
+``{module}/prop_align``       fro(W_0 dX) / (op(W_0) fro(dX)), in [0, 1], dX = X_t - X_0
+``{module}/delta_w_op``       op(W_t - W_0), warm-started power iteration (``rcc=True``)
+``{param}/update_rms``        rms(W_{t+1} - W_t) of the last optimizer step
+``{param}/drift_rms``         rms(W_t - W_0)
+``{param}/weight_rms``        rms(W_t)
+``{param}/grad_rms``          rms(grad) at the last step
+``{param}/relative_update``   fro(W_{t+1} - W_t) / fro(W_{t+1})
+``logits/rms``                rms of the model's output on the probe (when it is a tensor)
+``logits/change_rms``         rms of its change since the reference
+``logits/max_abs``            largest absolute output on the probe
+``train/loss``, ``train/*``   from :meth:`record_loss`: the loss and the means of
+                              spkern's per-row logit statistics (``logit_norm``,
+                              ``logit_max``, ``max_prob``, ``entropy``, ``accuracy``)
+============================  ==============================================================
+
+rms(A) = fro(A) / sqrt(numel(A)); fro is the Frobenius norm, op the largest singular
+value; a name says ``fro`` or ``op`` where a norm is not an RMS. The effective and
+propagating updates split the change of a Linear layer's output (bias aside):
+h_t - h_0 = (W_t - W_0) x_t + W_0 (x_t - x_0). They cost one extra matrix product with
+W_0 per Linear layer on the probe, plus the fused statistics.
+
+Parameter statistics come from :mod:`spkern.optim` when the optimizer is one of its
+optimizers (fused into the step, no copies); for another torch optimizer the tracker
+copies the tracked parameters before each measured step (a step pre-hook) and uses
+:func:`spkern.multi_tensor_norms`; without an optimizer :meth:`step` measures weights,
+drift and gradients only.
+
+:meth:`metrics` returns the latest measurement as a flat dict of floats with one host
+transfer. With ``log_dir`` each measurement (every ``log_every`` measurements) is
+appended to ``log_dir/metrics.jsonl`` and written as TensorBoard scalars.
+"""
+
+import json
+import math
+import os
+import re
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spkern.features import pair_stats
+from spkern.norms import multi_tensor_norms, spectral_norm
+from spkern.optim import _NormStats
+
+DEFAULT_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def _first_tensor(out):
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return None
+
+
+def _as_args(probe):
+    return tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+
+
+class Tracker:
+    """Tracks feature-change, RCC and update statistics of ``model``; see the module
+    docstring for what is measured and the definitions.
+
+    Args:
+        model: any ``nn.Module``.
+        optimizer: the model's optimizer; the tracker measures after every ``every``-th
+            ``optimizer.step()`` through a step hook. Without one, call :meth:`step`.
+        probe: the fixed input batch (a tensor, or a tuple of positional arguments) on
+            which activations are measured; None: the first batch the model sees.
+        probe_rows: rows kept from a probe taken from the first batch.
+        reference: ``"init"`` (the model as it is now) or a model of the same
+            architecture whose weights and activations are the reference.
+        every: measure every this many optimizer steps.
+        rcc: compute the refined coordinate check for Linear layers.
+        modules: which modules to track: None (every Linear, Embedding and LayerNorm), or
+            a sequence of modules, names, or regular expressions matched against the
+            full names from ``model.named_modules()`` (whole blocks included).
+        log_dir: write ``metrics.jsonl`` and TensorBoard events there.
+        log_every: write every this many measurements (default 1).
+        reference_dtype: dtype of the copies of W_0 (default: the weight's). In bfloat16
+            the RCC products with W_0 are rounded accordingly.
+        op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
+            the previous measurement's vector (the first measurement runs 50).
+
+    With an :mod:`spkern.optim` optimizer that keeps no initial weights, the tracker gives
+    it its copies of W_0, so that the drift is measured inside the fused step.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 probe=None, probe_rows: int = 256, reference: Union[str, nn.Module] = "init",
+                 every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
+                 log_dir: Optional[str] = None, log_every: int = 1,
+                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 2):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for name, value in (("every", every), ("log_every", log_every), ("probe_rows", probe_rows),
+                            ("op_iters", op_iters)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (reference == "init" or isinstance(reference, nn.Module)):
+            raise ValueError(f"reference must be 'init' or an nn.Module, got {reference!r}")
+        if reference_dtype is not None and reference_dtype not in (torch.float32, torch.bfloat16, torch.float16,
+                                                                  torch.float64):
+            raise ValueError(f"reference_dtype must be a floating dtype, got {reference_dtype}")
+        self.model, self.optimizer = model, optimizer
+        self.every, self.rcc, self.log_every = every, rcc, log_every
+        self.reference_dtype = reference_dtype
+        self.op_iters = op_iters
+        self.probe_rows = probe_rows
+        self.names = self._select(modules)
+        self.modules = dict(model.named_modules())
+        self._ref_model = reference if isinstance(reference, nn.Module) else None
+        if self._ref_model is not None:
+            ref_names = dict(self._ref_model.named_modules())
+            missing = [n for n in self.names if n not in ref_names]
+            if missing:
+                raise ValueError(f"reference has no module named {missing[0]!r}")
+        self.steps = 0  # optimizer steps seen
+        self.measurements = 0
+        self._values = {}  # name -> device scalar of the latest measurement
+        self._floats = None
+        self._capture = None  # during a probe pass: "reference" or "current"
+        self._ref = {}  # module name -> dict of reference tensors
+        self._w0 = {}
+        self._op_state = {}
+        self._before = None
+        self._probe = None
+        self._ref_out = None
+        self._hooks = [self.modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        if self._ref_model is not None:
+            self._hooks += [dict(self._ref_model.named_modules())[n].register_forward_hook(self._hook(n))
+                            for n in self.names]
+        self._init_params()
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        if probe is not None:
+            self.set_probe(probe)
+        else:
+            self._hooks.append(model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
+        self._jsonl = self._writer = None
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(log_dir)
+            except ImportError:
+                warnings.warn("tensorboard is not installed: the tracker writes metrics.jsonl only",
+                              RuntimeWarning, stacklevel=2)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _select(self, modules):
+        named = dict(self.model.named_modules())
+        if modules is None:
+            names = [n for n, m in named.items() if isinstance(m, DEFAULT_TYPES)]
+        else:
+            if isinstance(modules, (str, nn.Module)):
+                modules = [modules]
+            by_module = {id(m): n for n, m in named.items()}
+            names = []
+            for spec in modules:
+                if isinstance(spec, nn.Module):
+                    if id(spec) not in by_module:
+                        raise ValueError(f"modules: {type(spec).__name__} is not a submodule of the model")
+                    found = [by_module[id(spec)]]
+                elif isinstance(spec, str):
+                    found = [n for n in named if n == spec] or [n for n in named if re.fullmatch(spec, n)]
+                    if not found:
+                        raise ValueError(f"modules: no module of the model is named or matches {spec!r}")
+                else:
+                    raise TypeError(f"modules: expected modules, names or regexes, got {type(spec).__name__}")
+                names += [n for n in found if n not in names]
+        if not names:
+            raise ValueError("the tracker found no module to track (pass modules=...)")
+        return names
+
+    def _params(self):
+        """(name, parameter) of every parameter of the tracked modules, once each."""
+        seen, out = set(), []
+        for n in self.names:
+            for pn, p in self.modules[n].named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{n}.{pn}" if n else pn, p))
+        return out
+
+    def _init_params(self):
+        self.params = self._params()
+        fused = isinstance(self.optimizer, _NormStats)
+        if fused:
+            in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            self.params = [(n, p) for n, p in self.params if id(p) in in_opt]
+        ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
+        for n, p in self.params:
+            if ref_params is not None:
+                w0 = ref_params.get(n)
+                if w0 is None or w0.shape != p.shape:
+                    raise ValueError(f"reference has no parameter {n!r} of shape {tuple(p.shape)}")
+                w0 = w0.detach()
+            else:
+                w0 = p.detach().clone()
+            self._w0[n] = w0.to(self.reference_dtype or p.dtype)
+        if fused and not self.optimizer.initial_weights and self._ref_model is None:
+            # the fused step measures the drift against the tracker's copies: no second pass
+            by_param = {p: self._w0[n] for n, p in self.params}
+            self.optimizer.initial_weights = {p: by_param[p] for g in self.optimizer.param_groups
+                                              for p in g["params"] if p in by_param}
+            if len(self.optimizer.initial_weights) != sum(len(g["params"]) for g in self.optimizer.param_groups):
+                self.optimizer.initial_weights = {}  # the optimizer also has untracked parameters
+        # the initial weight of each tracked Linear layer, for the RCC
+        self._lin_w0 = {}
+        for n in self.names:
+            m = self.modules[n]
+            if isinstance(m, nn.Linear):
+                key = f"{n}.weight" if n else "weight"
+                if key in self._w0:
+                    self._lin_w0[n] = self._w0[key]
+                elif ref_params is not None:
+                    self._lin_w0[n] = ref_params[key].detach()
+                else:
+                    self._lin_w0[n] = m.weight.detach().clone()
+
+    def set_probe(self, probe):
+        """Sets the probe batch and measures the reference activations on it (before any
+        training step when ``reference="init"``)."""
+        args = _as_args(probe)
+        if not all(isinstance(a, Tensor) for a in args):
+            raise TypeError("probe must be a Tensor or a tuple of Tensors")
+        if self._ref_model is None and self.steps > 0:
+            raise RuntimeError("the probe must be set before the first optimizer step when reference='init' "
+                               "(the reference activations are the model's at initialisation)")
+        self._probe = tuple(a.detach() for a in args)
+        self._ref = {}
+        self._ref_out = _first_tensor(self._forward("reference"))
+        self._op_w0 = {}
+        if self.rcc:
+            for n, w0 in self._lin_w0.items():
+                self._op_w0[n] = spectral_norm(w0).op
+
+    def _first_batch(self, module, args, kwargs):
+        if self._probe is None and args and all(isinstance(a, Tensor) for a in args) and self._capture is None:
+            self.set_probe(tuple(a[: self.probe_rows] for a in args))
+        return None
+
+    def _forward(self, which):
+        model = self._ref_model if (which == "reference" and self._ref_model is not None) else self.model
+        was_training = model.training
+        self._capture = which
+        try:
+            model.eval()
+            with torch.no_grad():
+                return model(*self._probe)
+        finally:
+            self._capture = None
+            model.train(was_training)
+
+    # -- measuring -----------------------------------------------------------------------
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            if self._capture is None:
+                return
+            h = _first_tensor(output)
+            x = args[0] if args and isinstance(args[0], Tensor) else None
+            if h is None or not h.is_floating_point():
+                return
+            if self._capture == "reference":
+                if module is not self.modules[name] and self._ref_model is None:
+                    return
+                ref = {"h": h.detach().clone()}
+                if isinstance(self.modules[name], nn.Linear) and x is not None:
+                    ref["x"] = x.detach().clone()
+                    if self.rcc:
+                        ref["z"] = F.linear(x.detach(), self._lin_w0[name].to(x.dtype))
+                self._ref[name] = ref
+            elif module is self.modules[name]:
+                self._measure(name, module, x, h.detach())
+        return hook
+
+    def _rms(self, sq, numel):
+        return (sq / max(numel, 1)).sqrt()
+
+    def _measure(self, name, module, x, h):
+        ref = self._ref.get(name)
+        v = self._values
+        n = h.numel()
+        if ref is not None and ref["h"].shape == h.shape:
+            s = pair_stats(h, ref["h"].to(h.dtype))
+            v[f"{name}/change_rms"] = self._rms(s[2], n)
+        else:
+            s = pair_stats(h)
+        v[f"{name}/act_rms"] = self._rms(s[0], n)
+        v[f"{name}/zero_frac"] = s[4] / n
+        if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
+            return
+        x = x.detach()
+        sx = pair_stats(x, ref["x"].to(x.dtype))
+        nx = x.numel()
+        v[f"{name}/input_rms"] = self._rms(sx[0], nx)
+        v[f"{name}/input_change_rms"] = self._rms(sx[2], nx)
+        v[f"{name}/input_zero_frac"] = sx[4] / nx
+        if not self.rcc:
+            return
+        w0 = self._lin_w0[name]
+        z = F.linear(x, w0.to(x.dtype))  # W_0 x_t
+        y = h - module.bias if module.bias is not None else h  # W_t x_t
+        eff = pair_stats(y, z.to(y.dtype))[2]  # ||(W_t - W_0) x_t||^2
+        prop = pair_stats(z, ref["z"].to(z.dtype))[2]  # ||W_0 (x_t - x_0)||^2
+        nz = z.numel()
+        v[f"{name}/eff_rms"] = self._rms(eff, nz)
+        v[f"{name}/prop_rms"] = self._rms(prop, nz)
+        state = self._op_state.get(name)
+        r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
+        self._op_state[name] = r.state
+        tiny = torch.finfo(torch.float32).tiny
+        v[f"{name}/delta_w_op"] = r.op
+        v[f"{name}/eff_align"] = eff.sqrt() / (r.op * sx[0].sqrt() + tiny)
+        v[f"{name}/prop_align"] = prop.sqrt() / (self._op_w0[name] * sx[2].sqrt() + tiny)
+
+    def _pre_step(self, optimizer, args, kwargs):
+        # a torch optimizer: keep W_t of the step about to be measured
+        if isinstance(optimizer, _NormStats) or (self.steps + 1) % self.every != 0:
+            return
+        self._before = [p.detach().clone() for _, p in self.params]
+
+    def _param_stats(self):
+        v = self._values
+        if isinstance(self.optimizer, _NormStats):
+            stats = self.optimizer.norm_stats()
+            by_id = {}
+            for key, st in stats.items():
+                by_id[key if isinstance(key, str) else id(key)] = st
+            names = {id(p): n for g in self.optimizer.param_groups
+                     for p, n in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))}
+            for n, p in self.params:
+                st = by_id.get(names.get(id(p))) or by_id.get(id(p))
+                if st is None:
+                    continue
+                for k in ("update_rms", "weight_rms", "grad_rms", "relative_update"):
+                    v[f"{n}/{k}"] = st[k]
+                if "drift_rms" in st and self.optimizer.drift_every == 1:
+                    v[f"{n}/drift_rms"] = st["drift_rms"]
+            if all(f"{n}/drift_rms" in v for n, _ in self.params):
+                return
+        params = [p for _, p in self.params]
+        numel = [max(p.numel(), 1) for p in params]
+        drift = multi_tensor_norms(params, [self._w0[n] for n, _ in self.params])
+        grads = [p.grad for p in params]
+        has_grad = all(g is not None for g in grads)
+        gsq = multi_tensor_norms(grads)[:, 1] if has_grad and not isinstance(self.optimizer, _NormStats) else None
+        moved = multi_tensor_norms(params, self._before) if self._before is not None else None
+        self._before = None
+        for i, (n, p) in enumerate(self.params):
+            v[f"{n}/drift_rms"] = self._rms(drift[i, 0], numel[i])
+            if isinstance(self.optimizer, _NormStats):
+                continue
+            v[f"{n}/weight_rms"] = self._rms(drift[i, 1], numel[i])
+            if gsq is not None:
+                v[f"{n}/grad_rms"] = self._rms(gsq[i], numel[i])
+            if moved is not None:
+                v[f"{n}/update_rms"] = self._rms(moved[i, 0], numel[i])
+                v[f"{n}/relative_update"] = moved[i, 0].sqrt() / moved[i, 1].sqrt()
+
+    def step(self):
+        """Counts an optimizer step and measures when it is the ``every``-th. Called by the
+        optimizer's step hook when the tracker was given the optimizer."""
+        self.steps += 1
+        if self.steps % self.every != 0:
+            return False
+        if self._probe is None:
+            warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run): "
+                          "nothing measured at this step", RuntimeWarning, stacklevel=2)
+            return False
+        self.measure()
+        return True
+
+    def measure(self):
+        """Measures now (whatever the step count)."""
+        if self._probe is None:
+            raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
+        keep = {k: t for k, t in self._values.items() if k.startswith("train/")}
+        self._values = {}
+        out = _first_tensor(self._forward("current"))
+        if out is not None and out.is_floating_point():
+            ref = self._ref_out
+            if ref is not None and ref.shape == out.shape:
+                s = pair_stats(out.detach(), ref.to(out.dtype))
+                self._values["logits/change_rms"] = self._rms(s[2], out.numel())
+            else:
+                s = pair_stats(out.detach())
+            self._values["logits/rms"] = self._rms(s[0], out.numel())
+            self._values["logits/max_abs"] = out.detach().abs().amax().float()
+        self._param_stats()
+        self._values.update(keep)
+        self.measurements += 1
+        self._floats = None
+        if self._jsonl is not None and self.measurements % self.log_every == 0:
+            self.write()
+
+    def record_loss(self, loss: Tensor, stats=None):
+        """Records the training loss and, when given, the means of spkern's per-row logit
+        statistics (:class:`spkern.LogitStats`) of that batch (device tensors, no sync)."""
+        self._values["train/loss"] = loss.detach().float().reshape(())
+        if stats is not None:
+            for key in ("logit_norm", "logit_max", "max_prob", "entropy"):
+                t = getattr(stats, key, None)
+                if t is not None and t.numel():
+                    self._values[f"train/{key}"] = t.detach().float().mean()
+            correct = getattr(stats, "correct", None)
+            if correct is not None and correct.numel():
+                self._values["train/accuracy"] = correct.detach().float().mean()
+        self._floats = None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """The latest measurement as ``{name: float}`` (plus ``step``), read from the
+        device in one transfer."""
+        if self._floats is None:
+            keys = list(self._values)
+            flat = []
+            if keys:
+                device = self._values[keys[0]].device
+                flat = torch.stack([self._values[k].detach().float().reshape(()).to(device) for k in keys]).tolist()
+            self._floats = dict(zip(keys, flat))
+        return {"step": self.steps, **self._floats}
+
+    def write(self):
+        """Appends the latest measurement to metrics.jsonl and TensorBoard."""
+        m = self.metrics()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                          for k, v in m.items()}) + "\n")
+            self._jsonl.flush()
+        if self._writer is not None:
+            for k, v in m.items():
+                if k != "step":
+                    self._writer.add_scalar(k, v, m["step"])
+            self._writer.flush()
+
+    def close(self):
+        """Removes the hooks and closes the log files."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["Tracker"]

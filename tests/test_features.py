@@ -1,0 +1,60 @@
+"""spkern.pair_stats against the float64 reference, per backend, dtype and shape."""
+
+import pytest
+import torch
+
+import spkern
+from spkern.features import pair_stats_reference
+
+SHAPES = [(1, 1), (3, 7), (37, 129), (5, 1100), (2, 3, 50)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _pair(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    a = torch.where(torch.rand(shape, generator=g) < 0.3, torch.zeros_like(a), a)  # some exact zeros
+    b = a + 0.1 * torch.randn(shape, generator=g)
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_b", [True, False])
+def test_against_reference(backend, shape, dtype, with_b):
+    a, b = _pair(shape, dtype)
+    a_before, b_before = a.clone(), b.clone()
+    total, rows = spkern.pair_stats(a, b if with_b else None, per_row=True)
+    a2 = a.reshape(-1, shape[-1])
+    ref_rows = pair_stats_reference(a2, b.reshape(-1, shape[-1]) if with_b else None).double()
+    assert rows.dtype == torch.float32 and rows.shape == (a2.shape[0], 5)
+    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total.double(), ref_rows.sum(0), rtol=1e-5, atol=1e-5)
+    assert total[4].item() == (a == 0).sum().item()
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)
+
+
+def test_columns_and_default_is_total():
+    a, b = _pair((4, 10), torch.float32)
+    t = spkern.pair_stats(a, b)
+    assert t.shape == (5,)
+    assert spkern.features.PAIR_COLUMNS == ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
+    torch.testing.assert_close(t[2], (a - b).square().sum())
+
+
+def test_compiles_without_graph_break():
+    a, b = _pair((8, 33), torch.float32)
+    f = torch.compile(lambda x, y: spkern.pair_stats(x, y) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(a, b), spkern.pair_stats(a, b) * 2)
+
+
+@pytest.mark.parametrize("a, b, error, match", [
+    (torch.ones(3, 4), torch.ones(3, 5), ValueError, "shape"),
+    (torch.ones(3, 4), torch.ones(3, 4, dtype=torch.float64), ValueError, "dtype"),
+    (torch.ones(3, 4, dtype=torch.long), None, TypeError, "floating"),
+    ("x", None, TypeError, "a must be"),
+    (torch.ones(3, 4), [1.0], TypeError, "b must be"),
+])
+def test_bad_input(a, b, error, match):
+    with pytest.raises(error, match=match):
+        spkern.pair_stats(a, b)

@@ -1,0 +1,229 @@
+"""spkern.Tracker against the same statistics computed the slow way (copies of the
+initial model, extra forwards, SVDs) on small models."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import spkern
+
+
+def _mlp(width=24, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, width, bias=bias), nn.ReLU(), nn.Linear(width, width, bias=bias),
+                         nn.ReLU(), nn.Linear(width, 5, bias=bias))
+
+
+def _data(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _io(model, x):
+    """(input, output) of every Linear of model on x, the slow way."""
+    out, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, name=name: out.__setitem__(name, (a[0].detach().clone(), o.detach().clone()))))
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return out, y
+
+
+def _rms(t):
+    return (t.double().norm() / math.sqrt(t.numel())).item()
+
+
+def _train(model, opt, x, y, steps, tracker=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
+        loss.backward()
+        if tracker is not None:
+            tracker.record_loss(loss, stats)
+        opt.step()
+
+
+@pytest.mark.parametrize("optim", ["spkern", "torch"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_statistics_against_the_slow_way(optim, bias):
+    model = _mlp(bias=bias)
+    init = copy.deepcopy(model)
+    x, y = _data()
+    probe = x[:16]
+    cls = spkern.optim.SGD if optim == "spkern" else torch.optim.SGD
+    opt = cls(model.named_parameters() if optim == "spkern" else model.parameters(), lr=0.5, momentum=0.9)
+    tracker = spkern.Tracker(model, opt, probe=probe)
+    _train(model, opt, x, y, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, x, y, 1, tracker)
+    m = tracker.metrics()
+    assert m["step"] == 3 and tracker.measurements == 3
+    cur, logits = _io(model, probe)
+    ref, logits0 = _io(init, probe)
+    for name in ("0", "2", "4"):
+        (xt, ht), (x0, h0) = cur[name], ref[name]
+        W, W0 = model.get_submodule(name).weight.detach().double(), init.get_submodule(name).weight.detach().double()
+        tol = dict(rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(m[f"{name}/act_rms"], _rms(ht), **tol)
+        assert math.isclose(m[f"{name}/change_rms"], _rms(ht - h0), **tol)
+        assert math.isclose(m[f"{name}/input_change_rms"], _rms(xt - x0), **tol)
+        assert math.isclose(m[f"{name}/input_zero_frac"], (xt == 0).double().mean().item(), **tol)
+        eff = xt.double() @ (W - W0).t()
+        prop = (xt - x0).double() @ W0.t()
+        assert math.isclose(m[f"{name}/eff_rms"], _rms(eff), rel_tol=1e-3, abs_tol=1e-6)
+        assert math.isclose(m[f"{name}/prop_rms"], _rms(prop), rel_tol=1e-3, abs_tol=1e-6)
+        # the RCC splits the change of the output (bias aside)
+        bias_change = (model.get_submodule(name).bias - init.get_submodule(name).bias).detach().double() if bias else 0
+        torch.testing.assert_close(eff + prop + bias_change, (ht - h0).double(), rtol=1e-4, atol=1e-5)
+        op_dw = torch.linalg.matrix_norm(W - W0, ord=2).item()
+        op_w0 = torch.linalg.matrix_norm(W0, ord=2).item()
+        assert 0 <= m[f"{name}/eff_align"] <= 1 + 1e-4 and 0 <= m[f"{name}/prop_align"] <= 1 + 1e-4
+        assert math.isclose(m[f"{name}/eff_align"], eff.norm().item() / (op_dw * xt.double().norm().item()),
+                            rel_tol=2e-2)
+        if name != "0":  # the first layer's input never changes
+            assert math.isclose(m[f"{name}/prop_align"],
+                                prop.norm().item() / (op_w0 * (xt - x0).double().norm().item()), rel_tol=2e-2)
+        for pname in ([f"{name}.weight"] + ([f"{name}.bias"] if bias else [])):
+            p, q, p0 = dict(model.named_parameters())[pname], before[pname], dict(init.named_parameters())[pname]
+            assert math.isclose(m[f"{pname}/update_rms"], _rms(p.detach() - q), rel_tol=1e-4, abs_tol=1e-8)
+            assert math.isclose(m[f"{pname}/drift_rms"], _rms(p.detach() - p0.detach()), rel_tol=1e-4)
+            assert math.isclose(m[f"{pname}/weight_rms"], _rms(p.detach()), rel_tol=1e-5)
+            assert math.isclose(m[f"{pname}/grad_rms"], _rms(p.grad), rel_tol=1e-5)
+    assert math.isclose(m["logits/rms"], _rms(logits), rel_tol=1e-5)
+    assert math.isclose(m["logits/change_rms"], _rms(logits - logits0), rel_tol=1e-4)
+    assert math.isclose(m["logits/max_abs"], logits.abs().max().item(), rel_tol=1e-6)
+    for k in ("train/loss", "train/logit_norm", "train/logit_max", "train/max_prob", "train/entropy",
+              "train/accuracy"):
+        assert k in m and math.isfinite(m[k])
+
+
+def test_probe_from_first_batch_every_and_reference_model():
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    x, y = _data()
+    opt = spkern.optim.AdamW(model.parameters(), lr=1e-2)
+    tracker = spkern.Tracker(model, opt, every=2, probe_rows=8)
+    assert tracker._probe is None
+    _train(model, opt, x, y, 5)
+    assert tracker._probe[0].shape == (8, 10) and torch.equal(tracker._probe[0], x[:8])
+    assert tracker.measurements == 2  # steps 2 and 4
+    m1 = tracker.metrics()
+    tracker.close()
+    # the same reference given as a model: the same feature changes
+    other = spkern.Tracker(model, probe=x[:8], reference=ref_model)
+    other.measure()
+    m2 = other.metrics()
+    for k in ("0/change_rms", "2/eff_rms", "2/prop_rms", "4/change_rms"):
+        assert k in m2
+    _, h_now = _io(model, x[:8])
+    _, h_ref = _io(ref_model, x[:8])
+    assert math.isclose(m2["logits/change_rms"], _rms(h_now - h_ref), rel_tol=1e-4)
+    assert m1["step"] == 5
+
+
+def test_gradient_accumulation_and_checkpointing_do_not_double_count():
+    class Block(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            self.ckpt = ckpt
+            self.inner = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 5))
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False) if self.ckpt else self.inner(x)
+
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = Block(ckpt)
+        x, y = _data()
+        opt = spkern.optim.SGD(model.parameters(), lr=0.1)
+        tracker = spkern.Tracker(model, opt, probe=x[:16])
+        for _ in range(3):
+            opt.zero_grad()
+            for chunk in range(2):  # two micro-batches per step
+                sl = slice(32 * chunk, 32 * (chunk + 1))
+                torch.nn.functional.cross_entropy(model(x[sl]), y[sl]).div(2).backward()
+            opt.step()
+        assert tracker.measurements == 3 and tracker.steps == 3
+        results.append(tracker.metrics())
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        assert math.isclose(results[0][k], results[1][k], rel_tol=1e-5, abs_tol=1e-7), k
+
+
+def test_module_selection():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+                          nn.Embedding(3, 2))
+    assert spkern.Tracker(model, modules=None).names == ["0", "1", "2.0", "3"]
+    t = spkern.Tracker(model, modules=["2", r"\d", model[1]])
+    assert t.names == ["2", "0", "1", "3"]
+    with pytest.raises(ValueError, match="no module"):
+        spkern.Tracker(model, modules=["nope"])
+    with pytest.raises(ValueError, match="not a submodule"):
+        spkern.Tracker(model, modules=[nn.Linear(1, 1)])
+
+
+def test_embedding_and_layernorm_blocks():
+    model = nn.Sequential(nn.Embedding(11, 6), nn.LayerNorm(6), nn.Linear(6, 11))
+    tokens = torch.randint(0, 11, (4, 5))
+    opt = spkern.optim.AdamW(model.parameters(), lr=0.05)
+    tracker = spkern.Tracker(model, opt, probe=tokens)
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(tokens)
+        torch.nn.functional.cross_entropy(out.reshape(-1, 11), tokens.reshape(-1)).backward()
+        opt.step()
+    m = tracker.metrics()
+    emb = model[0].weight.detach()[tokens] - tracker._w0["0.weight"][tokens]
+    assert math.isclose(m["0/change_rms"], _rms(emb), rel_tol=1e-4)
+    assert m["1/act_rms"] > 0 and m["2/eff_rms"] > 0
+
+
+def test_logging(tmp_path):
+    model = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with spkern.Tracker(model, opt, probe=x[:8], log_dir=str(tmp_path), log_every=2) as tracker:
+        _train(model, opt, x, y, 5, tracker)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [2, 4] and "2/eff_rms" in rows[0]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(every=0), ValueError, "every"),
+    (dict(reference="nope"), ValueError, "reference"),
+    (dict(probe="x"), TypeError, "probe"),
+    (dict(reference_dtype=torch.int8), ValueError, "reference_dtype"),
+])
+def test_bad_arguments(kw, error, match):
+    with pytest.raises(error, match=match):
+        spkern.Tracker(_mlp(), **kw)
+
+
+def test_probe_after_training_needs_a_reference():
+    model = _mlp()
+    x, y = _data()
+    opt = spkern.optim.SGD(model.parameters(), lr=0.1)
+    tracker = spkern.Tracker(model, opt, probe=None)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.warns(RuntimeWarning, match="no probe"):
+        opt.step()  # no forward yet: nothing to measure
+    assert tracker.measurements == 0
+    with pytest.raises(RuntimeError, match="before the first optimizer step"):
+        tracker.set_probe(x[:4])
+    with pytest.raises(RuntimeError, match="no probe"):
+        tracker.measure()
