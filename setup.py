@@ -82,10 +82,11 @@ def main():
         packages=["spkern", "spkern.kernels"],
         package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
         python_requires=">=3.10",
-        install_requires=["torch>=2.6", "numpy"],
+        install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn"],
         extras_require={
             "triton": ["triton>=3.2"],
-            "test": ["pytest", "pytest-benchmark", "ninja"],
+            "mnist1d": ["mnist1d"],
+            "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

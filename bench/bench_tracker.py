@@ -9,7 +9,8 @@ norms), all in the same run.
     python bench/bench_tracker.py             # widths 1024, 2048
     python bench/bench_tracker.py --quick
 
-Method: bench/harness.py. spkern's probe is a fixed batch of --probe rows (default: the
+Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
+the time per step. spkern's probe is a fixed batch of --probe rows (default: the
 training batch size, 128, as torch-module-monitor measures on the training batch itself).
 """
 
@@ -19,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["no tracking", "spkern Tracker", "torch-module-monitor"]
+IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker every=10", "torch-module-monitor"]
 BATCH = 128
 
 
@@ -41,17 +42,28 @@ def run_one(impl, width, probe_rows, device, repeats):
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(BATCH, 784, device=device, generator=g)
     y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
-    if impl == "spkern Tracker":
+    if impl.startswith("spkern Tracker"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
-        tracker = spkern.Tracker(model, opt, probe=x[:probe_rows])
+        tracker = spkern.Tracker(model, opt, probe=x[:probe_rows], every=10 if "every" in impl else 1)
 
-        def step():
+        def one():
             opt.zero_grad()
             loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
             loss.backward()
             tracker.record_loss(loss, stats)
             opt.step()
-            return tracker.metrics()
+            return tracker.metrics() if tracker.steps % tracker.every == 0 else None
+
+        if tracker.every == 1:
+            step = one
+        else:  # time whole cycles of `every` steps, reported per step
+            def step():
+                for _ in range(tracker.every):
+                    one()
+            r = harness.measure(step, device, max(3, repeats // tracker.every), warmup=1)
+            for k in ("median_ms", "min_ms", "max_ms"):
+                r[k] /= tracker.every
+            return r
     elif impl == "torch-module-monitor":
         try:
             from torch_module_monitor import ModuleMonitor, RefinedCoordinateCheck
@@ -103,7 +115,7 @@ def main(argv=None):
     if args is None:
         return 0
     widths = harness.parse_ints(parser, args.widths or ("512" if args.quick else "1024,2048"), "--widths")
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 20)
     info = harness.machine_info(args.device)
     harness.print_header("training step with metric tracking", info, args.device)
     print("| width | implementation | median ms | min-max ms | overhead vs no tracking | peak extra MB |")

@@ -33,6 +33,12 @@ def table(path):
             lines.append(f"| {r['case']} | {r['width']} | {r['impl']} | {r['median_ms']:.2f} | "
                          f"{_fmt(r['speedup_vs_torch'], '.1f')}x | {r['peak_extra_mb']:.0f} | "
                          f"{'-' if err is None else format(err, '+.2%')} |")
+    elif rows and "overhead" in rows[0]:
+        lines += ["| width | implementation | median ms per step | min-max ms | overhead vs no tracking | "
+                  "peak extra MB |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['width']} | {r['impl']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
+                         f"{_fmt(r['overhead'], '+.0%')} | {r['peak_extra_mb']:.0f} |")
     elif rows and "vocab" in rows[0]:
         lines += ["| rows x vocab | implementation | median ms | min-max ms | vs eager | peak extra MB |",
                   "|---|---|---|---|---|---|"]

@@ -54,3 +54,46 @@ def pair_stats(a, b=None):
     _pair_stats_kernel[(triton.cdiv(rows, block_r),)](
         a, b if b is not None else a, out, rows, n, HAS_B=b is not None, BLOCK_R=block_r, BLOCK_F=block_f)
     return out
+
+
+@triton.jit
+def _paired_linear_kernel(X, W, W0, Y, Z, M, N, K, sxm, sxk, swn, swk, s0n, s0k,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Y = X W^T and Z = X W0^T for one (BM, BN) tile: each tile of X is loaded once and
+    multiplied with both weights in the same order, so that Y - Z = X (W - W0)^T is as
+    accurate as the products themselves (the RCC's effective update)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM).to(tl.int64)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN).to(tl.int64)
+    acc_y = tl.zeros((BM, BN), tl.float32)
+    acc_z = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
+        kmask = rk < K
+        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm < M)[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        wmask = kmask[:, None] & (rn < N)[None, :]
+        w = tl.load(W + rn[None, :] * swn + rk[:, None] * swk, mask=wmask, other=0.0).to(tl.float32)
+        w0 = tl.load(W0 + rn[None, :] * s0n + rk[:, None] * s0k, mask=wmask, other=0.0).to(tl.float32)
+        # float32 products (no TF32): the difference of the two must stay accurate
+        acc_y = tl.dot(x, w, acc_y, input_precision="ieee")
+        acc_z = tl.dot(x, w0, acc_z, input_precision="ieee")
+    offs = rm[:, None] * N + rn[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(Y + offs, acc_y, mask=mask)
+    tl.store(Z + offs, acc_z, mask=mask)
+
+
+def paired_linear(x, weight, weight0):
+    """(x W^T, x W0^T) in float32 for x (M, K), W and W0 (N, K): one pass over x."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    z = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return y, z
+    bm = 16 if M <= 16 else 64
+    bn, bk = 64, 32
+    _paired_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        x, weight, weight0, y, z, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        weight0.stride(0), weight0.stride(1), BM=bm, BN=bn, BK=bk)
+    return y, z

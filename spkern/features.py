@@ -86,3 +86,48 @@ def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
 
 
 __all__ = ["PAIR_COLUMNS", "pair_stats", "pair_stats_reference"]
+
+
+def _paired_linear_torch(x, weight, weight0):
+    return (torch.nn.functional.linear(x, weight.to(x.dtype)).float(),
+            torch.nn.functional.linear(x, weight0.to(x.dtype)).float())
+
+
+PAIRED_IMPLEMENTATIONS = {
+    "reference": lambda x, w, w0: tuple(t.float() for t in (x.double() @ w.double().t(), x.double() @ w0.double().t())),
+    "cpu": _paired_linear_torch,  # two MKL products: blocking makes one pass over x pointless on CPU
+    "cuda": _paired_linear_torch,
+    "triton": lambda x, w, w0: _backend.triton_kernels("features").paired_linear(x, w, w0),
+}
+
+
+def paired_linear(x: Tensor, weight: Tensor, weight0: Tensor):
+    """``(x W^T, x W0^T)`` in float32, for the refined coordinate check of a Linear layer
+    (bias-free): their difference is the effective update ``(W - W0) x`` and
+    ``x W0^T`` minus its value at initialisation the propagating update.
+
+    ``x`` is ``(..., in_features)``; ``weight`` and ``weight0`` are ``(out_features,
+    in_features)`` (``weight0`` may be kept in another float dtype). The Triton backend
+    (CUDA) reads each tile of ``x`` once and multiplies it with both weights in the same
+    order, in full float32 precision (no TF32), so that the difference of the two
+    products is accurate; on CPU it is two products of the same shape, which the BLAS
+    library rounds alike.
+    """
+    for name, t in (("x", x), ("weight", weight), ("weight0", weight0)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point Tensor")
+    if weight.dim() != 2 or weight0.shape != weight.shape:
+        raise ValueError(f"weight and weight0 must be (out, in) of one shape, got {tuple(weight.shape)} and "
+                         f"{tuple(weight0.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but weight takes {weight.shape[1]}")
+    if not (x.device == weight.device == weight0.device):
+        raise ValueError("x, weight and weight0 must be on one device")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    backend = _backend.resolve("paired_linear", x2, "features")
+    y, z = PAIRED_IMPLEMENTATIONS[backend](x2, weight.detach(), weight0.detach())
+    return y.reshape(*lead, -1), z.reshape(*lead, -1)
+
+
+__all__ += ["paired_linear"]

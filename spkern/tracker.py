@@ -47,8 +47,10 @@ checkpointing recomputations are never counted), computes for each tracked modul
 rms(A) = fro(A) / sqrt(numel(A)); fro is the Frobenius norm, op the largest singular
 value; a name says ``fro`` or ``op`` where a norm is not an RMS. The effective and
 propagating updates split the change of a Linear layer's output (bias aside):
-h_t - h_0 = (W_t - W_0) x_t + W_0 (x_t - x_0). They cost one extra matrix product with
-W_0 per Linear layer on the probe, plus the fused statistics.
+h_t - h_0 = (W_t - W_0) x_t + W_0 (x_t - x_0). During the probe pass each tracked
+Linear layer computes W_t x_t and W_0 x_t together (:func:`spkern.features.paired_linear`:
+one pass over x_t on GPU, both products rounded alike), so the RCC costs one extra
+product with W_0 per layer, plus the fused statistics.
 
 Parameter statistics come from :mod:`spkern.optim` when the optimizer is one of its
 optimizers (fused into the step, no copies); for another torch optimizer the tracker
@@ -72,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spkern.features import pair_stats
+from spkern.features import pair_stats, paired_linear
 from spkern.norms import multi_tensor_norms, spectral_norm
 from spkern.optim import _NormStats
 
@@ -116,8 +118,9 @@ class Tracker:
         op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
             the previous measurement's vector (the first measurement runs 50).
 
-    With an :mod:`spkern.optim` optimizer that keeps no initial weights, the tracker gives
-    it its copies of W_0, so that the drift is measured inside the fused step.
+    With ``every=1`` and an :mod:`spkern.optim` optimizer that keeps no initial weights,
+    the tracker gives it its copies of W_0, so that the drift is measured inside the fused
+    step; otherwise the tracker measures the drift itself when it measures.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
@@ -160,6 +163,7 @@ class Tracker:
         self._w0 = {}
         self._op_state = {}
         self._before = None
+        self._paired = {}  # Linear name -> (W_t x_t, W_0 x_t) of the current probe pass
         self._probe = None
         self._ref_out = None
         self._hooks = [self.modules[n].register_forward_hook(self._hook(n)) for n in self.names]
@@ -238,7 +242,7 @@ class Tracker:
             else:
                 w0 = p.detach().clone()
             self._w0[n] = w0.to(self.reference_dtype or p.dtype)
-        if fused and not self.optimizer.initial_weights and self._ref_model is None:
+        if fused and not self.optimizer.initial_weights and self._ref_model is None and self.every == 1:
             # the fused step measures the drift against the tracker's copies: no second pass
             by_param = {p: self._w0[n] for n, p in self.params}
             self.optimizer.initial_weights = {p: by_param[p] for g in self.optimizer.param_groups
@@ -284,13 +288,34 @@ class Tracker:
         model = self._ref_model if (which == "reference" and self._ref_model is not None) else self.model
         was_training = model.training
         self._capture = which
+        swapped = []
+        if which == "current" and self.rcc:
+            # tracked Linear layers compute W_t x_t and W_0 x_t together (spkern.paired_linear)
+            for n in self._lin_w0:
+                m = self.modules[n]
+                if type(m).forward is nn.Linear.forward:
+                    m.forward = self._paired_forward(n, m)
+                    swapped.append(m)
         try:
             model.eval()
             with torch.no_grad():
                 return model(*self._probe)
         finally:
             self._capture = None
+            self._paired.clear()
+            for m in swapped:
+                del m.forward
             model.train(was_training)
+
+    def _paired_forward(self, name, module):
+        w0 = self._lin_w0[name]
+
+        def forward(x):
+            y, z = paired_linear(x, module.weight, w0)
+            self._paired[name] = (y, z)
+            out = y.to(x.dtype)
+            return out + module.bias if module.bias is not None else out
+        return forward
 
     # -- measuring -----------------------------------------------------------------------
 
@@ -309,7 +334,7 @@ class Tracker:
                 if isinstance(self.modules[name], nn.Linear) and x is not None:
                     ref["x"] = x.detach().clone()
                     if self.rcc:
-                        ref["z"] = F.linear(x.detach(), self._lin_w0[name].to(x.dtype))
+                        ref["z"] = paired_linear(x.detach(), self._lin_w0[name], self._lin_w0[name])[1]
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 self._measure(name, module, x, h.detach())
@@ -340,10 +365,13 @@ class Tracker:
         if not self.rcc:
             return
         w0 = self._lin_w0[name]
-        z = F.linear(x, w0.to(x.dtype))  # W_0 x_t
-        y = h - module.bias if module.bias is not None else h  # W_t x_t
-        eff = pair_stats(y, z.to(y.dtype))[2]  # ||(W_t - W_0) x_t||^2
-        prop = pair_stats(z, ref["z"].to(z.dtype))[2]  # ||W_0 (x_t - x_0)||^2
+        if name in self._paired:
+            y, z = self._paired.pop(name)  # W_t x_t, W_0 x_t from one pass over x_t
+        else:  # a Linear subclass with its own forward
+            z = F.linear(x, w0.to(x.dtype)).float()
+            y = (h - module.bias if module.bias is not None else h).float()
+        eff = pair_stats(y, z)[2]  # ||(W_t - W_0) x_t||^2
+        prop = pair_stats(z, ref["z"])[2]  # ||W_0 (x_t - x_0)||^2
         nz = z.numel()
         v[f"{name}/eff_rms"] = self._rms(eff, nz)
         v[f"{name}/prop_rms"] = self._rms(prop, nz)

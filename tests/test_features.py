@@ -58,3 +58,31 @@ def test_compiles_without_graph_break():
 def test_bad_input(a, b, error, match):
     with pytest.raises(error, match=match):
         spkern.pair_stats(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (17, 70, 33), (4, 2, 65, 40)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paired_linear(backend, shape, dtype):
+    *lead, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    w0 = (w.float() + 1e-3 * torch.randn(n, k, generator=g)).to(dtype)
+    y, z = spkern.features.paired_linear(x, w, w0)
+    assert y.dtype == z.dtype == torch.float32 and y.shape == (*lead, n)
+    x64 = x.double()
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), x64 @ w.double().t(), **tol)
+    torch.testing.assert_close(z.double(), x64 @ w0.double().t(), **tol)
+    if dtype == torch.float32:  # the difference is the effective update, accurately
+        eff = x64 @ (w.double() - w0.double()).t()
+        assert ((y - z).double() - eff).abs().max() < 1e-4 * eff.abs().max() + 1e-5
+
+
+def test_paired_linear_bad_input():
+    with pytest.raises(ValueError, match="features"):
+        spkern.features.paired_linear(torch.ones(2, 3), torch.ones(4, 5), torch.ones(4, 5))
+    with pytest.raises(ValueError, match="one shape"):
+        spkern.features.paired_linear(torch.ones(2, 3), torch.ones(4, 3), torch.ones(5, 3))
+    with pytest.raises(TypeError, match="weight0"):
+        spkern.features.paired_linear(torch.ones(2, 3), torch.ones(4, 3), None)

@@ -227,3 +227,19 @@ def test_probe_after_training_needs_a_reference():
         tracker.set_probe(x[:4])
     with pytest.raises(RuntimeError, match="no probe"):
         tracker.measure()
+
+
+def test_tracker_with_the_triton_backend():
+    """The probe pass through the Triton kernels (paired products, pair statistics)."""
+    model = _mlp(width=12)
+    x, y = _data(n=16)
+    opt = spkern.optim.SGD(model.parameters(), lr=0.5)
+    with spkern.use_backend("triton"):
+        tracker = spkern.Tracker(model, opt, probe=x[:8])
+        _train(model, opt, x, y, 2)
+        m = tracker.metrics()
+    ref = spkern.Tracker(model, probe=x[:8], reference=_mlp(width=12))
+    ref.measure()
+    r = ref.metrics()
+    for k in ("2/eff_rms", "2/prop_rms", "4/change_rms", "0.weight/drift_rms"):
+        assert math.isclose(m[k], r[k], rel_tol=1e-4), k
