@@ -20,7 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker every=10", "torch-module-monitor"]
+IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker probe=32", "spkern Tracker every=10",
+         "torch-module-monitor"]
 BATCH = 128
 
 
@@ -44,7 +45,8 @@ def run_one(impl, width, probe_rows, device, repeats):
     y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
     if impl.startswith("spkern Tracker"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
-        tracker = spkern.Tracker(model, opt, probe=x[:probe_rows], every=10 if "every" in impl else 1)
+        rows = 32 if "probe=32" in impl else probe_rows
+        tracker = spkern.Tracker(model, opt, probe=x[:rows], every=10 if "every" in impl else 1)
 
         def one():
             opt.zero_grad()

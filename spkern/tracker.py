@@ -116,7 +116,8 @@ class Tracker:
         reference_dtype: dtype of the copies of W_0 (default: the weight's). In bfloat16
             the RCC products with W_0 are rounded accordingly.
         op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
-            the previous measurement's vector (the first measurement runs 50).
+            the previous measurement's vector, so that the estimate keeps converging as
+            W_t moves slowly (the first measurement runs 50 from a cold start).
 
     With ``every=1`` and an :mod:`spkern.optim` optimizer that keeps no initial weights,
     the tracker gives it its copies of W_0, so that the drift is measured inside the fused
@@ -127,7 +128,7 @@ class Tracker:
                  probe=None, probe_rows: int = 256, reference: Union[str, nn.Module] = "init",
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
-                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 2):
+                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
