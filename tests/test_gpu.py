@@ -144,3 +144,53 @@ def test_fused_optimizer_on_gpu(name, dtype):
     st = o1.norm_stats()
     for x, q in zip(a, before):
         torch.testing.assert_close(st[x]["update_fro"].double(), (x.double() - q.double()).norm(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 1000), (4099, 333), (3, 70000)], ids=str)
+def test_pair_stats_on_gpu(backend, dtype, shape):
+    _backend_or_skip(backend)
+    from spkern.features import pair_stats_reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(shape, device="cuda", generator=g)
+    a = torch.where(torch.rand(shape, device="cuda", generator=g) < 0.3, 0.0, a).to(dtype)
+    b = (a.float() + 0.1 * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+    with spkern.use_backend(backend):
+        total, rows = spkern.pair_stats(a, b, per_row=True)
+    ref = pair_stats_reference(a, b).double()
+    torch.testing.assert_close(rows.double(), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(total.double(), ref.sum(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_paired_linear_on_gpu(dtype):
+    _backend_or_skip("triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 1000, device="cuda", generator=g).to(dtype)
+    w = torch.randn(700, 1000, device="cuda", generator=g).to(dtype)
+    w0 = (w.float() + 1e-3 * torch.randn(700, 1000, device="cuda", generator=g)).to(dtype)
+    with spkern.use_backend("triton"):
+        y, z = spkern.features.paired_linear(x, w, w0)
+    x64 = x.double()
+    torch.testing.assert_close(y.double(), x64 @ w.double().t(), rtol=1e-4, atol=1e-3)
+    eff = x64 @ (w.double() - w0.double()).t()
+    assert ((y - z).double() - eff).abs().max() < 1e-3 * eff.abs().max() + 1e-4
+
+
+def test_tracker_on_gpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
+    x = torch.randn(128, 64, device="cuda")
+    y = torch.randint(0, 10, (128,), device="cuda")
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.1)
+    tracker = spkern.Tracker(model, opt, probe=x[:32])
+    for _ in range(3):
+        opt.zero_grad()
+        loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
+        loss.backward()
+        tracker.record_loss(loss, stats)
+        opt.step()
+    m = tracker.metrics()
+    assert m["step"] == 3 and all(v == v for v in m.values())
+    assert m["2/eff_rms"] > 0 and m["2/prop_rms"] > 0 and 0 <= m["2/eff_align"] <= 1.001

@@ -243,3 +243,17 @@ def test_tracker_with_the_triton_backend():
     r = ref.metrics()
     for k in ("2/eff_rms", "2/prop_rms", "4/change_rms", "0.weight/drift_rms"):
         assert math.isclose(m[k], r[k], rel_tol=1e-4), k
+
+
+def test_bfloat16_reference_weights():
+    model = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    exact = spkern.Tracker(model, probe=x[:16])
+    half = spkern.Tracker(model, opt, probe=x[:16], reference_dtype=torch.bfloat16)
+    assert half._w0["2.weight"].dtype == torch.bfloat16
+    _train(model, opt, x, y, 3)
+    exact.measure()
+    a, b = exact.metrics(), half.metrics()
+    for k in ("2.weight/drift_rms", "2/eff_rms", "2/prop_rms", "4/change_rms"):
+        assert math.isclose(a[k], b[k], rel_tol=2e-2), k
