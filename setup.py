@@ -79,7 +79,7 @@ def main():
         version="0.1.0",
         description="Fused kernels that make width-scaling measurements (logit, update and "
         "feature-change statistics) nearly free",
-        packages=["spkern", "spkern.kernels"],
+        packages=["spkern", "spkern.kernels", "spkern.train"],
         package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
         python_requires=">=3.10",
         install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn"],
@@ -88,6 +88,7 @@ def main():
             "mnist1d": ["mnist1d"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
+        entry_points={"console_scripts": ["spkern = spkern.cli:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

@@ -1,0 +1,5 @@
+import sys
+
+from spkern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The ``spkern`` command line (also ``python -m spkern``).
+
+    spkern demo                     the default sweep on digits, then its report
+    spkern sweep mlp [options]      a width x learning-rate sweep of MLPs
+    spkern report DIR               the report of a sweep's results
+"""
+
+import argparse
+import sys
+
+DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:16", loss="ce,mse", optim="sgd", param="sp", seeds="2",
+            epochs=10, depth=2, data="digits")
+
+
+def _ints(text, name):
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"spkern: --{name} must be a comma list of positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"spkern: --{name} must be a comma list of positive integers, got {text!r}")
+    return values
+
+
+def _choices(text, allowed, name):
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise SystemExit(f"spkern: --{name}: unknown value {bad[0] if bad else text!r}; choose from "
+                         f"{', '.join(allowed)}")
+    return values
+
+
+def _add_mlp_options(p, defaults):
+    from spkern.data import DATASETS
+
+    p.add_argument("--data", default=defaults.get("data", "digits"), choices=DATASETS,
+                   help="dataset (mnist and cifar10 are read from --data-root)")
+    p.add_argument("--data-root", default=None, help="folder of the MNIST / CIFAR-10 files")
+    p.add_argument("--widths", default=defaults.get("widths", "64,128,256,512,1024"), help="comma list")
+    p.add_argument("--lrs", default=defaults.get("lrs", "1e-3:10:13"),
+                   help="'low:high:count' (log-spaced) or a comma list")
+    p.add_argument("--loss", default=defaults.get("loss", "ce,mse"), help="ce, mse or both")
+    p.add_argument("--optim", default=defaults.get("optim", "sgd"), help="sgd, adam or both")
+    p.add_argument("--param", default=defaults.get("param", "sp"), help="sp, mup, ntp, sp-full-align (comma list)")
+    p.add_argument("--seeds", default=defaults.get("seeds", "2"), help="number of seeds")
+    p.add_argument("--epochs", type=int, default=defaults.get("epochs", 10))
+    p.add_argument("--depth", type=int, default=defaults.get("depth", 2), help="hidden layers")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--base-width", type=int, default=64, help="width at which every layer trains at lr")
+    p.add_argument("--bias", action="store_true", help="Linear layers with biases")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--track-every", type=int, default=10, help="steps between tracker measurements")
+    p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
+    p.add_argument("--stable-threshold", type=float, default=None,
+                   help="accuracy a stable lr must reach (default: halfway from chance to the best)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+def _device(text):
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
+        raise SystemExit(f"spkern: --device must be auto, cpu or cuda, got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("spkern: --device cuda, but no CUDA device is available")
+    return text
+
+
+def sweep_mlp(args):
+    from spkern import param, report, sweep
+    from spkern.data import load
+    from spkern.train.mlp import LOSSES, RunConfig
+
+    try:
+        lrs = sweep.parse_lrs(args.lrs)
+    except ValueError as e:
+        raise SystemExit(f"spkern: --lrs: {e}") from None
+    widths = _ints(args.widths, "widths")
+    seeds = list(range(_ints(args.seeds, "seeds")[0]))
+    for name in ("epochs", "depth", "batch_size", "base_width", "track_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"spkern: --{name.replace('_', '-')} must be a positive integer")
+    device = _device(args.device)
+    base = RunConfig(data=args.data, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
+                     base_width=args.base_width, bias=args.bias, momentum=args.momentum, dtype=args.dtype,
+                     track_every=args.track_every, diverge_loss=args.diverge_loss)
+    configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
+                         optim=_choices(args.optim, param.OPTIMIZERS, "optim"),
+                         param=_choices(args.param, tuple(param.PARAMETERIZATIONS), "param"),
+                         width=widths, seed=seeds, lr=lrs)
+    try:
+        data = load(args.data, args.data_root)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"spkern: {e}") from None
+    print(f"spkern sweep mlp: {len(configs)} runs on {args.data} ({device}), results in {args.out}/results.jsonl",
+          flush=True)
+    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress)
+    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
+          flush=True)
+    if not args.no_report:
+        path = report.write(args.out, args.stable_threshold)
+        print(f"report: {path}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="spkern", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the default MLP sweep on digits and its report (about 5 minutes on 2 "
+                                       "CPU cores)")
+    _add_mlp_options(demo, DEMO)
+    demo.add_argument("--out", default="runs/demo")
+    sw = sub.add_parser("sweep", help="run a sweep")
+    kinds = sw.add_subparsers(dest="kind", required=True)
+    mlp = kinds.add_parser("mlp", help="width x learning-rate sweep of ReLU MLPs")
+    _add_mlp_options(mlp, {})
+    mlp.add_argument("--out", default="runs/mlp")
+    rep = sub.add_parser("report", help="write the report of a sweep")
+    rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
+    rep.add_argument("--stable-threshold", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.command in ("demo", "sweep"):
+        return sweep_mlp(args)
+    from spkern import report
+
+    try:
+        print(f"report: {report.write(args.out, args.stable_threshold)}")
+    except FileNotFoundError as e:
+        raise SystemExit(f"spkern: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The sweep report: a markdown summary and PNG figures from a sweep's results.jsonl.
+
+Definitions (per experiment, i.e. per data / loss / optimizer / parameterization / ...):
+
+* mean accuracy of (width, lr): final training accuracy averaged over seeds, a diverged
+  seed counting as chance accuracy (1 / classes);
+* optimal learning rate of a width: the grid learning rate with the highest mean
+  accuracy (ties, common on easy data, go to the lowest mean training loss);
+* maximal stable learning rate of a width: the largest grid learning rate at which no
+  seed diverged and the mean accuracy stays at or above the threshold, by default
+  halfway between chance and that width's best mean accuracy;
+* fitted exponent: the slope b of log lr = a + b log width (least squares over widths),
+  with a 95% confidence interval from Student's t when there are at least 3 widths.
+
+Because learning rates come from a grid, a fitted exponent is only as fine as the grid
+(and an optimum at the edge of the grid is flagged: the true optimum may lie beyond).
+"""
+
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from spkern.sweep import read_results
+
+EXPERIMENT_FIELDS = ("data", "loss", "optim", "param", "depth", "epochs", "batch_size", "base_width", "bias",
+                     "momentum", "dtype")
+
+
+def _label(exp):
+    d = dict(exp)
+    return f"{d['loss'].upper()} {d['optim'].upper()} {d['param']}"
+
+
+def experiments(rows):
+    """{experiment key: {width: {lr: [run, ...]}}}."""
+    out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        c = r["config"]
+        exp = tuple((k, c.get(k)) for k in EXPERIMENT_FIELDS)
+        out[exp][c["width"]][c["lr"]].append(r)
+    return out
+
+
+def _acc(run):
+    if run["status"] != "ok" or run.get("train_acc") is None:
+        return 1.0 / run.get("n_classes", 10)
+    return run["train_acc"]
+
+
+def summarize(by_width, threshold=None):
+    """Per width: lrs, mean accuracy and loss per lr, optimal and maximal stable lr."""
+    out = {}
+    for width in sorted(by_width):
+        lrs = sorted(by_width[width])
+        runs = [by_width[width][lr] for lr in lrs]
+        chance = 1.0 / runs[0][0].get("n_classes", 10)
+        acc = np.array([np.mean([_acc(r) for r in rs]) for rs in runs])
+        loss = np.array([np.mean([r["train_loss"] if r["status"] == "ok" and r.get("train_loss") is not None
+                                  else np.nan for r in rs]) for rs in runs])
+        diverged = np.array([any(r["status"] != "ok" for r in rs) for rs in runs])
+        # highest mean accuracy; among equal accuracies, the lowest training loss
+        best = max(range(len(lrs)), key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
+        thr = threshold if threshold is not None else chance + 0.5 * (acc[best] - chance)
+        stable = [i for i in range(len(lrs)) if not diverged[i] and acc[i] >= thr]
+        out[width] = dict(lrs=lrs, acc=acc, loss=loss, diverged=diverged, runs=runs, threshold=thr,
+                          opt_lr=lrs[best], opt_index=best, opt_at_edge=best in (0, len(lrs) - 1),
+                          max_stable_lr=lrs[max(stable)] if stable else None,
+                          max_stable_index=max(stable) if stable else None,
+                          max_stable_at_edge=bool(stable) and max(stable) == len(lrs) - 1)
+    return out
+
+
+def fit_exponent(widths, lrs):
+    """(slope, 95% CI half-width or None, number of points) of log lr against log width."""
+    pts = [(w, lr) for w, lr in zip(widths, lrs) if lr is not None]
+    if len(pts) < 2:
+        return None, None, len(pts)
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    if np.ptp(x) == 0:
+        return None, None, len(pts)
+    slope, intercept = np.polyfit(x, y, 1)
+    if len(pts) < 3:
+        return float(slope), None, len(pts)
+    from scipy import stats
+
+    resid = y - (slope * x + intercept)
+    se = math.sqrt(float(resid @ resid) / (len(pts) - 2) / float(((x - x.mean()) ** 2).sum()))
+    return float(slope), float(stats.t.ppf(0.975, len(pts) - 2) * se), len(pts)
+
+
+def _fmt_fit(fit):
+    slope, ci, n = fit
+    if slope is None:
+        return f"n/a ({n} width{'s' if n != 1 else ''})"
+    return f"{slope:+.2f}" + (f" ± {ci:.2f}" if ci is not None else " (2 widths: no interval)")
+
+
+def _legend(ax):
+    if any(not line.get_label().startswith("_") for line in ax.get_lines()):
+        ax.legend(fontsize=7)
+
+
+def _log_axes(ax, x=True, y=True):
+    """Log scales where the plotted data allows them (an empty panel stays linear)."""
+    for on, getter, setter in ((x, "get_xdata", ax.set_xscale), (y, "get_ydata", ax.set_yscale)):
+        if not on:
+            continue
+        values = np.concatenate([np.asarray(getattr(line, getter)(), dtype=float) for line in ax.get_lines()]
+                                or [np.zeros(0)])
+        if np.any(np.isfinite(values) & (values > 0)):
+            setter("log")
+
+
+def _plot_lr_curves(plt, exps, summaries, key, ylabel, path, logy=False):
+    n = len(exps)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps):
+        for width, s in summaries[exp].items():
+            ax.plot(s["lrs"], s[key], marker="o", label=f"n={width}")
+        _log_axes(ax, y=logy)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(ylabel)
+        ax.set_title(_label(exp))
+        _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: str, threshold=None) -> str:
+    """Writes ``out/report.md`` and its figures from ``out/results.jsonl``; returns the
+    markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_results(out)
+    if not rows:
+        raise FileNotFoundError(f"no results in {out} (run a sweep first)")
+    by_exp = experiments(rows)
+    exps = sorted(by_exp, key=_label)
+    summaries = {e: summarize(by_exp[e], threshold) for e in exps}
+    figs = {}
+
+    figs["accuracy"] = "accuracy_vs_lr.png"
+    _plot_lr_curves(plt, exps, summaries, "acc", "final training accuracy", os.path.join(out, figs["accuracy"]))
+    figs["loss"] = "loss_vs_lr.png"
+    _plot_lr_curves(plt, exps, summaries, "loss", "final training loss", os.path.join(out, figs["loss"]),
+                    logy=True)
+
+    # optimal and maximal stable learning rates against width
+    fits = {}
+    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps):
+        s = summaries[exp]
+        widths = sorted(s)
+        for name, key, marker in (("optimal", "opt_lr", "o"), ("max stable", "max_stable_lr", "s")):
+            lrs = [s[w][key] for w in widths]
+            fit = fit_exponent(widths, lrs)
+            fits[(exp, name)] = fit
+            pts = [(w, lr) for w, lr in zip(widths, lrs) if lr is not None]
+            if pts:
+                line = ax.plot(*zip(*pts), marker=marker, linestyle="none", label=f"{name}: {_fmt_fit(fit)}")
+                if fit[0] is not None:
+                    xs = np.array([p[0] for p in pts], dtype=float)
+                    b = fit[0]
+                    a = np.mean(np.log([p[1] for p in pts])) - b * np.mean(np.log(xs))
+                    ax.plot(xs, np.exp(a) * xs**b, color=line[0].get_color(), alpha=0.6)
+        _log_axes(ax)
+        ax.set_xlabel("width")
+        ax.set_ylabel("learning rate")
+        ax.set_title(_label(exp))
+        _legend(ax)
+    fig.tight_layout()
+    figs["exponents"] = "lr_exponents.png"
+    fig.savefig(os.path.join(out, figs["exponents"]), dpi=110)
+    plt.close(fig)
+
+    # logit RMS against step at each width's largest stable learning rate
+    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps):
+        for width, s in summaries[exp].items():
+            i = s["max_stable_index"]
+            if i is None:
+                continue
+            run = s["runs"][i][0]
+            hist = [h for h in run["history"] if h.get("logits/rms") is not None]
+            if hist:
+                ax.plot([h["step"] for h in hist], [h["logits/rms"] for h in hist],
+                        label=f"n={width}, lr={s['lrs'][i]:.3g}")
+        _log_axes(ax, x=False)
+        ax.set_xlabel("step")
+        ax.set_ylabel("logit RMS on the probe")
+        ax.set_title(_label(exp) + ": largest stable lr")
+        _legend(ax)
+    fig.tight_layout()
+    figs["logits"] = "logit_rms.png"
+    fig.savefig(os.path.join(out, figs["logits"]), dpi=110)
+    plt.close(fig)
+
+    # feature learning per layer against width, at each width's optimal learning rate
+    stats = ("change_rms", "eff_rms", "prop_rms")
+    fig, axes = plt.subplots(len(stats), len(exps), figsize=(5 * len(exps), 3.2 * len(stats)), squeeze=False)
+    for col, exp in enumerate(exps):
+        s = summaries[exp]
+        widths = sorted(s)
+        depth = dict(exp)["depth"]
+        for row, stat in enumerate(stats):
+            ax = axes[row][col]
+            for layer in range(depth + 1):
+                ys = []
+                for w in widths:
+                    run = s[w]["runs"][s[w]["opt_index"]][0]
+                    ys.append((run.get("final_metrics") or {}).get(f"layers.{layer}/{stat}"))
+                pts = [(w, y) for w, y in zip(widths, ys) if y is not None and y > 0]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=f"C{layer}", label=f"layer {layer}")
+            _log_axes(ax)
+            ax.set_xlabel("width")
+            ax.set_ylabel(stat)
+            ax.set_title(_label(exp) + ": optimal lr")
+            _legend(ax)
+    fig.tight_layout()
+    figs["features"] = "feature_learning.png"
+    fig.savefig(os.path.join(out, figs["features"]), dpi=110)
+    plt.close(fig)
+
+    md = _markdown(rows, exps, summaries, fits, figs)
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write(md)
+    return path
+
+
+def _markdown(rows, exps, summaries, fits, figs):
+    from spkern.param import table_markdown
+
+    c0 = rows[0]["config"]
+    n_div = sum(r["status"] != "ok" for r in rows)
+    lines = ["# Width x learning-rate sweep", "",
+             f"{len(rows)} runs ({n_div} diverged) on `{c0['data']}`: widths "
+             f"{sorted({r['config']['width'] for r in rows})}, "
+             f"{len({r['config']['lr'] for r in rows})} learning rates, "
+             f"{len({r['config']['seed'] for r in rows})} seed(s), depth {c0['depth']}, "
+             f"{c0['epochs']} epoch(s), batch {c0['batch_size']}, base width {c0['base_width']}.", "",
+             "## Fitted learning-rate exponents", "",
+             "Slope b of log lr against log width (lr ~ width^b), with 95% confidence intervals. "
+             "The paper (Haas et al. 2025) finds the maximal stable SGD learning rate under SP "
+             "to scale roughly as width^-1/2 under cross-entropy and width^-1 under MSE.", "",
+             "| experiment | optimal lr | maximal stable lr | widths where the optimum is at the grid's edge |",
+             "|---|---|---|---|"]
+    for exp in exps:
+        edge = [str(w) for w, s in summaries[exp].items() if s["opt_at_edge"]]
+        lines.append(f"| {_label(exp)} | {_fmt_fit(fits[(exp, 'optimal')])} | "
+                     f"{_fmt_fit(fits[(exp, 'max stable')])} | {', '.join(edge) or 'none'} |")
+    lines += ["", "## Per width", "",
+              "| experiment | width | optimal lr | its accuracy | maximal stable lr | diverged lrs |",
+              "|---|---|---|---|---|---|"]
+    for exp in exps:
+        for w, s in summaries[exp].items():
+            div = sum(bool(d) for d in s["diverged"])
+            msl = "none" if s["max_stable_lr"] is None else f"{s['max_stable_lr']:.3g}"
+            lines.append(f"| {_label(exp)} | {w} | {s['opt_lr']:.3g} | {s['acc'][s['opt_index']]:.3f} | {msl} | "
+                         f"{div} of {len(s['lrs'])} |")
+    lines += ["", "## Figures", "",
+              f"Final training accuracy against learning rate, one curve per width:\n\n![]({figs['accuracy']})", "",
+              f"Final training loss against learning rate:\n\n![]({figs['loss']})", "",
+              f"Optimal and maximal stable learning rate against width, with fitted exponents:\n\n"
+              f"![]({figs['exponents']})", "",
+              "Logit RMS on the probe batch against step at each width's largest stable learning rate "
+              "(controlled divergence: under CE the logits grow with width while the loss stays finite):"
+              f"\n\n![]({figs['logits']})", "",
+              "Per-layer feature change rms(h_t - h_0) and the refined coordinate check's effective "
+              "rms((W_t - W_0) x_t) and propagating rms(W_0 (x_t - x_0)) updates at the end of training, "
+              f"against width, at each width's optimal learning rate:\n\n![]({figs['features']})", "",
+              "## Definitions", "",
+              "Mean accuracy: final training accuracy averaged over seeds (a diverged seed counts as chance). "
+              "Optimal lr: the grid lr with the highest mean accuracy (ties: the lowest training loss). Maximal stable lr: the largest grid lr "
+              "with no diverged seed and mean accuracy at or above halfway between chance and the width's best "
+              "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
+              "`diverge_loss`. All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
+              "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "", table_markdown(), ""]
+    return "\n".join(lines)
+
+
+__all__ = ["experiments", "fit_exponent", "summarize", "write"]

@@ -1,0 +1,1 @@
+"""Trainers: :mod:`spkern.train.mlp` (MLP width x learning-rate sweeps)."""

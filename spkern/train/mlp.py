@@ -1,0 +1,170 @@
+"""One MLP training run with every statistic tracked by spkern's kernels.
+
+:func:`train` builds a ReLU MLP through :mod:`spkern.param`, trains it with
+:mod:`spkern.optim` (SGD, or AdamW without weight decay for "adam") under
+``spkern.cross_entropy`` ("ce") or ``spkern.mse_onehot_loss`` on the logits ("mse",
+summed over classes, averaged over the batch) and an :class:`spkern.Tracker`, and returns
+a JSON-ready dict: the config, final training and test accuracy and loss, whether and
+when it diverged, a history of tracked statistics and the last tracker metrics.
+
+A run diverges when its training loss is NaN, infinite or above ``diverge_loss``; the
+check runs on the device (no host sync per step) and is read at every measurement.
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+
+import spkern
+from spkern import param as P
+from spkern.data import Dataset
+
+LOSSES = ("ce", "mse")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class RunConfig:
+    data: str = "digits"
+    width: int = 256
+    depth: int = 2
+    lr: float = 0.1
+    loss: str = "ce"
+    optim: str = "sgd"
+    param: str = "sp"
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 64
+    base_width: int = 64
+    bias: bool = False
+    momentum: float = 0.0
+    dtype: str = "float32"
+    track_every: int = 10
+    diverge_loss: float = 100.0
+
+    def check(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.optim not in P.OPTIMIZERS:
+            raise ValueError(f"optim must be one of {P.OPTIMIZERS}, got {self.optim!r}")
+        P.get(self.param)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("width", "depth", "epochs", "batch_size", "base_width", "track_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not self.diverge_loss > 0:
+            raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
+        return self
+
+    def key(self) -> tuple:
+        """What identifies a run in a sweep's results."""
+        return tuple((f.name, getattr(self, f.name)) for f in fields(self))
+
+
+def _loss(cfg, out, y):
+    if cfg.loss == "ce":
+        return spkern.cross_entropy(out, y, return_stats=True)
+    per_row, stats = spkern.mse_onehot_loss(out, y, reduction="none", return_stats=True)
+    return per_row.mean(), stats
+
+
+HISTORY_KEYS = ("train/loss", "train/accuracy", "logits/rms", "logits/change_rms")
+LAYER_KEYS = ("change_rms", "eff_rms", "prop_rms", "act_rms")
+
+
+@torch.no_grad()
+def evaluate(model, x, y, cfg, batch=2048):
+    """(mean loss, accuracy) of model on (x, y)."""
+    total, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        out = model(x[i:i + batch]).float()
+        loss, stats = _loss(cfg, out, y[i:i + batch])
+        total += loss.item() * len(out)
+        correct += (out.argmax(1) == y[i:i + batch]).sum().item()
+    return total / len(x), correct / len(x)
+
+
+def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
+    """Trains one run; ``progress`` is a tqdm bar over its steps (or None)."""
+    cfg.check()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = data.to(device)
+    torch.manual_seed(cfg.seed)
+    model = P.MLP(data.d_in, cfg.width, cfg.depth, data.n_classes, bias=cfg.bias, param=cfg.param).to(device)
+    groups = P.param_groups(model, cfg.param, cfg.optim, cfg.lr, cfg.base_width)
+    if cfg.optim == "sgd":
+        opt = spkern.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = spkern.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    tracker = spkern.Tracker(model, opt, probe=data.x_train[:256], every=cfg.track_every)
+    n = len(data.x_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if progress is not None:
+        progress.reset(total=total_steps)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    history, step, diverged_at = [], 0, None
+    start = time.perf_counter()
+    layers = [f"layers.{i}" for i in range(cfg.depth + 1)]
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=g).to(device)
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            with autocast:
+                out = model(data.x_train[idx])
+            loss, stats = _loss(cfg, out.float(), data.y_train[idx])
+            bad = ~torch.isfinite(loss) | (loss > cfg.diverge_loss)
+            first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            tracker.record_loss(loss, stats)
+            opt.step()
+            step += 1
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.track_every == 0 or step == total_steps:
+                fb = int(first_bad.item())
+                if fb >= 0:
+                    diverged_at = fb
+                    break
+                m = tracker.metrics()
+                row = {"step": step, **{k: m.get(k) for k in HISTORY_KEYS}}
+                for layer in layers:
+                    for k in LAYER_KEYS:
+                        row[f"{layer}/{k}"] = m.get(f"{layer}/{k}")
+                history.append(row)
+        if diverged_at is not None:
+            break
+    tracker.close()
+    result = {"config": asdict(cfg), "status": "diverged" if diverged_at is not None else "ok",
+              "diverged_step": diverged_at, "steps": step, "device": str(device), "n_classes": data.n_classes,
+              "seconds": time.perf_counter() - start, "history": history}
+    if diverged_at is None:
+        result["train_loss"], result["train_acc"] = evaluate(model, data.x_train, data.y_train, cfg)
+        result["test_loss"], result["test_acc"] = evaluate(model, data.x_test, data.y_test, cfg)
+        result["final_metrics"] = {k: v for k, v in tracker.metrics().items()}
+        if not all(math.isfinite(result[k]) for k in ("train_loss", "test_loss")):
+            result["status"], result["diverged_step"] = "diverged", step
+    return _json_safe(result)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+__all__ = ["LOSSES", "RunConfig", "evaluate", "train"]
