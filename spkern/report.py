@@ -18,6 +18,7 @@ Because learning rates come from a grid, a fitted exponent is only as fine as th
 
 import math
 import os
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -111,13 +112,25 @@ def _log_axes(ax, x=True, y=True):
         values = np.concatenate([np.asarray(getattr(line, getter)(), dtype=float) for line in ax.get_lines()]
                                 or [np.zeros(0)])
         if np.any(np.isfinite(values) & (values > 0)):
-            setter("log")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a flat curve: matplotlib widens the limits
+                setter("log")
+
+
+def _panels(plt, n, cols=4):
+    """A figure with n panels, at most ``cols`` per row; (figure, flat list of axes)."""
+    ncols = min(n, cols)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 def _plot_lr_curves(plt, exps, summaries, key, ylabel, path, logy=False):
-    n = len(exps)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    for ax, exp in zip(axes[0], exps):
+    fig, axes = _panels(plt, len(exps))
+    for ax, exp in zip(axes, exps):
         for width, s in summaries[exp].items():
             ax.plot(s["lrs"], s[key], marker="o", label=f"n={width}")
         _log_axes(ax, y=logy)
@@ -154,8 +167,8 @@ def write(out: str, threshold=None) -> str:
 
     # optimal and maximal stable learning rates against width
     fits = {}
-    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
-    for ax, exp in zip(axes[0], exps):
+    fig, axes = _panels(plt, len(exps))
+    for ax, exp in zip(axes, exps):
         s = summaries[exp]
         widths = sorted(s)
         for name, key, marker in (("optimal", "opt_lr", "o"), ("max stable", "max_stable_lr", "s")):
@@ -181,8 +194,8 @@ def write(out: str, threshold=None) -> str:
     plt.close(fig)
 
     # logit RMS against step at each width's largest stable learning rate
-    fig, axes = plt.subplots(1, len(exps), figsize=(5 * len(exps), 4), squeeze=False)
-    for ax, exp in zip(axes[0], exps):
+    fig, axes = _panels(plt, len(exps))
+    for ax, exp in zip(axes, exps):
         for width, s in summaries[exp].items():
             i = s["max_stable_index"]
             if i is None:
@@ -204,12 +217,12 @@ def write(out: str, threshold=None) -> str:
 
     # feature learning per layer against width, at each width's optimal learning rate
     stats = ("change_rms", "eff_rms", "prop_rms")
-    fig, axes = plt.subplots(len(stats), len(exps), figsize=(5 * len(exps), 3.2 * len(stats)), squeeze=False)
-    for col, exp in enumerate(exps):
+    fig, axes = plt.subplots(len(exps), len(stats), figsize=(5 * len(stats), 3.4 * len(exps)), squeeze=False)
+    for row, exp in enumerate(exps):
         s = summaries[exp]
         widths = sorted(s)
         depth = dict(exp)["depth"]
-        for row, stat in enumerate(stats):
+        for col, stat in enumerate(stats):
             ax = axes[row][col]
             for layer in range(depth + 1):
                 ys = []
