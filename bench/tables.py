@@ -33,6 +33,12 @@ def table(path):
             lines.append(f"| {r['case']} | {r['width']} | {r['impl']} | {r['median_ms']:.2f} | "
                          f"{_fmt(r['speedup_vs_torch'], '.1f')}x | {r['peak_extra_mb']:.0f} | "
                          f"{'-' if err is None else format(err, '+.2%')} |")
+    elif rows and "tokens_per_s" in rows[0]:
+        lines += ["| width | implementation | median ms per step | tokens/s | vs eager | peak extra MB |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['width']} | {r['impl']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                         f"{_fmt(r['throughput_vs_eager'], '.2f')}x | {r['peak_extra_mb']:.0f} |")
     elif rows and "overhead" in rows[0]:
         lines += ["| width | implementation | median ms per step | min-max ms | overhead vs no tracking | "
                   "peak extra MB |", "|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 
     spkern demo                     the default sweep on digits, then its report
     spkern sweep mlp [options]      a width x learning-rate sweep of MLPs
+    spkern sweep gpt [options]      a width x learning-rate sweep of small GPTs
     spkern report DIR               the report of a sweep's results
 """
 
@@ -109,6 +110,77 @@ def sweep_mlp(args):
     return 0
 
 
+GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim="adam", param="sp", seeds="1",
+                    steps=150, depth=2, context=128, batch_size=16)
+
+
+def _add_gpt_options(p):
+    d = GPT_DEFAULTS
+    p.add_argument("--data", default="pydoc", help="pydoc (CPython's documentation, bytes), bytes:PATH (any text "
+                                                   "file) or shards:DIR (nanoGPT / modded-nanogpt uint16 shards)")
+    p.add_argument("--widths", default=d["widths"], help="comma list (multiples of --head-dim)")
+    p.add_argument("--lrs", default=d["lrs"], help="'low:high:count' (log-spaced) or a comma list")
+    p.add_argument("--loss", default=d["loss"], help="ce, mse (on softmax probabilities) or both")
+    p.add_argument("--optim", default=d["optim"], help="adam (AdamW), sgd or both")
+    p.add_argument("--param", default=d["param"], help="sp, mup (comma list)")
+    p.add_argument("--seeds", default=d["seeds"], help="number of seeds")
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--context", type=int, default=d["context"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (global)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on matrices")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    p.add_argument("--no-qk-norm", action="store_true", help="no LayerNorm on queries and keys")
+    p.add_argument("--base-width", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--track-every", type=int, default=25, help="steps between tracker measurements")
+    p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
+    p.add_argument("--stable-threshold", type=float, default=None,
+                   help="score a stable lr must reach (default: halfway from chance to the best)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--out", default="runs/gpt")
+
+
+def sweep_gpt(args):
+    from spkern import report, sweep
+    from spkern.gpt import GPT_PARAMS
+    from spkern.text import load_tokens
+    from spkern.train.gpt import LOSSES, GPTRunConfig
+
+    try:
+        lrs = sweep.parse_lrs(args.lrs)
+    except ValueError as e:
+        raise SystemExit(f"spkern: --lrs: {e}") from None
+    widths = _ints(args.widths, "widths")
+    seeds = list(range(_ints(args.seeds, "seeds")[0]))
+    device = _device(args.device)
+    base = GPTRunConfig(data=args.data, depth=args.depth, head_dim=args.head_dim, context=args.context,
+                        qk_norm=not args.no_qk_norm, base_width=args.base_width, steps=args.steps,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
+                        weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype,
+                        track_every=args.track_every, diverge_loss=args.diverge_loss)
+    try:
+        configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
+                             optim=_choices(args.optim, ("sgd", "adam"), "optim"),
+                             param=_choices(args.param, GPT_PARAMS, "param"), width=widths, seed=seeds, lr=lrs)
+        tokens = load_tokens(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"spkern: {e}") from None
+    print(f"spkern sweep gpt: {len(configs)} runs on {args.data} ({device}), results in {args.out}/results.jsonl",
+          flush=True)
+    counts = sweep.run(configs, args.out, tokens, device=device, progress=not args.no_progress)
+    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
+          flush=True)
+    if not args.no_report:
+        print(f"report: {report.write(args.out, args.stable_threshold)}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="spkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,10 +194,15 @@ def main(argv=None):
     mlp = kinds.add_parser("mlp", help="width x learning-rate sweep of ReLU MLPs")
     _add_mlp_options(mlp, {})
     mlp.add_argument("--out", default="runs/mlp")
+    gpt = kinds.add_parser("gpt", help="width x learning-rate sweep of small GPTs (about 10 minutes on 2 CPU cores "
+                                       "with the defaults)")
+    _add_gpt_options(gpt)
     rep = sub.add_parser("report", help="write the report of a sweep")
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
     rep.add_argument("--stable-threshold", type=float, default=None)
     args = parser.parse_args(argv)
+    if args.command == "sweep" and args.kind == "gpt":
+        return sweep_gpt(args)
     if args.command in ("demo", "sweep"):
         return sweep_mlp(args)
     from spkern import report

@@ -25,8 +25,7 @@ import numpy as np
 
 from spkern.sweep import read_results
 
-EXPERIMENT_FIELDS = ("data", "loss", "optim", "param", "depth", "epochs", "batch_size", "base_width", "bias",
-                     "momentum", "dtype")
+SWEPT = ("width", "lr", "seed")  # what varies inside one experiment
 
 
 def _label(exp):
@@ -39,15 +38,22 @@ def experiments(rows):
     out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
         c = r["config"]
-        exp = tuple((k, c.get(k)) for k in EXPERIMENT_FIELDS)
+        exp = tuple(sorted((k, v) for k, v in c.items() if k not in SWEPT))
         out[exp][c["width"]][c["lr"]].append(r)
     return out
 
 
+def _chance(run):
+    return run["chance_score"] if "chance_score" in run else 1.0 / run.get("n_classes", 10)
+
+
 def _acc(run):
-    if run["status"] != "ok" or run.get("train_acc") is None:
-        return 1.0 / run.get("n_classes", 10)
-    return run["train_acc"]
+    """The run's score (higher is better): final training accuracy for MLP runs, minus
+    the validation cross-entropy for GPT runs; chance for a diverged run."""
+    score = run.get("score", run.get("train_acc"))
+    if run["status"] != "ok" or score is None:
+        return _chance(run)
+    return score
 
 
 def summarize(by_width, threshold=None):
@@ -56,7 +62,7 @@ def summarize(by_width, threshold=None):
     for width in sorted(by_width):
         lrs = sorted(by_width[width])
         runs = [by_width[width][lr] for lr in lrs]
-        chance = 1.0 / runs[0][0].get("n_classes", 10)
+        chance = _chance(runs[0][0])
         acc = np.array([np.mean([_acc(r) for r in rs]) for rs in runs])
         loss = np.array([np.mean([r["train_loss"] if r["status"] == "ok" and r.get("train_loss") is not None
                                   else np.nan for r in rs]) for rs in runs])
@@ -71,6 +77,12 @@ def summarize(by_width, threshold=None):
                           max_stable_index=max(stable) if stable else None,
                           max_stable_at_edge=bool(stable) and max(stable) == len(lrs) - 1)
     return out
+
+
+def _module_order(name):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def fit_exponent(widths, lrs):
@@ -159,8 +171,9 @@ def write(out: str, threshold=None) -> str:
     summaries = {e: summarize(by_exp[e], threshold) for e in exps}
     figs = {}
 
-    figs["accuracy"] = "accuracy_vs_lr.png"
-    _plot_lr_curves(plt, exps, summaries, "acc", "final training accuracy", os.path.join(out, figs["accuracy"]))
+    score_name = rows[0].get("score_name", "final training accuracy")
+    figs["accuracy"] = "accuracy_vs_lr.png" if score_name == "final training accuracy" else "score_vs_lr.png"
+    _plot_lr_curves(plt, exps, summaries, "acc", score_name, os.path.join(out, figs["accuracy"]))
     figs["loss"] = "loss_vs_lr.png"
     _plot_lr_curves(plt, exps, summaries, "loss", "final training loss", os.path.join(out, figs["loss"]),
                     logy=True)
@@ -201,13 +214,14 @@ def write(out: str, threshold=None) -> str:
             if i is None:
                 continue
             run = s["runs"][i][0]
-            hist = [h for h in run["history"] if h.get("logits/rms") is not None]
+            key = "logits/rms" if any("logits/rms" in h for h in run["history"]) else "train/logit_norm"
+            hist = [h for h in run["history"] if h.get(key) is not None]
             if hist:
-                ax.plot([h["step"] for h in hist], [h["logits/rms"] for h in hist],
+                ax.plot([h["step"] for h in hist], [h[key] for h in hist],
                         label=f"n={width}, lr={s['lrs'][i]:.3g}")
         _log_axes(ax, x=False)
         ax.set_xlabel("step")
-        ax.set_ylabel("logit RMS on the probe")
+        ax.set_ylabel("logit RMS on the probe" if rows[0].get("task") != "gpt" else "mean logit norm per token")
         ax.set_title(_label(exp) + ": largest stable lr")
         _legend(ax)
     fig.tight_layout()
@@ -221,17 +235,16 @@ def write(out: str, threshold=None) -> str:
     for row, exp in enumerate(exps):
         s = summaries[exp]
         widths = sorted(s)
-        depth = dict(exp)["depth"]
+        finals = {w: s[w]["runs"][s[w]["opt_index"]][0].get("final_metrics") or {} for w in widths}
+        modules = sorted({k.rsplit("/", 1)[0] for m in finals.values() for k in m if "/" in k
+                          and k.endswith(tuple(f"/{st}" for st in stats))}, key=_module_order)
         for col, stat in enumerate(stats):
             ax = axes[row][col]
-            for layer in range(depth + 1):
-                ys = []
-                for w in widths:
-                    run = s[w]["runs"][s[w]["opt_index"]][0]
-                    ys.append((run.get("final_metrics") or {}).get(f"layers.{layer}/{stat}"))
+            for i, module in enumerate(modules):
+                ys = [finals[w].get(f"{module}/{stat}") for w in widths]
                 pts = [(w, y) for w, y in zip(widths, ys) if y is not None and y > 0]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", color=f"C{layer}", label=f"layer {layer}")
+                    ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=module)
             _log_axes(ax)
             ax.set_xlabel("width")
             ax.set_ylabel(stat)
@@ -254,24 +267,34 @@ def _markdown(rows, exps, summaries, fits, figs):
 
     c0 = rows[0]["config"]
     n_div = sum(r["status"] != "ok" for r in rows)
-    lines = ["# Width x learning-rate sweep", "",
+    task = "GPT" if rows[0].get("task") == "gpt" else "MLP"
+    score_name = rows[0].get("score_name", "final training accuracy")
+    fixed = ", ".join(f"{k} {v}" for k, v in sorted(c0.items())
+                      if k not in SWEPT + ("loss", "optim", "param", "data")
+                      and all(r["config"].get(k) == v for r in rows))
+    lines = [f"# Width x learning-rate sweep ({task})", "",
              f"{len(rows)} runs ({n_div} diverged) on `{c0['data']}`: widths "
              f"{sorted({r['config']['width'] for r in rows})}, "
              f"{len({r['config']['lr'] for r in rows})} learning rates, "
-             f"{len({r['config']['seed'] for r in rows})} seed(s), depth {c0['depth']}, "
-             f"{c0['epochs']} epoch(s), batch {c0['batch_size']}, base width {c0['base_width']}.", "",
+             f"{len({r['config']['seed'] for r in rows})} seed(s); {fixed}.", "",
+             f"Score: {score_name} (higher is better).", "",
              "## Fitted learning-rate exponents", "",
              "Slope b of log lr against log width (lr ~ width^b), with 95% confidence intervals. "
              "The paper (Haas et al. 2025) finds the maximal stable SGD learning rate under SP "
              "to scale roughly as width^-1/2 under cross-entropy and width^-1 under MSE.", "",
-             "| experiment | optimal lr | maximal stable lr | widths where the optimum is at the grid's edge |",
-             "|---|---|---|---|"]
+             "| experiment | optimal lr | maximal stable lr | widths whose optimal lr is at the grid's edge | "
+             "widths stable up to the grid's top |",
+             "|---|---|---|---|---|"]
     for exp in exps:
         edge = [str(w) for w, s in summaries[exp].items() if s["opt_at_edge"]]
+        top = [str(w) for w, s in summaries[exp].items() if s["max_stable_at_edge"]]
         lines.append(f"| {_label(exp)} | {_fmt_fit(fits[(exp, 'optimal')])} | "
-                     f"{_fmt_fit(fits[(exp, 'max stable')])} | {', '.join(edge) or 'none'} |")
+                     f"{_fmt_fit(fits[(exp, 'max stable')])} | {', '.join(edge) or 'none'} | "
+                     f"{', '.join(top) or 'none'} |")
+    lines += ["", "An exponent fitted where the maximal stable lr is the grid's largest only bounds it: "
+              "extend the grid upwards to measure it."]
     lines += ["", "## Per width", "",
-              "| experiment | width | optimal lr | its accuracy | maximal stable lr | diverged lrs |",
+              "| experiment | width | optimal lr | its score | maximal stable lr | diverged lrs |",
               "|---|---|---|---|---|---|"]
     for exp in exps:
         for w, s in summaries[exp].items():
@@ -280,23 +303,27 @@ def _markdown(rows, exps, summaries, fits, figs):
             lines.append(f"| {_label(exp)} | {w} | {s['opt_lr']:.3g} | {s['acc'][s['opt_index']]:.3f} | {msl} | "
                          f"{div} of {len(s['lrs'])} |")
     lines += ["", "## Figures", "",
-              f"Final training accuracy against learning rate, one curve per width:\n\n![]({figs['accuracy']})", "",
+              f"{score_name[0].upper() + score_name[1:]} against learning rate, one curve per width:\n\n"
+              f"![]({figs['accuracy']})", "",
               f"Final training loss against learning rate:\n\n![]({figs['loss']})", "",
               f"Optimal and maximal stable learning rate against width, with fitted exponents:\n\n"
               f"![]({figs['exponents']})", "",
-              "Logit RMS on the probe batch against step at each width's largest stable learning rate "
+              "Logit RMS on the probe batch (GPT: the mean per-token logit norm of the training batch) "
+              "against step at each width's largest stable learning rate "
               "(controlled divergence: under CE the logits grow with width while the loss stays finite):"
               f"\n\n![]({figs['logits']})", "",
               "Per-layer feature change rms(h_t - h_0) and the refined coordinate check's effective "
               "rms((W_t - W_0) x_t) and propagating rms(W_0 (x_t - x_0)) updates at the end of training, "
               f"against width, at each width's optimal learning rate:\n\n![]({figs['features']})", "",
               "## Definitions", "",
-              "Mean accuracy: final training accuracy averaged over seeds (a diverged seed counts as chance). "
-              "Optimal lr: the grid lr with the highest mean accuracy (ties: the lowest training loss). Maximal stable lr: the largest grid lr "
-              "with no diverged seed and mean accuracy at or above halfway between chance and the width's best "
+              "Mean score: the score averaged over seeds (a diverged seed counts as chance: accuracy 1/classes, "
+              "or minus the log of the vocabulary size). "
+              "Optimal lr: the grid lr with the highest mean score (ties: the lowest training loss). Maximal stable lr: the largest grid lr "
+              "with no diverged seed and mean score at or above halfway between chance and the width's best "
               "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
               "`diverge_loss`. All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
-              "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "", table_markdown(), ""]
+              "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "",
+              table_markdown() if task == "MLP" else "see the table in `spkern/gpt.py`.", ""]
     return "\n".join(lines)
 
 

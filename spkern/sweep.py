@@ -40,7 +40,7 @@ def parse_lrs(text: str) -> List[float]:
 
 def grid(base: RunConfig, **axes: Iterable) -> List[RunConfig]:
     """Every combination of the values given per RunConfig field."""
-    names = {f.name for f in fields(RunConfig)}
+    names = {f.name for f in fields(type(base))}
     for k in axes:
         if k not in names:
             raise ValueError(f"unknown sweep axis {k!r}")
@@ -88,7 +88,11 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
 
     from spkern.train.mlp import train
 
-    train_fn = train_fn or train
+    if train_fn is None:
+        if configs and type(configs[0]).__name__ == "GPTRunConfig":
+            from spkern.train.gpt import train as train_fn
+        else:
+            train_fn = train
     os.makedirs(out, exist_ok=True)
     _drop_torn_line(os.path.join(out, RESULTS))
     done = {_key(r["config"]) for r in read_results(out)}

@@ -89,6 +89,11 @@ def _first_tensor(out):
     return None
 
 
+def _world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _as_args(probe):
     return tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
 
@@ -115,6 +120,8 @@ class Tracker:
         log_every: write every this many measurements (default 1).
         reference_dtype: dtype of the copies of W_0 (default: the weight's). In bfloat16
             the RCC products with W_0 are rounded accordingly.
+        output_key: the name under which the model's output on the probe is reported
+            (``logits/rms`` ...; a model whose output is not the logits can rename it).
         op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
             the previous measurement's vector, so that the estimate keeps converging as
             W_t moves slowly (the first measurement runs 50 from a cold start).
@@ -128,7 +135,8 @@ class Tracker:
                  probe=None, probe_rows: int = 256, reference: Union[str, nn.Module] = "init",
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
-                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1):
+                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
+                 output_key: str = "logits"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -146,6 +154,7 @@ class Tracker:
         self.every, self.rcc, self.log_every = every, rcc, log_every
         self.reference_dtype = reference_dtype
         self.op_iters = op_iters
+        self.output_key = output_key
         self.probe_rows = probe_rows
         self.names = self._select(modules)
         self.modules = dict(model.named_modules())
@@ -452,11 +461,11 @@ class Tracker:
             ref = self._ref_out
             if ref is not None and ref.shape == out.shape:
                 s = pair_stats(out.detach(), ref.to(out.dtype))
-                self._values["logits/change_rms"] = self._rms(s[2], out.numel())
+                self._values[f"{self.output_key}/change_rms"] = self._rms(s[2], out.numel())
             else:
                 s = pair_stats(out.detach())
-            self._values["logits/rms"] = self._rms(s[0], out.numel())
-            self._values["logits/max_abs"] = out.detach().abs().amax().float()
+            self._values[f"{self.output_key}/rms"] = self._rms(s[0], out.numel())
+            self._values[f"{self.output_key}/max_abs"] = out.detach().abs().amax().float()
         self._param_stats()
         self._values.update(keep)
         self.measurements += 1
@@ -482,13 +491,18 @@ class Tracker:
 
     def metrics(self) -> dict:
         """The latest measurement as ``{name: float}`` (plus ``step``), read from the
-        device in one transfer."""
+        device in one transfer. Under ``torch.distributed`` it is the mean over the ranks
+        (one all-reduce), so every rank must call it at the same steps."""
         if self._floats is None:
             keys = list(self._values)
             flat = []
             if keys:
                 device = self._values[keys[0]].device
-                flat = torch.stack([self._values[k].detach().float().reshape(()).to(device) for k in keys]).tolist()
+                stacked = torch.stack([self._values[k].detach().float().reshape(()).to(device) for k in keys])
+                if _world_size() > 1:  # the mean over the ranks (every rank calls metrics())
+                    torch.distributed.all_reduce(stacked)
+                    stacked /= _world_size()
+                flat = stacked.tolist()
             self._floats = dict(zip(keys, flat))
         return {"step": self.steps, **self._floats}
 

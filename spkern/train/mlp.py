@@ -152,6 +152,7 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
         result["train_loss"], result["train_acc"] = evaluate(model, data.x_train, data.y_train, cfg)
         result["test_loss"], result["test_acc"] = evaluate(model, data.x_test, data.y_test, cfg)
         result["final_metrics"] = {k: v for k, v in tracker.metrics().items()}
+        result["score"], result["chance_score"] = result["train_acc"], 1.0 / data.n_classes
         if not all(math.isfinite(result[k]) for k in ("train_loss", "test_loss")):
             result["status"], result["diverged_step"] = "diverged", step
     return _json_safe(result)

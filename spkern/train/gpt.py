@@ -1,0 +1,270 @@
+"""GPT training runs: the fused head loss, the tracker, AdamW or SGD, one process or
+data-parallel (DDP) across several.
+
+    python -m spkern.train.gpt --width 128 --lr 3e-3 --steps 200 --out run.json
+    torchrun --nproc_per_node=2 -m spkern.train.gpt --width 128 --lr 3e-3 --out run.json
+
+Under ``torchrun`` each process trains on its slice of every global batch (the same
+global batch as one process would draw: all ranks share the sampler's seed), gradients
+are averaged by DDP (gloo on CPU, NCCL on GPU), the loss, the logit statistics and the
+tracker's statistics are averaged over the ranks, and only rank 0 writes results.
+
+Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to
+``min_lr_frac * lr`` at the last step, applied to every group's own rate (the per-layer
+rates of the parameterization). AdamW decays matrices only; gradients are clipped to
+``clip`` (0: off). The score of a run is minus its validation cross-entropy (whatever the
+training loss), so that the sweep report can compare CE and MSE runs.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+import spkern
+from spkern.gpt import GPT, GPT_PARAMS, GPTConfig
+from spkern.train.mlp import _json_safe
+
+LOSSES = ("ce", "mse")
+
+
+@dataclass
+class GPTRunConfig:
+    data: str = "pydoc"
+    width: int = 128
+    depth: int = 2
+    head_dim: int = 32
+    context: int = 128
+    qk_norm: bool = True
+    param: str = "sp"
+    base_width: int = 64
+    loss: str = "ce"
+    optim: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    warmup: int = 20
+    min_lr_frac: float = 0.1
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    track_every: int = 20
+    eval_batches: int = 8
+    diverge_loss: float = 100.0
+
+    def check(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.optim not in ("sgd", "adam"):
+            raise ValueError(f"optim must be 'sgd' or 'adam', got {self.optim!r}")
+        if self.param not in GPT_PARAMS:
+            raise ValueError(f"param must be one of {GPT_PARAMS} for the GPT, got {self.param!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("width", "depth", "head_dim", "context", "base_width", "steps", "batch_size", "grad_accum",
+                     "track_every", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.width % self.head_dim:
+            raise ValueError(f"width ({self.width}) must be a multiple of head_dim ({self.head_dim})")
+        return self
+
+
+def lr_factor(step: int, cfg: GPTRunConfig) -> float:
+    """Warm-up then cosine decay, for the update of step ``step`` (0-based)."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    t = min((step - cfg.warmup) / span, 1.0)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _dist():
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(t):
+    rank, world = _dist()
+    if world > 1:
+        torch.distributed.all_reduce(t)
+        t /= world
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg, device):
+    """Mean validation cross-entropy over ``eval_batches`` fixed batches."""
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = tokens.batch("val", cfg.batch_size, cfg.context, g)
+        total += model.loss(x.to(device), y.to(device), "ce", return_stats=False).item()
+    return total / cfg.eval_batches
+
+
+def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
+    """Trains one GPT run (in every process of a torch.distributed job)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from spkern.text import load_tokens
+
+    cfg.check()
+    rank, world = _dist()
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % world:
+        raise ValueError(f"batch_size / grad_accum ({micro}) must be a multiple of the number of processes ({world})")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens = tokens or load_tokens(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(vocab=tokens.vocab, width=cfg.width, depth=cfg.depth, head_dim=cfg.head_dim,
+                          context=cfg.context, qk_norm=cfg.qk_norm, param=cfg.param,
+                          base_width=cfg.base_width)).to(device)
+    groups = model.param_groups(cfg.optim, cfg.lr, cfg.weight_decay if cfg.optim == "adam" else 0.0)
+    if cfg.optim == "adam":
+        opt = spkern.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    else:
+        opt = spkern.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    g_probe = torch.Generator().manual_seed(999)
+    probe = tokens.batch("val", 4, cfg.context, g_probe)[0].to(device)
+    tracker = spkern.Tracker(model, opt, probe=probe, every=cfg.track_every, output_key="final_hidden",
+                             modules=[r"tok", r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))", r"ln_f"])
+    ddp = DDP(model) if world > 1 else model
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    history, diverged_at, start = [], None, time.perf_counter()
+    lo, hi = rank * (micro // world), (rank + 1) * (micro // world)
+    if progress is not None:
+        progress.reset(total=cfg.steps)
+    step = 0
+    for step in range(cfg.steps):
+        f = lr_factor(step, cfg)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * f
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        stat_sums = torch.zeros(5, device=device)
+        for k in range(cfg.grad_accum):
+            x, y = tokens.batch("train", micro, cfg.context, sampler)  # the global micro-batch
+            x, y = x[lo:hi].to(device), y[lo:hi].to(device)
+            sync = k == cfg.grad_accum - 1 or world == 1
+            ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+            with ctx:
+                with autocast:
+                    loss, stats = _loss(ddp, model, x, y, cfg.loss)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+            stat_sums += torch.stack([stats.logit_norm.float().mean(), stats.logit_max.float().mean(),
+                                      stats.max_prob.float().mean(), stats.entropy.float().mean(),
+                                      stats.correct.float().mean()])
+        means = _mean_over_ranks(torch.cat([loss_sum.reshape(1), stat_sums]) / cfg.grad_accum)
+        tracker.record_loss(means[0])
+        for i, key in enumerate(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy")):
+            tracker._values[f"train/{key}"] = means[1 + i]
+        bad = ~torch.isfinite(means[0]) | (means[0] > cfg.diverge_loss)
+        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        if progress is not None:
+            progress.update(1)
+        if (step + 1) % cfg.track_every == 0 or step + 1 == cfg.steps:
+            fb = int(first_bad.item())
+            if fb >= 0:
+                diverged_at = fb
+                break
+            m = tracker.metrics()
+            history.append({"step": step + 1, "lr_factor": f,
+                            **{k: v for k, v in m.items() if k.startswith(("train/", "final_hidden/"))
+                               or k.endswith(("/change_rms", "/eff_rms", "/prop_rms"))}})
+    tracker.close()
+    result = {"config": asdict(cfg), "task": "gpt", "status": "diverged" if diverged_at is not None else "ok",
+              "diverged_step": diverged_at, "steps": step + 1, "device": str(device), "processes": world,
+              "seconds": time.perf_counter() - start, "history": history,
+              "score_name": "minus validation cross-entropy", "chance_score": -math.log(tokens.vocab)}
+    if diverged_at is None:
+        result["val_ce"] = evaluate(model, tokens, cfg, device)
+        result["train_loss"] = history[-1]["train/loss"] if history else None
+        result["score"] = -result["val_ce"]
+        result["final_metrics"] = dict(history[-1]) if history else {}
+        if not math.isfinite(result["val_ce"]):
+            result["status"], result["diverged_step"] = "diverged", step + 1
+    return _json_safe(result)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _loss(ddp, model, x, y, kind):
+    return ddp(x, y, kind)  # GPT.forward with targets: the head's fused loss, inside DDP
+
+
+def main(argv=None):
+    """One run from the command line (``torchrun`` for several processes)."""
+    parser = argparse.ArgumentParser(prog="python -m spkern.train.gpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(GPTRunConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(name, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            parser.add_argument(name, type=type(f.default), default=f.default)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="write the result as JSON here (rank 0)")
+    args = parser.parse_args(argv)
+    cfg = GPTRunConfig(**{f.name: getattr(args, f.name) for f in fields(GPTRunConfig)})
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(f"spkern.train.gpt: {e}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        result = train(cfg, device=device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(result)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        print(f"{result['status']}: val_ce {result.get('val_ce')}, {result['steps']} steps, "
+              f"{result['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
