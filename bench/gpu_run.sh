@@ -17,3 +17,4 @@ python3 bench/bench_linear_cross_entropy.py --device cuda --dtype bfloat16 --out
 python3 bench/bench_norms.py --device cuda --out "$out" 2>&1 | tee "$out/gpu_bench_norms.txt"
 python3 bench/bench_optim.py --device cuda --out "$out" 2>&1 | tee "$out/gpu_bench_optim.txt"
 python3 bench/bench_tracker.py --device cuda --widths 2048,8192 --out "$out" 2>&1 | tee "$out/gpu_bench_tracker.txt"
+python3 bench/bench_gpt.py --device cuda --widths 512,1024,2048 --out "$out" 2>&1 | tee "$out/gpu_bench_gpt.txt"
