@@ -4,6 +4,7 @@ PyTorch eager and torch.compile of F.cross_entropy, all measured in the same run
     python bench/bench_cross_entropy.py                 # (4096, 32768) and (8192, 50257), float32
     python bench/bench_cross_entropy.py --quick         # one small shape, 3 repeats
     python bench/bench_cross_entropy.py --device cuda   # on a GPU: adds the Triton and CUDA backends
+    python bench/bench_cross_entropy.py --loss mse      # squared error on one-hot targets instead
 
 Every step starts from x.grad = None, as a training step does. Method: bench/harness.py.
 Results: a table on stdout and JSON under runs/bench/ (or --out); the figures quoted in
@@ -30,7 +31,7 @@ CUDA_IMPLS = {
 }
 
 
-def run_one(impl, rows, vocab, dtype_name, device, repeats):
+def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
     """Runs in the subprocess: one implementation on one shape."""
     import torch
     import torch.nn.functional as F
@@ -42,15 +43,26 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats):
     x = torch.randn(rows, vocab, device=device, dtype=getattr(torch, dtype_name), generator=g)
     x.requires_grad_()
     target = torch.randint(0, vocab, (rows,), device=device, generator=g)
+    if loss == "mse":  # squared error of the logits against one-hot targets, mean over rows x classes
+        def torch_loss(x, target):
+            return F.mse_loss(x, F.one_hot(target, x.shape[1]).to(x.dtype))
+
+        def spkern_loss(x, target, return_stats):
+            return spkern.mse_onehot_loss(x, target, return_stats=return_stats)
+    else:
+        torch_loss = F.cross_entropy
+
+        def spkern_loss(x, target, return_stats):
+            return spkern.cross_entropy(x, target, return_stats=return_stats)
     if backend is None:
-        fn = F.cross_entropy if impl == "torch eager" else torch.compile(F.cross_entropy)
+        fn = torch_loss if impl == "torch eager" else torch.compile(torch_loss)
 
         def step():
             fn(x, target).backward()
     else:
         def step():
             with spkern.use_backend(backend) if backend != "default" else contextlib.nullcontext():
-                out = spkern.cross_entropy(x, target, return_stats=stats)
+                out = spkern_loss(x, target, stats)
             (out[0] if stats else out).backward()
 
     def clear():
@@ -63,6 +75,9 @@ def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--shapes", default=None, help="rows x vocab list, e.g. 4096x32768,8192x50257")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--loss", default="ce", choices=["ce", "mse"],
+                        help="ce: cross-entropy; mse: squared error against one-hot targets (F.mse_loss of "
+                             "F.one_hot for PyTorch, spkern.mse_onehot_loss)")
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(list(IMPLS) + list(CUDA_IMPLS)))
     args = harness.parse(parser, argv, run_one)
@@ -82,7 +97,8 @@ def main(argv=None):
 
     info = harness.machine_info(args.device)
     bandwidth = harness.copy_bandwidth(args.device)
-    harness.print_header(f"cross-entropy forward+backward, {args.dtype}", info, args.device, bandwidth)
+    title = "cross-entropy" if args.loss == "ce" else "squared error on one-hot targets"
+    harness.print_header(f"{title} forward+backward, {args.dtype}", info, args.device, bandwidth)
     header = "| rows x vocab | implementation | median ms | min-max ms | vs eager | peak extra MB | GB/s | of copy bw |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -91,7 +107,7 @@ def main(argv=None):
     for rows, vocab in shapes:
         eager_ms = None
         for impl in impls:
-            r = harness.run_isolated(__file__, [impl, rows, vocab, args.dtype, args.device, repeats])
+            r = harness.run_isolated(__file__, [impl, rows, vocab, args.dtype, args.device, repeats, args.loss])
             if "error" in r:
                 print(f"| {rows}x{vocab} | {impl} | failed: {r['error']} |")
                 continue
@@ -99,7 +115,7 @@ def main(argv=None):
                 eager_ms = r["median_ms"]
             # the least traffic a fused step can have: read the logits, write their gradient
             gbs = 2 * rows * vocab * itemsize / (r["median_ms"] / 1e3) / 1e9
-            r.update(rows=rows, vocab=vocab, impl=impl, dtype=args.dtype, device=args.device,
+            r.update(rows=rows, vocab=vocab, impl=impl, dtype=args.dtype, device=args.device, loss=args.loss,
                      speedup_vs_eager=(eager_ms / r["median_ms"]) if eager_ms else None,
                      gb_per_s=gbs, fraction_of_copy_bandwidth=gbs * 1e9 / bandwidth)
             results.append(r)
@@ -113,7 +129,8 @@ def main(argv=None):
             cost = by["spkern +stats"]["median_ms"] / by["spkern"]["median_ms"] - 1
             print(f"# {rows}x{vocab}: statistics cost {cost:+.1%} over the plain loss")
     if args.out:
-        harness.save(args.out, f"cross_entropy_{args.device}_{args.dtype}", args.quick, info, results,
+        name = "cross_entropy" if args.loss == "ce" else "mse_onehot"
+        harness.save(args.out, f"{name}_{args.device}_{args.dtype}", args.quick, info, results,
                      repeats=repeats, copy_bandwidth_gb_s=bandwidth / 1e9)
     return 0
 

@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["three matmuls", "torch eager", "torch chunked", "cut-cross-entropy", "spkern", "spkern +stats"]
+IMPLS = ["three matmuls", "torch eager", "torch chunked", "cut-cross-entropy", "Liger Kernel", "spkern",
+         "spkern +stats"]
 
 
 def run_one(impl, N, D, V, dtype_name, device, repeats):
@@ -59,6 +60,17 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
 
         def step():
             cce(x, w, t, impl=kind).backward()
+    elif impl == "Liger Kernel":
+        if device != "cuda":
+            return {"skipped": "Liger Kernel runs on GPUs only"}
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return {"skipped": "liger-kernel is not installed"}
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def step():
+            liger(w, x, t).backward()
     else:
         stats = impl.endswith("+stats")
 
@@ -116,8 +128,8 @@ def main(argv=None):
         logits_mb = 2 * N * V * itemsize / 2**20  # what eager holds for logits and their gradient
         for impl in impls:
             r = harness.run_isolated(__file__, [impl, N, D, V, args.dtype, args.device, repeats])
-            if "error" in r:
-                print(f"| {N}x{D}x{V} | {impl} | failed: {r['error']} |")
+            if "error" in r or "skipped" in r:
+                print(f"| {N}x{D}x{V} | {impl} | {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} |")
                 continue
             floor_ms = r["median_ms"] if impl == "three matmuls" else floor_ms
             eager_ms = r["median_ms"] if impl == "torch eager" else eager_ms

@@ -108,6 +108,26 @@ def copy_bandwidth(device):
     return 2 * a.numel() * a.element_size() / times[len(times) // 2]
 
 
+def matmul_flops(device, n=4096):
+    """Measured float32 matrix-multiply throughput (FLOP/s) of an n x n x n product."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    times = []
+    for i in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
+
+
 def machine_info(device):
     import torch
 

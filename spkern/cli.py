@@ -4,6 +4,7 @@
     spkern sweep mlp [options]      a width x learning-rate sweep of MLPs
     spkern sweep gpt [options]      a width x learning-rate sweep of small GPTs
     spkern report DIR               the report of a sweep's results
+    spkern bench [op] [options]     the kernel benchmarks side by side with the peers
 """
 
 import argparse
@@ -181,6 +182,22 @@ def sweep_gpt(args):
     return 0
 
 
+def bench(argv):
+    """Runs bench/suite.py of the source tree (the benchmarks are not installed)."""
+    import os
+    import runpy
+
+    import spkern
+
+    suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(spkern.__file__))), "bench", "suite.py")
+    if not os.path.exists(suite):
+        raise SystemExit("spkern bench: the benchmark suite is in the bench/ folder of spkern's source tree; "
+                         "install spkern from a checkout (pip install --no-build-isolation -e .)")
+    sys.argv = ["spkern bench", *argv]
+    runpy.run_path(suite, run_name="__main__")  # exits with the suite's status
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="spkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +217,10 @@ def main(argv=None):
     rep = sub.add_parser("report", help="write the report of a sweep")
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
     rep.add_argument("--stable-threshold", type=float, default=None)
+    sub.add_parser("bench", help="run the benchmark suite (spkern bench --help)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "sweep" and args.kind == "gpt":
         return sweep_gpt(args)
