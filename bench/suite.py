@@ -17,8 +17,13 @@ machine's limit. Rates count the work an ideal implementation must do:
   9 passes over the matrix), against the copy bandwidth;
 * optim: bytes the step reads and writes (SGD with momentum: 5 per parameter element;
   AdamW: 7; times the element size), against the copy bandwidth;
-* gpt: 6 x parameters x tokens FLOPs, against the matrix-product throughput;
+* gpt: 6 x (block and head parameters) x tokens FLOPs, against the matrix-product
+  throughput;
 * tracker: no single rate (its time is the overhead over a plain step).
+
+Inputs are not rotated between repeats: a working set smaller than the last-level cache
+(marked * in the table; the CPU's cache size is read from sysfs) can exceed the DRAM copy
+bandwidth, so its fraction is not a fraction of the machine's memory limit.
 
 The rows go to ``<out>/suite_<device>_<date>.json`` and ``.csv`` and one PNG per op (time
 and memory against size, one line per implementation) next to them.
@@ -54,6 +59,18 @@ def _mlp_params(width, dims_in=784, depth=8, out=10):
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(depth))
 
 
+def llc_bytes():
+    """The last-level cache of CPU 0 in bytes (0 where sysfs does not say)."""
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+            best = max(best, int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return best
+
+
 def annotate(op, r, bandwidth, flops):
     """(shape text, rate text, fraction of the limit) of one result row."""
     if op in ("ce", "mse"):
@@ -80,7 +97,7 @@ def annotate(op, r, bandwidth, flops):
                 bandwidth)
     if op == "gpt":
         w, v = r["width"], r["vocab"]
-        params = r["depth"] * 12 * w * w + 2 * v * w
+        params = r["depth"] * 12 * w * w + v * w  # blocks and head (embedding lookups are not products)
         work = 6 * params * r["batch"] * r["context"]
         return f"width {w}", work / (r["median_ms"] / 1e3), "FLOP", flops
     return f"width {r['width']}", None, None, None
@@ -116,7 +133,9 @@ def figure(op, rows, path):
     for impl, rs in by_impl.items():
         rs = sorted(rs, key=_size)
         a.plot([_size(r) for r in rs], [r["median_ms"] for r in rs], marker="o", label=impl)
-        b.plot([_size(r) for r in rs], [max(r["peak_extra_mb"], 0.1) for r in rs], marker="o", label=impl)
+        mem = [(_size(r), max(r["peak_extra_mb"], 0.1)) for r in rs if r.get("peak_extra_mb") is not None]
+        if mem:
+            b.plot(*zip(*mem), marker="o", label=impl)
     for ax, label in ((a, "median ms"), (b, "peak extra MB")):
         if ax.get_lines():
             ax.set_xscale("log")
@@ -150,8 +169,9 @@ def main(argv=None):
     where = info.get("gpu") or info["cpu"]
     print(f"# spkern bench on {where} ({args.device}, {info['threads']} threads), torch {info['torch']}, "
           f"triton {info['triton']}, commit {info['commit']}")
-    print(f"# limits measured now: copy {bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s",
-          flush=True)
+    llc = llc_bytes() if args.device == "cpu" else 0
+    print(f"# limits measured now: copy {bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s"
+          + (f"; last-level cache {llc / 2**20:.0f} MB" if llc else ""), flush=True)
     os.makedirs(args.out, exist_ok=True)
     table = []
     for op in ops:
@@ -176,17 +196,20 @@ def main(argv=None):
             rows = json.load(f)["results"]
         for r in rows:
             shape, rate, unit, limit = annotate(op, r, bandwidth, flops)
+            in_cache = bool(unit == "B" and rate and args.device == "cpu"
+                            and rate * r["median_ms"] / 1e3 < llc_bytes())
             table.append(dict(op=op, shape=shape, dtype=r.get("dtype", "float32"), impl=r["impl"],
                               median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
                               peak_extra_mb=r["peak_extra_mb"], rate=rate, rate_unit=unit,
-                              fraction_of_limit=rate / limit if rate and limit else None))
+                              fraction_of_limit=rate / limit if rate and limit else None, in_cache=in_cache))
         figure(op, rows, os.path.join(args.out, f"suite_{op}_{args.device}.png"))
     print("| op | shape | dtype | implementation | median ms | min-max ms | peak extra MB | achieved | of limit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for t in table:
-        frac = "-" if t["fraction_of_limit"] is None else f"{t['fraction_of_limit']:.0%}"
+        frac = "-" if t["fraction_of_limit"] is None else f"{t['fraction_of_limit']:.0%}" + ("*" if t["in_cache"] else "")
         print(f"| {t['op']} | {t['shape']} | {t['dtype']} | {t['impl']} | {t['median_ms']:.2f} | "
-              f"{t['min_ms']:.2f}-{t['max_ms']:.2f} | {t['peak_extra_mb']:.0f} | "
+              f"{t['min_ms']:.2f}-{t['max_ms']:.2f} | "
+              f"{'-' if t['peak_extra_mb'] is None else format(t['peak_extra_mb'], '.0f')} | "
               f"{_fmt_rate(t['rate'], t['rate_unit'])} | {frac} |")
     stamp = datetime.datetime.now(datetime.timezone.utc)
     base = os.path.join(args.out, f"suite_{args.device}_{stamp:%Y-%m-%d}{'_quick' if args.quick else ''}")
@@ -198,6 +221,8 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["op"])
         w.writeheader()
         w.writerows(table)
+    if any(t["in_cache"] for t in table):
+        print("# *: the working set fits in the last-level cache: the rate is not bounded by DRAM bandwidth")
     print(f"# wrote {os.path.relpath(base)}.json, .csv and suite_<op>_{args.device}.png")
     return 0 if table else 1
 
