@@ -55,16 +55,11 @@ def run_one(impl, width, device, repeats):
             if tracker.steps % tracker.every == 0:
                 tracker.metrics()
 
-        step = one
         if tracker.every > 1:
-            def step():
-                for _ in range(tracker.every):
-                    one()
-            r = harness.measure(step, device, max(3, repeats // 2), warmup=1)
-            for k in ("median_ms", "min_ms", "max_ms"):
-                r[k] /= tracker.every
+            r = harness.measure_cycles(one, device, repeats, tracker.every)
             r["tokens_per_s"] = BATCH * CONTEXT / (r["median_ms"] / 1e3)
             return r
+        step = one
     r = harness.measure(step, device, repeats, warmup=2)
     r["tokens_per_s"] = BATCH * CONTEXT / (r["median_ms"] / 1e3)
     return r

@@ -56,16 +56,9 @@ def run_one(impl, width, probe_rows, device, repeats):
             opt.step()
             return tracker.metrics() if tracker.steps % tracker.every == 0 else None
 
-        if tracker.every == 1:
-            step = one
-        else:  # time whole cycles of `every` steps, reported per step
-            def step():
-                for _ in range(tracker.every):
-                    one()
-            r = harness.measure(step, device, max(3, repeats // tracker.every), warmup=1)
-            for k in ("median_ms", "min_ms", "max_ms"):
-                r[k] /= tracker.every
-            return r
+        if tracker.every > 1:  # whole cycles of `every` steps, reported per step
+            return harness.measure_cycles(one, device, repeats, tracker.every)
+        step = one
     elif impl == "torch-module-monitor":
         try:
             from torch_module_monitor import ModuleMonitor, RefinedCoordinateCheck

@@ -77,6 +77,19 @@ def measure(step, device, repeats, warmup=2, before_each=None):
                 max_ms=times[-1] * 1e3, peak_extra_mb=max(peak, 0) / 2**20)
 
 
+def measure_cycles(one, device, repeats, cycle):
+    """Times cycles of ``cycle`` calls of ``one`` (for work done every ``cycle`` steps)
+    and reports the time per call."""
+    def step():
+        for _ in range(cycle):
+            one()
+
+    r = measure(step, device, max(3, repeats // max(cycle // 5, 1)), warmup=1)
+    for k in ("median_ms", "min_ms", "max_ms"):
+        r[k] /= cycle
+    return r
+
+
 def run_isolated(script, spec):
     """Runs ``script --_one <spec as JSON>`` in a fresh interpreter; returns its last
     stdout line parsed as JSON, or a dict with "error"."""

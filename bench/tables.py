@@ -15,6 +15,8 @@ def table(path):
     with open(path) as f:
         d = json.load(f)
     where = d.get("gpu") or d["cpu"]
+    if "ops" in d:  # spkern bench (bench/suite.py)
+        return _suite(d, where)
     lines = [f"`{d['command']}` on {where}, {d['threads']} threads, torch {d['torch']}, "
              f"spkern `_C` built for {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
     rows = d["results"]
@@ -60,6 +62,23 @@ def table(path):
             lines.append(f"| {r['N']} x {r['D']} x {r['V']} | {r['impl']} | {r['median_ms']:.0f} | "
                          f"{_fmt(r['vs_floor'], '.2f')}x | {_fmt(r['vs_eager'], '.2f')}x | "
                          f"{_fmt(r['peak_extra_mb'], '.0f')} | {_fmt(r['extra_fraction_of_eager_logits'], '.1%')} |")
+    return "\n".join(lines)
+
+
+def _suite(d, where):
+    rate = lambda t: "-" if t["rate"] is None else (  # noqa: E731
+        f"{t['rate'] / 1e9:.1f} GB/s" if t["rate_unit"] == "B" else f"{t['rate'] / 1e9:.0f} GFLOP/s")
+    lines = [f"`spkern bench {' '.join(d['ops']) if len(d['ops']) == 1 else 'all'}` on {where}, {d['threads']} "
+             f"threads, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}, {d['date'][:10]}; "
+             f"limits measured in the run: copy {d['copy_bandwidth_gb_s']:.1f} GB/s, float32 matmul "
+             f"{d['matmul_gflop_s']:.0f} GFLOP/s.", "",
+             "| op | shape | dtype | implementation | median ms | peak extra MB | achieved | of limit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in d["results"]:
+        frac = "-" if t["fraction_of_limit"] is None else f"{t['fraction_of_limit']:.0%}" + ("*" if t.get("in_cache")
+                                                                                             else "")
+        lines.append(f"| {t['op']} | {t['shape']} | {t['dtype']} | {t['impl']} | {t['median_ms']:.1f} | "
+                     f"{_fmt(t['peak_extra_mb'], '.0f')} | {rate(t)} | {frac} |")
     return "\n".join(lines)
 
 

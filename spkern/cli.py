@@ -74,21 +74,40 @@ def _device(text):
     return text
 
 
-def sweep_mlp(args):
-    from spkern import param, report, sweep
-    from spkern.data import load
-    from spkern.train.mlp import LOSSES, RunConfig
+def _grid_args(args, positive):
+    """The learning rates, widths, seeds and device of a sweep's arguments, checked."""
+    from spkern import sweep
 
     try:
         lrs = sweep.parse_lrs(args.lrs)
     except ValueError as e:
         raise SystemExit(f"spkern: --lrs: {e}") from None
-    widths = _ints(args.widths, "widths")
-    seeds = list(range(_ints(args.seeds, "seeds")[0]))
-    for name in ("epochs", "depth", "batch_size", "base_width", "track_every"):
+    for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"spkern: --{name.replace('_', '-')} must be a positive integer")
-    device = _device(args.device)
+    return lrs, _ints(args.widths, "widths"), list(range(_ints(args.seeds, "seeds")[0])), _device(args.device)
+
+
+def _run_sweep(kind, args, configs, data, device):
+    """Runs the configs not yet in args.out, then writes the report."""
+    from spkern import report, sweep
+
+    print(f"spkern sweep {kind}: {len(configs)} runs on {args.data} ({device}), results in "
+          f"{args.out}/results.jsonl", flush=True)
+    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress)
+    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
+          flush=True)
+    if not args.no_report:
+        print(f"report: {report.write(args.out, args.stable_threshold)}")
+    return 0
+
+
+def sweep_mlp(args):
+    from spkern import param, sweep
+    from spkern.data import load
+    from spkern.train.mlp import LOSSES, RunConfig
+
+    lrs, widths, seeds, device = _grid_args(args, ("epochs", "depth", "batch_size", "base_width", "track_every"))
     base = RunConfig(data=args.data, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
                      base_width=args.base_width, bias=args.bias, momentum=args.momentum, dtype=args.dtype,
                      track_every=args.track_every, diverge_loss=args.diverge_loss)
@@ -100,15 +119,7 @@ def sweep_mlp(args):
         data = load(args.data, args.data_root)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"spkern: {e}") from None
-    print(f"spkern sweep mlp: {len(configs)} runs on {args.data} ({device}), results in {args.out}/results.jsonl",
-          flush=True)
-    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress)
-    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
-          flush=True)
-    if not args.no_report:
-        path = report.write(args.out, args.stable_threshold)
-        print(f"report: {path}")
-    return 0
+    return _run_sweep("mlp", args, configs, data, device)
 
 
 GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim="adam", param="sp", seeds="1",
@@ -148,18 +159,13 @@ def _add_gpt_options(p):
 
 
 def sweep_gpt(args):
-    from spkern import report, sweep
+    from spkern import sweep
     from spkern.gpt import GPT_PARAMS
     from spkern.text import load_tokens
     from spkern.train.gpt import LOSSES, GPTRunConfig
 
-    try:
-        lrs = sweep.parse_lrs(args.lrs)
-    except ValueError as e:
-        raise SystemExit(f"spkern: --lrs: {e}") from None
-    widths = _ints(args.widths, "widths")
-    seeds = list(range(_ints(args.seeds, "seeds")[0]))
-    device = _device(args.device)
+    lrs, widths, seeds, device = _grid_args(args, ("steps", "depth", "head_dim", "context", "batch_size",
+                                                   "grad_accum", "base_width", "track_every"))
     base = GPTRunConfig(data=args.data, depth=args.depth, head_dim=args.head_dim, context=args.context,
                         qk_norm=not args.no_qk_norm, base_width=args.base_width, steps=args.steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
@@ -172,14 +178,7 @@ def sweep_gpt(args):
         tokens = load_tokens(args.data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"spkern: {e}") from None
-    print(f"spkern sweep gpt: {len(configs)} runs on {args.data} ({device}), results in {args.out}/results.jsonl",
-          flush=True)
-    counts = sweep.run(configs, args.out, tokens, device=device, progress=not args.no_progress)
-    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
-          flush=True)
-    if not args.no_report:
-        print(f"report: {report.write(args.out, args.stable_threshold)}")
-    return 0
+    return _run_sweep("gpt", args, configs, tokens, device)
 
 
 def bench(argv):

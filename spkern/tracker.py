@@ -473,10 +473,13 @@ class Tracker:
         if self._jsonl is not None and self.measurements % self.log_every == 0:
             self.write()
 
-    def record_loss(self, loss: Tensor, stats=None):
+    def record_loss(self, loss: Tensor, stats=None, **values):
         """Records the training loss and, when given, the means of spkern's per-row logit
-        statistics (:class:`spkern.LogitStats`) of that batch (device tensors, no sync)."""
+        statistics (:class:`spkern.LogitStats`) of that batch (device tensors, no sync);
+        other ``name=tensor`` values are recorded as ``train/name``."""
         self._values["train/loss"] = loss.detach().float().reshape(())
+        for key, value in values.items():
+            self._values[f"train/{key}"] = value.detach().float().reshape(())
         if stats is not None:
             for key in ("logit_norm", "logit_max", "max_prob", "entropy"):
                 t = getattr(stats, key, None)

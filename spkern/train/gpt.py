@@ -177,9 +177,8 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
                                       stats.max_prob.float().mean(), stats.entropy.float().mean(),
                                       stats.correct.float().mean()])
         means = _mean_over_ranks(torch.cat([loss_sum.reshape(1), stat_sums]) / cfg.grad_accum)
-        tracker.record_loss(means[0])
-        for i, key in enumerate(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy")):
-            tracker._values[f"train/{key}"] = means[1 + i]
+        tracker.record_loss(means[0], **dict(zip(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy"),
+                                                  means[1:])))
         bad = ~torch.isfinite(means[0]) | (means[0] > cfg.diverge_loss)
         first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
         if cfg.clip > 0:
