@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -123,7 +124,10 @@ def test_two_processes_on_gloo_equal_one(tmp_path):
     args = ["--width", "32", "--depth", "1", "--steps", "4", "--track-every", "2", "--batch-size", "8",
             "--context", "16", "--grad-accum", "2", "--eval-batches", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as s:  # a free port, not a fixed one another job may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "spkern.train.gpt", *args, "--out", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -2,6 +2,7 @@
 // in float32 registers reduced by shuffles; no atomics, deterministic.
 
 #include "pair_stats.h"
+#include "convert.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -14,15 +15,6 @@ namespace {
 constexpr int kWarps = 8;
 
 template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, const T* b, float* out,
                                                                  int64_t rows, int64_t n) {
   const int lane = threadIdx.x % 32;
@@ -32,11 +24,11 @@ __global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, con
   const T* y = b ? b + r * n : nullptr;
   float s[5] = {0.f, 0.f, 0.f, 0.f, 0.f};  // ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a)
   for (int64_t i = lane; i < n; i += 32) {
-    const float xv = to_float<T>(x[i]);
+    const float xv = to_float(x[i]);
     s[0] = fmaf(xv, xv, s[0]);
     s[4] += xv == 0.f ? 1.f : 0.f;
     if (y) {
-      const float yv = to_float<T>(y[i]), d = xv - yv;
+      const float yv = to_float(y[i]), d = xv - yv;
       s[1] = fmaf(yv, yv, s[1]);
       s[2] = fmaf(d, d, s[2]);
       s[3] = fmaf(xv, yv, s[3]);

@@ -65,12 +65,10 @@ class GPTRunConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"optim must be 'sgd' or 'adam', got {self.optim!r}")
-        if self.param not in GPT_PARAMS:
-            raise ValueError(f"param must be one of {GPT_PARAMS} for the GPT, got {self.param!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        for name in ("width", "depth", "head_dim", "context", "base_width", "steps", "batch_size", "grad_accum",
-                     "track_every", "eval_batches"):
+        self.model_config().check()  # width, depth, head_dim, context, base_width, param
+        for name in ("steps", "batch_size", "grad_accum", "track_every", "eval_batches"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -80,9 +78,12 @@ class GPTRunConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        if self.width % self.head_dim:
-            raise ValueError(f"width ({self.width}) must be a multiple of head_dim ({self.head_dim})")
         return self
+
+    def model_config(self, vocab: int = 256) -> GPTConfig:
+        """The model part of this run's configuration."""
+        return GPTConfig(vocab=vocab, width=self.width, depth=self.depth, head_dim=self.head_dim,
+                         context=self.context, qk_norm=self.qk_norm, param=self.param, base_width=self.base_width)
 
 
 def lr_factor(step: int, cfg: GPTRunConfig) -> float:
@@ -134,9 +135,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = tokens or load_tokens(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab=tokens.vocab, width=cfg.width, depth=cfg.depth, head_dim=cfg.head_dim,
-                          context=cfg.context, qk_norm=cfg.qk_norm, param=cfg.param,
-                          base_width=cfg.base_width)).to(device)
+    model = GPT(cfg.model_config(tokens.vocab)).to(device)
     groups = model.param_groups(cfg.optim, cfg.lr, cfg.weight_decay if cfg.optim == "adam" else 0.0)
     if cfg.optim == "adam":
         opt = spkern.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
