@@ -120,6 +120,11 @@ def test_shard_formats(tmp_path):
         load_tokens(f"shards:{trunc}")
 
 
+def _what_failed(proc):
+    """The processes' own messages (torchrun prints them before its summary) and the end."""
+    return (proc.stdout + proc.stderr)[:3000] + "\n...\n" + proc.stderr[-1000:]
+
+
 def test_two_processes_on_gloo_equal_one(tmp_path):
     args = ["--width", "32", "--depth", "1", "--steps", "4", "--track-every", "2", "--batch-size", "8",
             "--context", "16", "--grad-accum", "2", "--eval-batches", "2"]
@@ -130,10 +135,10 @@ def test_two_processes_on_gloo_equal_one(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "spkern.train.gpt", *args, "--out", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _what_failed(two)
     one = subprocess.run([sys.executable, "-m", "spkern.train.gpt", *args, "--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.returncode == 0, _what_failed(one)
     a, b = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
     assert a["processes"] == 2 and b["processes"] == 1
     assert math.isclose(a["val_ce"], b["val_ce"], rel_tol=1e-5)
