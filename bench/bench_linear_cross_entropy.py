@@ -8,7 +8,8 @@ the same run.
     python bench/bench_linear_cross_entropy.py --quick    # one small shape
     pip install cut-cross-entropy                         # optional peer
 
-Every step starts from x.grad = W.grad = None. Peak memory is what a step needs above
+Every step starts from x.grad = W.grad = None; inputs rotate through copies that hold
+twice the last-level cache. Peak memory is what a step needs above
 the inputs and the weight (it includes the gradients: N x D + V x D). Method:
 bench/harness.py. Results: a table on stdout, JSON under runs/bench/ (or --out).
 """
@@ -30,60 +31,69 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
 
     import spkern
 
-    dtype = getattr(torch, dtype_name)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(N, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    w = (torch.randn(V, D, device=device, dtype=dtype, generator=g) * D**-0.5).requires_grad_()
-    t = torch.randint(0, V, (N,), device=device, generator=g)
-
-    if impl == "three matmuls":
-        # the products of forward and backward, on a stand-in gradient of the logits
-        dlogits = torch.randn(N, V, device=device, dtype=dtype, generator=g)
-
-        def step():
-            with torch.no_grad():
-                x @ w.t()
-                dlogits @ w
-                dlogits.t() @ x
-    elif impl == "torch eager":
-        def step():
-            F.cross_entropy(F.linear(x, w), t).backward()
-    elif impl == "torch chunked":
-        options = torch.nn.LinearCrossEntropyOptions()
-
-        def step():
-            F.linear_cross_entropy(x, w, t, options=options).backward()
-    elif impl == "cut-cross-entropy":
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        kind = "cce" if device == "cuda" else "torch_compile"
-
-        def step():
-            cce(x, w, t, impl=kind).backward()
-    elif impl == "Liger Kernel":
+    if impl == "Liger Kernel":
         if device != "cuda":
             return {"skipped": "Liger Kernel runs on GPUs only"}
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
         except ImportError:
             return {"skipped": "liger-kernel is not installed"}
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+    floor = impl == "three matmuls"
+
+    def make(i):
+        x = torch.randn(N, D, device=device, dtype=dtype, generator=g).requires_grad_()
+        w = (torch.randn(V, D, device=device, dtype=dtype, generator=g) * D**-0.5).requires_grad_()
+        t = torch.randint(0, V, (N,), device=device, generator=g)
+        # the floor's products run on a stand-in gradient of the logits
+        dlogits = torch.randn(N, V, device=device, dtype=dtype, generator=g) if floor else None
+        return x, w, t, dlogits
+
+    # a call reads x and W and writes their gradients (the floor also reads the logits' gradient)
+    set_bytes = (2 * (N * D + V * D) + (N * V if floor else 0)) * dtype.itemsize
+    rotation = harness.Rotation(make, set_bytes, device)
+
+    if floor:
+        def step(s):
+            x, w, _, dlogits = s
+            with torch.no_grad():
+                x @ w.t()
+                dlogits @ w
+                dlogits.t() @ x
+    elif impl == "torch eager":
+        def step(s):
+            F.cross_entropy(F.linear(s[0], s[1]), s[2]).backward()
+    elif impl == "torch chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def step(s):
+            F.linear_cross_entropy(s[0], s[1], s[2], options=options).backward()
+    elif impl == "cut-cross-entropy":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        kind = "cce" if device == "cuda" else "torch_compile"
+
+        def step(s):
+            cce(s[0], s[1], s[2], impl=kind).backward()
+    elif impl == "Liger Kernel":
         liger = LigerFusedLinearCrossEntropyLoss()
 
-        def step():
-            liger(w, x, t).backward()
+        def step(s):
+            liger(s[1], s[0], s[2]).backward()
     else:
         stats = impl.endswith("+stats")
 
-        def step():
-            out = spkern.linear_cross_entropy(x, w, t, return_stats=stats)
+        def step(s):
+            out = spkern.linear_cross_entropy(s[0], s[1], s[2], return_stats=stats)
             (out[0] if stats else out).backward()
 
-    def clear():
-        x.grad = None
-        w.grad = None
+    def clear(s):
+        s[0].grad = None
+        s[1].grad = None
 
-    r = harness.measure(step, device, repeats, warmup=1, before_each=clear)
-    if impl == "three matmuls":
+    r = harness.measure(step, device, repeats, warmup=1, before_each=clear, rotation=rotation)
+    if floor:
         r["peak_extra_mb"] = None  # the stand-in gradient is not the method's memory
     return r
 

@@ -8,8 +8,9 @@ difference), all in the same run.
     python bench/bench_norms.py               # widths 1024, 2048, 4096; spectral at 4096
     python bench/bench_norms.py --quick
 
-Method: bench/harness.py (each case in a fresh process; median of repeated calls;
-peak memory above the parameters and the initial weights).
+Method: bench/harness.py (each case in a fresh process; median of repeated calls on
+inputs rotated through copies that hold twice the last-level cache; peak memory above the
+parameters and the initial weights).
 """
 
 import os
@@ -32,42 +33,58 @@ def run_one(impl, width, device, repeats):
     if impl in UPDATE_IMPLS:
         return update_norm(impl, width, device, repeats, g)
     if "spectral" in impl or "matrix_norm" in impl:
-        A = torch.randn(width, width, device=device, generator=g) / width**0.5
-        state = spkern.spectral_norm(A).state
-        B = A + 1e-3 * torch.randn(width, width, device=device, generator=g) / width**0.5
-        step = {
-            "torch matrix_norm(ord=2)": lambda: torch.linalg.matrix_norm(B, ord=2),
-            "spkern spectral_norm warm": lambda: spkern.spectral_norm(B, state),
-            "spkern spectral_norm cold": lambda: spkern.spectral_norm(B),
+        def make(i):
+            A = torch.randn(width, width, device=device, generator=g) / width**0.5
+            state = spkern.spectral_norm(A).state  # the previous step's vectors, for the warm start
+            B = A + 1e-3 * torch.randn(width, width, device=device, generator=g) / width**0.5
+            return [B, state]
+
+        call = {
+            "torch matrix_norm(ord=2)": lambda s: torch.linalg.matrix_norm(s[0], ord=2),
+            "spkern spectral_norm warm": lambda s: spkern.spectral_norm(s[0], s[1]),
+            "spkern spectral_norm cold": lambda s: spkern.spectral_norm(s[0]),
         }[impl]
-        r = harness.measure(step, device, repeats, warmup=1)
-        exact = torch.linalg.matrix_norm(B.double(), ord=2).item()
-        r["relative_error"] = (step().op.item() if "spkern" in impl else step().item()) / exact - 1
+        rotation = harness.Rotation(make, 4 * width * width, device)
+        r = harness.measure(call, device, repeats, warmup=1, rotation=rotation)
+        s = rotation.sets[0]
+        exact = torch.linalg.matrix_norm(s[0].double(), ord=2).item()
+        r["relative_error"] = (call(s).op.item() if "spkern" in impl else call(s).item()) / exact - 1
         return r
     # 8-layer MLP: input 784 -> width x 7 -> 10, with biases
     dims = [784] + [width] * 7 + [10]
-    params = []
-    for i in range(8):
-        params.append(torch.randn(dims[i + 1], dims[i], device=device, generator=g) / dims[i] ** 0.5)
-        params.append(torch.zeros(dims[i + 1], device=device))
-    init = [p.clone() for p in params]
-    for p in params:
-        p.add_(1e-3 * torch.randn(p.shape, device=device, generator=g))
+
+    def make(i):
+        params = []
+        for k in range(8):
+            params.append(torch.randn(dims[k + 1], dims[k], device=device, generator=g) / dims[k] ** 0.5)
+            params.append(torch.zeros(dims[k + 1], device=device))
+        init = [p.clone() for p in params]
+        for p in params:
+            p.add_(1e-3 * torch.randn(p.shape, device=device, generator=g))
+        return params, init
+
     if impl == "torch per-tensor":
-        def step():
+        def step(s):
             return torch.stack([torch.stack([(p - q).square().sum(), p.square().sum(), q.square().sum(),
-                                             (p * q).sum()]) for p, q in zip(params, init)])
+                                             (p * q).sum()]) for p, q in zip(*s)])
     elif impl == "torch _foreach":
-        def step():
+        def step(s):
+            params, init = s
             diff = torch._foreach_sub(params, init)
             return torch.stack([torch.stack(torch._foreach_norm(diff)) ** 2,
                                 torch.stack(torch._foreach_norm(params)) ** 2,
                                 torch.stack(torch._foreach_norm(init)) ** 2,
                                 torch.stack([(p * q).sum() for p, q in zip(params, init)])], 1)
     else:
-        def step():
-            return spkern.multi_tensor_norms(params, init)
-    return harness.measure(step, device, repeats, warmup=2)
+        def step(s):
+            return spkern.multi_tensor_norms(*s)
+    # a call reads every parameter and its initial value
+    rotation = harness.Rotation(make, 2 * 4 * _mlp_params(dims), device)
+    return harness.measure(step, device, repeats, warmup=2, rotation=rotation)
+
+
+def _mlp_params(dims):
+    return sum(dims[k] * dims[k + 1] + dims[k + 1] for k in range(len(dims) - 1))
 
 
 def update_norm(impl, width, device, repeats, g):
@@ -77,29 +94,37 @@ def update_norm(impl, width, device, repeats, g):
 
     import spkern
 
-    w = torch.nn.Parameter(torch.randn(width, width, device=device, generator=g) / width**0.5)
-    w.grad = torch.randn(width, width, device=device, generator=g) * 1e-3
-    if impl.startswith("torch"):
-        opt = torch.optim.AdamW([w], lr=1e-3)
+    def make(i):
+        w = torch.nn.Parameter(torch.randn(width, width, device=device, generator=g) / width**0.5)
+        w.grad = torch.randn(width, width, device=device, generator=g) * 1e-3
+        if impl.startswith("torch"):
+            opt = torch.optim.AdamW([w], lr=1e-3)
+            opt.step()  # creates the state
+            return [w, opt, None]
+        opt = spkern.optim.AdamW([w], lr=1e-3)
+        opt.step()
+        return [w, opt, opt.update_spectral_norm(w).state]
 
-        def step():
+    if impl.startswith("torch"):
+        def step(s):
+            w, opt, _ = s
             before = w.detach().clone()
             opt.step()
             return torch.linalg.matrix_norm(w.detach() - before, ord=2)
     else:
-        opt = spkern.optim.AdamW([w], lr=1e-3)
-        opt.step()
-        state = [opt.update_spectral_norm(w).state]
-
-        def step():
+        def step(s):
+            w, opt, state = s
             opt.step()
-            r = opt.update_spectral_norm(w, state[0])
-            state[0] = r.state
+            r = opt.update_spectral_norm(w, state)
+            s[2] = r.state
             return r.op
-    r = harness.measure(step, device, repeats, warmup=1)
-    before = w.detach().clone()
-    got = step()
-    exact = torch.linalg.matrix_norm((w.detach() - before).double(), ord=2).item()
+    # a step reads W, its gradient and the two moments and writes W and the moments
+    rotation = harness.Rotation(make, 7 * 4 * width * width, device)
+    r = harness.measure(step, device, repeats, warmup=1, rotation=rotation)
+    s = rotation.sets[0]
+    before = s[0].detach().clone()
+    got = step(s)
+    exact = torch.linalg.matrix_norm((s[0].detach() - before).double(), ord=2).item()
     r["relative_error"] = got.item() / exact - 1
     return r
 

@@ -7,7 +7,8 @@ the same run.
                                             # float32 and bfloat16 parameters
     python bench/bench_optim.py --quick
 
-Method: bench/harness.py. Peak memory is what a step needs above the parameters, their
+Method: bench/harness.py (each step on the next of several models and optimizers that
+together hold twice the last-level cache). Peak memory is what a step needs above the parameters, their
 gradients and the optimizer state (created by the warm-up); "+drift" keeps the initial
 weights in bfloat16, created before the measurement like the state.
 """
@@ -29,29 +30,38 @@ def run_one(impl, optim, width, dtype, device, repeats):
 
     torch.manual_seed(0)
     dims = [784] + [width] * 7 + [10]
-    model = torch.nn.Sequential(*[torch.nn.Linear(dims[i], dims[i + 1]) for i in range(8)])
-    model = model.to(device=device, dtype=getattr(torch, dtype))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
     kw = OPTIMS[optim]
     torch_cls = torch.optim.SGD if optim == "sgd" else torch.optim.AdamW
     spkern_cls = spkern.optim.SGD if optim == "sgd" else spkern.optim.AdamW
-    if impl == "torch.optim":
-        opt = torch_cls(model.parameters(), **kw)
-        step = opt.step
-    elif impl.startswith("spkern"):
-        drift = impl.endswith("+drift")
-        opt = spkern_cls(model.parameters(), track_drift=drift, drift_dtype=torch.bfloat16, **kw)
-        step = opt.step
-    else:
-        opt = torch_cls(model.parameters(), **kw)
-        params = list(model.parameters())
 
-        def step():
+    def make(i):
+        model = torch.nn.Sequential(*[torch.nn.Linear(dims[k], dims[k + 1]) for k in range(8)])
+        model = model.to(device=device, dtype=getattr(torch, dtype))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        if impl.startswith("spkern"):
+            opt = spkern_cls(model.parameters(), track_drift=impl.endswith("+drift"), drift_dtype=torch.bfloat16,
+                             **kw)
+        else:
+            opt = torch_cls(model.parameters(), **kw)
+        opt.step()  # creates the state
+        return opt
+
+    if impl == "naive norms":
+        def step(opt):
+            params = [p for group in opt.param_groups for p in group["params"]]
             before = [p.detach().clone() for p in params]
             opt.step()
             return [((p - q).norm(), p.norm(), p.grad.norm()) for p, q in zip(params, before)]
-    return harness.measure(step, device, repeats, warmup=2)
+    else:
+        def step(opt):
+            opt.step()
+    # bytes a step reads and writes: SGD with momentum 5 per element (parameter, gradient and
+    # buffer read; parameter and buffer written), AdamW 7 (two moments)
+    n = sum(dims[k] * dims[k + 1] + dims[k + 1] for k in range(8))
+    per = 5 if optim == "sgd" else 7
+    rotation = harness.Rotation(make, per * n * torch.empty((), dtype=getattr(torch, dtype)).element_size(), device)
+    return harness.measure(step, device, repeats, warmup=2, rotation=rotation)
 
 
 def main(argv=None):

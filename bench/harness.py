@@ -8,11 +8,19 @@ min and max, with CUDA events on GPU. Peak memory is the largest amount above wh
 existed before the timed steps: on CPU the peak resident size of the process (torch
 keeps allocator statistics only for CUDA; the peak is reset with /proc/self/clear_refs),
 on CUDA torch.cuda.max_memory_allocated.
+
+Inputs rotate: a ``Rotation`` builds enough independent input sets that together they
+hold at least twice the last-level cache (the CPU's, read from sysfs; the GPU's L2), and
+each timed call takes the next one, so that a call finds its inputs in memory, not in the
+cache its predecessor filled, as a training step does. The number of sets is capped by a
+memory budget; a row whose sets could not reach twice the cache says so (``cold`` false).
 """
 
 import argparse
 import datetime
+import glob
 import json
+import math
 import os
 import platform
 import subprocess
@@ -34,20 +42,117 @@ def _reset_peak_rss():
         f.write("5")
 
 
-def measure(step, device, repeats, warmup=2, before_each=None):
-    """Times ``step()`` and records the peak memory it needs above the current usage."""
+def cache_bytes(device):
+    """The last-level cache in bytes: the CPU's (sysfs, 0 where it does not say) or the
+    current GPU's L2."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+            best = max(best, int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return best
+
+
+def _rotation_budget(device):
+    """Bytes the rotated copies may take: a quarter of the free memory, at most 8 GiB."""
+    if device == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        try:
+            free = _meminfo_bytes("MemAvailable")
+        except (OSError, StopIteration, ValueError):
+            free = 4 * 2**30
+    return min(free // 4, 8 * 2**30)
+
+
+def _meminfo_bytes(field):
+    with open("/proc/meminfo") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":"))) * 1024
+
+
+class Rotation:
+    """Independent input sets for ``measure`` to cycle through.
+
+    ``make(i)`` builds set ``i`` ready to use (an optimizer's state already created, say);
+    ``set_bytes`` is what one call reads and writes of it. The count is the smallest that
+    holds twice ``cache`` (default: this device's last-level cache), within ``budget``
+    bytes (default: a quarter of the free memory, at most 8 GiB) and ``max_sets``.
+    """
+
+    def __init__(self, make, set_bytes, device, *, cache=None, budget=None, max_sets=1024):
+        if set_bytes <= 0:
+            raise ValueError(f"set_bytes must be positive, got {set_bytes}")
+        self.cache = cache_bytes(device) if cache is None else cache
+        budget = _rotation_budget(device) if budget is None else budget
+        wanted = max(1, math.ceil(2 * self.cache / set_bytes))
+        count = max(1, min(wanted, budget // set_bytes, max_sets))
+        self.set_bytes = set_bytes
+        self.cold = count * set_bytes >= 2 * self.cache
+        self.sets = [make(i) for i in range(count)]
+
+    def __len__(self):
+        return len(self.sets)
+
+    def info(self):
+        return dict(rotated_sets=len(self.sets), rotated_mb=len(self.sets) * self.set_bytes / 2**20,
+                    cache_mb=self.cache / 2**20, cold=self.cold)
+
+
+def measure(step, device, repeats, warmup=2, before_each=None, rotation=None):
+    """Times ``step()`` and records the peak memory it needs above the current usage.
+
+    With a ``Rotation``, call ``i`` runs ``step(s)`` on its set ``s = sets[i % len]``, and
+    ``before_each(s)`` (which gives back what a call leaves, x.grad say) runs before and
+    after it, outside the timing, so that the sets not in use hold nothing extra.
+    """
     import torch
 
     import spkern
 
-    for _ in range(warmup):
+    sets = rotation.sets if rotation is not None else [None]
+    calls = 0
+
+    def call(timed):
+        nonlocal calls
+        s = sets[calls % len(sets)]
+        calls += 1
+        args = () if rotation is None else (s,)
         if before_each:
-            before_each()
-        step()
-    if before_each:
+            before_each(*args)
+        if not timed:
+            step(*args)
+            if before_each and rotation is not None:
+                before_each(*args)
+            return None
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(*args)
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            step(*args)
+            elapsed = time.perf_counter() - t0
+        if before_each and rotation is not None:
+            before_each(*args)
+        return elapsed
+
+    cuda = device == "cuda"
+    for _ in range(warmup):
+        call(timed=False)
+    if before_each and rotation is None:
         before_each()
     spkern.empty_cache()
-    cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -56,25 +161,13 @@ def measure(step, device, repeats, warmup=2, before_each=None):
     else:
         _reset_peak_rss()
         base = _status_bytes("VmRSS")
-    times = []
-    for _ in range(repeats):
-        if before_each:
-            before_each()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    times = sorted(call(timed=True) for _ in range(repeats))
     peak = (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - base
-    times.sort()
-    return dict(median_ms=times[len(times) // 2] * 1e3, min_ms=times[0] * 1e3,
-                max_ms=times[-1] * 1e3, peak_extra_mb=max(peak, 0) / 2**20)
+    out = dict(median_ms=times[len(times) // 2] * 1e3, min_ms=times[0] * 1e3,
+               max_ms=times[-1] * 1e3, peak_extra_mb=max(peak, 0) / 2**20)
+    if rotation is not None:
+        out.update(rotation.info())
+    return out
 
 
 def measure_cycles(one, device, repeats, cycle):

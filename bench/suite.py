@@ -21,11 +21,15 @@ machine's limit. Rates count the work an ideal implementation must do:
   throughput;
 * tracker: no single rate (its time is the overhead over a plain step).
 
-Inputs are not rotated between repeats: a working set smaller than the last-level cache
-(marked * in the table; the CPU's cache size is read from sysfs) can exceed the DRAM copy
-bandwidth, so its fraction is not a fraction of the machine's memory limit. The copy
-bandwidth counts the bytes read and written by a copy; traffic that is mostly reads (the
-norms, the optimizer steps) runs faster than that and can show more than 100%.
+Inputs rotate between calls (bench/harness.py): the kernel benchmarks build as many input
+sets as hold twice the last-level cache (the CPU's, from sysfs; the GPU's L2) and each
+call takes the next, so rates are those of data coming from memory. Marked * : a row whose
+sets could not reach that within the memory budget, and the operator norms, whose power
+iterations sweep one matrix 9 times (warm) or 101 times (cold) within a call, where that
+matrix fits in the cache; their rate may be a cache rate, not a fraction of the memory
+limit. The copy bandwidth counts the bytes read and written by a copy; traffic that is
+mostly reads (the norms, the optimizer steps) runs faster than that and can show more
+than 100%. The tracker and GPT rows time whole training steps, on the same batch each time.
 
 The rows go to ``<out>/suite_<device>_<date>.json`` and ``.csv`` and one PNG per op (time
 and memory against size, one line per implementation) next to them.
@@ -61,18 +65,6 @@ def _mlp_params(width, dims_in=784, depth=8, out=10):
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(depth))
 
 
-def llc_bytes():
-    """The last-level cache of CPU 0 in bytes (0 where sysfs does not say)."""
-    best = 0
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            text = open(path).read().strip().upper()
-            best = max(best, int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]])
-        except (OSError, ValueError, KeyError):
-            continue
-    return best
-
-
 def annotate(op, r, bandwidth, flops):
     """(shape text, rate text, fraction of the limit) of one result row."""
     if op in ("ce", "mse"):
@@ -105,12 +97,18 @@ def annotate(op, r, bandwidth, flops):
     return f"width {r['width']}", None, None, None
 
 
-def footprint(op, r, rate):
-    """Bytes a row's kernel keeps touching: its traffic, but for the operator norms,
-    which sweep the same matrix again and again."""
+def from_cache(op, r, rate, cache):
+    """Whether a row's rate may come from the cache rather than memory: its inputs did not
+    rotate through twice the cache, or (the power iterations of the operator norm) one
+    call sweeps a matrix that fits in it several times. Rows measured before inputs rotated fall back to their
+    traffic per call against the cache."""
+    if not rate or not cache:
+        return False
     if op == "norms" and r["case"] == "operator norm":
-        return 4 * r["width"] ** 2
-    return rate * r["median_ms"] / 1e3
+        return 4 * r["width"] ** 2 < cache
+    if "cold" in r:
+        return not r["cold"]
+    return rate * r["median_ms"] / 1e3 < cache
 
 
 def _fmt_rate(rate, unit):
@@ -179,9 +177,9 @@ def main(argv=None):
     where = info.get("gpu") or info["cpu"]
     print(f"# spkern bench on {where} ({args.device}, {info['threads']} threads), torch {info['torch']}, "
           f"triton {info['triton']}, commit {info['commit']}")
-    llc = llc_bytes() if args.device == "cpu" else 0
+    cache = harness.cache_bytes(args.device)
     print(f"# limits measured now: copy {bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s"
-          + (f"; last-level cache {llc / 2**20:.0f} MB" if llc else ""), flush=True)
+          + (f"; last-level cache {cache / 2**20:.0f} MB" if cache else ""), flush=True)
     os.makedirs(args.out, exist_ok=True)
     table = []
     for op in ops:
@@ -206,11 +204,12 @@ def main(argv=None):
             rows = json.load(f)["results"]
         for r in rows:
             shape, rate, unit, limit = annotate(op, r, bandwidth, flops)
-            in_cache = bool(unit == "B" and rate and args.device == "cpu" and footprint(op, r, rate) < llc_bytes())
+            in_cache = unit == "B" and from_cache(op, r, rate, cache)
             table.append(dict(op=op, shape=shape, dtype=r.get("dtype", "float32"), impl=r["impl"],
                               median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
                               peak_extra_mb=r["peak_extra_mb"], rate=rate, rate_unit=unit,
-                              fraction_of_limit=rate / limit if rate and limit else None, in_cache=in_cache))
+                              fraction_of_limit=rate / limit if rate and limit else None, in_cache=in_cache,
+                              rotated_sets=r.get("rotated_sets"), rotated_mb=r.get("rotated_mb")))
         figure(op, rows, os.path.join(args.out, f"suite_{op}_{args.device}.png"))
     print("| op | shape | dtype | implementation | median ms | min-max ms | peak extra MB | achieved | of limit |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -231,7 +230,7 @@ def main(argv=None):
         w.writeheader()
         w.writerows(table)
     if any(t["in_cache"] for t in table):
-        print("# *: the working set fits in the last-level cache: the rate is not bounded by DRAM bandwidth")
+        print("# *: the data of a call may come from the last-level cache: the rate is not bounded by the memory's")
     print(f"# wrote {os.path.relpath(base)}.json, .csv and suite_<op>_{args.device}.png")
     return 0 if table else 1
 

@@ -192,9 +192,7 @@ def bench(argv):
     if not os.path.exists(suite):
         raise SystemExit("spkern bench: the benchmark suite is in the bench/ folder of spkern's source tree; "
                          "install spkern from a checkout (pip install --no-build-isolation -e .)")
-    sys.argv = ["spkern bench", *argv]
-    runpy.run_path(suite, run_name="__main__")  # exits with the suite's status
-    return 0
+    return runpy.run_path(suite, run_name="spkern_bench")["main"](argv)
 
 
 def main(argv=None):

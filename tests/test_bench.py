@@ -1,0 +1,117 @@
+"""The benchmark harness (input rotation, timing record) and `spkern bench`'s argument handling."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spkern import cli
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+import harness  # noqa: E402
+import suite  # noqa: E402
+
+
+def test_rotation_holds_twice_the_cache():
+    made = []
+    r = harness.Rotation(lambda i: made.append(i) or i, 300, "cpu", cache=1000, budget=10**9)
+    assert len(r) == 7 and made == list(range(7)) and r.cold  # 7 x 300 >= 2 x 1000 > 6 x 300
+    assert r.info() == dict(rotated_sets=7, rotated_mb=2100 / 2**20, cache_mb=1000 / 2**20, cold=True)
+
+
+def test_rotation_within_budget_says_it_is_not_cold():
+    r = harness.Rotation(lambda i: i, 300, "cpu", cache=1000, budget=1000)
+    assert len(r) == 3 and not r.cold
+    r = harness.Rotation(lambda i: i, 10, "cpu", cache=1000, budget=10**9, max_sets=5)
+    assert len(r) == 5 and not r.cold
+    r = harness.Rotation(lambda i: i, 5000, "cpu", cache=1000, budget=10)  # one set even over budget
+    assert len(r) == 1 and r.cold
+    with pytest.raises(ValueError, match="set_bytes"):
+        harness.Rotation(lambda i: i, 0, "cpu")
+
+
+def test_measure_cycles_through_the_sets_and_resets_them():
+    rotation = harness.Rotation(lambda i: {"id": i, "grad": None}, 100, "cpu", cache=200, budget=10**9)
+    assert len(rotation) == 4
+    seen, resets = [], []
+
+    def step(s):
+        assert s["grad"] is None  # reset before the call
+        s["grad"] = torch.ones(3)
+        seen.append(s["id"])
+
+    def reset(s):
+        resets.append(s["id"])
+        s["grad"] = None
+
+    r = harness.measure(step, "cpu", repeats=6, warmup=2, before_each=reset, rotation=rotation)
+    assert seen == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert resets == [i for i in seen for _ in range(2)]  # before and after each call
+    assert all(s["grad"] is None for s in rotation.sets)  # nothing left held by the sets
+    assert r["rotated_sets"] == 4 and r["cold"] and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+
+
+def test_measure_without_rotation_calls_step_plainly():
+    calls = []
+    r = harness.measure(lambda: calls.append(1), "cpu", repeats=3, warmup=1)
+    assert len(calls) == 4 and "rotated_sets" not in r
+
+
+def test_cache_bytes_is_the_sysfs_value_or_zero():
+    assert harness.cache_bytes("cpu") >= 0
+
+
+def test_from_cache_marks_rows_that_may_not_come_from_memory():
+    cache = 100 * 2**20
+    row = dict(median_ms=10.0, cold=True, case="x", impl="spkern")
+    assert not suite.from_cache("ce", row, 1e9, cache)
+    assert suite.from_cache("ce", {**row, "cold": False}, 1e9, cache)
+    warm = dict(median_ms=1.0, case="operator norm", impl="spkern spectral_norm cold", width=1024, cold=True)
+    assert suite.from_cache("norms", warm, 1e9, cache)  # 4 MB swept 101 times within one call
+    assert not suite.from_cache("norms", {**warm, "width": 8192}, 1e9, cache)
+    old = dict(median_ms=10.0, case="x", impl="spkern")  # measured before inputs rotated: its traffic
+    assert suite.from_cache("ce", old, 1e9, cache) and not suite.from_cache("ce", old, 1e11, cache)
+    assert not suite.from_cache("ce", row, None, cache) and not suite.from_cache("ce", {**row, "cold": False}, 1e9, 0)
+
+
+def test_cross_entropy_benchmark_rotates_its_inputs(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cross_entropy.py"), "--shapes", "64x1000",
+                           "--impls", "torch eager,spkern", "--repeats", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("cross_entropy_cpu_float32_*.json")
+    saved = json.loads(path.read_text())
+    assert [r["impl"] for r in saved["results"]] == ["torch eager", "spkern"]
+    for r in saved["results"]:
+        assert r["rotated_sets"] >= 1 and r["median_ms"] > 0
+        assert r["cold"] == (r["rotated_mb"] >= 2 * r["cache_mb"])
+    assert saved["torch"] == torch.__version__ and "commit" in saved and saved["repeats"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nope"], "invalid choice"),
+    (["bench", "ce", "--device", "tpu"], "invalid choice"),
+])
+def test_bench_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "ce", "--device", "cuda"])
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_benchmark_script_refuses_bad_shapes(capsys):
+    import bench_cross_entropy
+
+    with pytest.raises(SystemExit) as e:
+        bench_cross_entropy.main(["--shapes", "64x0"])
+    assert e.value.code == 2 and "--shapes" in capsys.readouterr().err
