@@ -44,6 +44,17 @@ checkpointing recomputations are never counted), computes for each tracked modul
                               ``logit_max``, ``max_prob``, ``entropy``, ``accuracy``)
 ============================  ==============================================================
 
+With ``row_l2=True`` the tracker also reports, for tracked Linear layers, the mean over
+the probe's rows of each row's L2 norm, the convention of torch-module-monitor's
+``RefinedCoordinateCheck`` (its ``l2norm`` entries; ``.weight`` ones for eff and prop):
+
+============================  ==============================================================
+``{module}/eff_row_l2``       mean_r ||((W_t - W_0) x_t)_r||
+``{module}/prop_row_l2``      mean_r ||(W_0 (x_t - x_0))_r||
+``{module}/input_row_l2``     mean_r ||(x_t)_r||
+``{module}/input_change_row_l2``  mean_r ||(x_t - x_0)_r||
+============================  ==============================================================
+
 rms(A) = fro(A) / sqrt(numel(A)); fro is the Frobenius norm, op the largest singular
 value; a name says ``fro`` or ``op`` where a norm is not an RMS. The effective and
 propagating updates split the change of a Linear layer's output (bias aside):
@@ -122,6 +133,7 @@ class Tracker:
             the RCC products with W_0 are rounded accordingly.
         output_key: the name under which the model's output on the probe is reported
             (``logits/rms`` ...; a model whose output is not the logits can rename it).
+        row_l2: also report the row-mean L2 norms of the RCC terms (see above).
         op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
             the previous measurement's vector, so that the estimate keeps converging as
             W_t moves slowly (the first measurement runs 50 from a cold start).
@@ -136,7 +148,7 @@ class Tracker:
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
                  reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
-                 output_key: str = "logits"):
+                 output_key: str = "logits", row_l2: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -152,6 +164,7 @@ class Tracker:
             raise ValueError(f"reference_dtype must be a floating dtype, got {reference_dtype}")
         self.model, self.optimizer = model, optimizer
         self.every, self.rcc, self.log_every = every, rcc, log_every
+        self.row_l2 = bool(row_l2)
         self.reference_dtype = reference_dtype
         self.op_iters = op_iters
         self.output_key = output_key
@@ -367,11 +380,14 @@ class Tracker:
         if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
             return
         x = x.detach()
-        sx = pair_stats(x, ref["x"].to(x.dtype))
+        sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True)
         nx = x.numel()
         v[f"{name}/input_rms"] = self._rms(sx[0], nx)
         v[f"{name}/input_change_rms"] = self._rms(sx[2], nx)
         v[f"{name}/input_zero_frac"] = sx[4] / nx
+        if self.row_l2:
+            v[f"{name}/input_row_l2"] = rows[:, 0].sqrt().mean()
+            v[f"{name}/input_change_row_l2"] = rows[:, 2].sqrt().mean()
         if not self.rcc:
             return
         w0 = self._lin_w0[name]
@@ -380,8 +396,12 @@ class Tracker:
         else:  # a Linear subclass with its own forward
             z = F.linear(x, w0.to(x.dtype)).float()
             y = (h - module.bias if module.bias is not None else h).float()
-        eff = pair_stats(y, z)[2]  # ||(W_t - W_0) x_t||^2
-        prop = pair_stats(z, ref["z"])[2]  # ||W_0 (x_t - x_0)||^2
+        eff, eff_rows = pair_stats(y, z, per_row=True)
+        prop, prop_rows = pair_stats(z, ref["z"], per_row=True)
+        eff, prop = eff[2], prop[2]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
+        if self.row_l2:
+            v[f"{name}/eff_row_l2"] = eff_rows[:, 2].sqrt().mean()
+            v[f"{name}/prop_row_l2"] = prop_rows[:, 2].sqrt().mean()
         nz = z.numel()
         v[f"{name}/eff_rms"] = self._rms(eff, nz)
         v[f"{name}/prop_rms"] = self._rms(prop, nz)

@@ -107,6 +107,62 @@ def test_statistics_against_the_slow_way(optim, bias):
         assert k in m and math.isfinite(m[k])
 
 
+def _module_monitor_rcc(model, reference, x):
+    """torch-module-monitor's refined coordinate check of model against reference on x."""
+    tmm = pytest.importorskip("torch_module_monitor")
+    monitor = tmm.ModuleMonitor(monitor_step_fn=lambda step: True)
+    monitor.set_module(model)
+    monitor.set_reference_module(reference)
+    rcc = tmm.RefinedCoordinateCheck(monitor)
+    monitor.begin_step(1)
+    with torch.no_grad():
+        reference(x)
+        model(x)
+    rcc.refined_coordinate_check()
+    monitor.end_step()
+    out = monitor.get_step_metrics()
+    rcc.rcc_forward_hooks.remove_all_hooks()
+    rcc.rcc_reference_forward_hooks.remove_all_hooks()
+    monitor.activation_hooks.remove_all_hooks()
+    monitor.reference_activation_hooks.remove_all_hooks()
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reference", ["init", "model"])
+def test_rcc_equals_torch_module_monitor(bias, reference):
+    # the same model, batch and reference model; torch-module-monitor reports the mean
+    # over rows of each row's L2 norm, which the tracker gives with row_l2=True
+    model = _mlp(width=48, bias=bias)
+    init = copy.deepcopy(model)
+    x, y = _data(40)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = spkern.Tracker(model, opt, probe=x, row_l2=True,
+                             reference="init" if reference == "init" else init)
+    _train(model, opt, x, y, 6)
+    m = tracker.metrics()
+    tracker.close()
+    theirs = _module_monitor_rcc(model, init, x)
+    pairs = {"eff_row_l2": "RCC (W_t-W_0)x_t/{}.weight/l2norm", "prop_row_l2": "RCC W_0(x_t-x_0)/{}.weight/l2norm",
+             "input_row_l2": "RCC x_t/{}/l2norm", "input_change_row_l2": "RCC (x_t-x_0)/{}/l2norm"}
+    compared = 0
+    for layer in ("0", "2", "4"):
+        for ours, key in pairs.items():
+            want = theirs[key.format(layer)]
+            if layer == "0" and ours in ("prop_row_l2", "input_change_row_l2"):
+                assert want == 0 and m[f"{layer}/{ours}"] == 0  # the input does not move
+                continue
+            assert want > 1e-3, (layer, ours)
+            assert math.isclose(m[f"{layer}/{ours}"], want, rel_tol=1e-4), (layer, ours, m[f"{layer}/{ours}"], want)
+            compared += 1
+    assert compared == 10
+    # without row_l2 the tracker reports RMS only
+    plain = spkern.Tracker(model, probe=x)
+    plain.measure()
+    assert "2/eff_rms" in plain.metrics() and not any(k.endswith("_row_l2") for k in plain.metrics())
+    plain.close()
+
+
 def test_probe_from_first_batch_every_and_reference_model():
     model = _mlp()
     ref_model = copy.deepcopy(model)

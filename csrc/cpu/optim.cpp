@@ -18,7 +18,9 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace spkern {
@@ -95,33 +97,21 @@ const float* init_as_float(const at::Tensor& w0, int64_t b, int64_t n, float* bu
   }
 }
 
-// Elements [b, b + n) of a tensor of scalar_t as floats: the tensor itself for float, else
-// a converted copy that write() rounds back (to nearest even, as torch does).
-template <typename scalar_t>
-struct Span {
-  scalar_t* src;
-  int64_t n;
-  float* f;
-  alignas(64) float buf[std::is_same_v<scalar_t, float> ? 1 : kTile];
-  Span(scalar_t* base, int64_t b, int64_t n_) : src(base + b), n(n_) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      f = src;
-    } else {
-      load_row(src, buf, n);
-      f = buf;
-    }
-  }
-  void write() {
-    if constexpr (!std::is_same_v<scalar_t, float>) store_row(buf, src, n);
-  }
-};
-
 // torch's reduced-precision ops compute in float and round once per op: rnd<scalar_t>
-// is that rounding (none for float).
+// is that rounding (none for float). bfloat16 rounds in the float lanes, to nearest even
+// on the bits (a conversion pair would convert two vectors to use one): NaNs pass
+// through (masking could make one an infinity), and finite values that round past the
+// largest bfloat16 become infinities, as in the conversion.
 template <typename scalar_t>
 inline fVec rnd(const fVec& x) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return x;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    using iVec = at::vec::Vectorized<int32_t>;
+    const iVec bits = at::vec::cast<int32_t>(x);
+    const iVec lsb = (bits >> iVec(16)) & iVec(1);
+    const iVec r = (bits + iVec(0x7fff) + lsb) & iVec(static_cast<int32_t>(0xffff0000u));
+    return fVec::blendv(at::vec::cast<float>(r), x, x.isnan());
   } else {
     return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(x, x)));
   }
@@ -213,6 +203,27 @@ inline fVec sgd_elem(fVec pk, fVec graw, fVec* buf, bool fresh, const SgdArgs& a
   return rnd<scalar_t>(at::vec::fmadd(d, fVec(-a.lr), pk));
 }
 
+// Loads and stores of reduced-precision elements a vector of scalar_t (two float vectors)
+// at a time, converted in registers: lanes past count load as zero (and zeros add
+// nothing to the sums) and are not stored.
+template <typename scalar_t>
+struct Lanes {
+  using bVec = at::vec::Vectorized<scalar_t>;
+  static constexpr int64_t size = bVec::size();
+  static std::pair<fVec, fVec> load(const scalar_t* p, int64_t count) {
+    const bVec v = count == size ? bVec::loadu(p) : bVec::loadu(p, count);
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
+    return {lo, hi};
+  }
+  static void store(const fVec& lo, const fVec& hi, scalar_t* p, int64_t count) {
+    const bVec v = at::vec::convert_from_float<scalar_t>(lo, hi);
+    if (count == size)
+      v.store(p);
+    else
+      v.store(p, count);
+  }
+};
+
 template <typename scalar_t>
 void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
@@ -222,23 +233,40 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     const bool fresh = has_mom && buf_is_new[i];
     alignas(64) float w0buf[kTile];
     Sums sums;
+    scalar_t* const pp = params[i].data_ptr<scalar_t>();
+    scalar_t* const gp = grads[i].data_ptr<scalar_t>();
+    scalar_t* const bp = has_mom ? bufs[i].data_ptr<scalar_t>() : nullptr;
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t n = std::min(t0 + kTile, e) - t0;
-      Span<scalar_t> p(params[i].data_ptr<scalar_t>(), t0, n);
-      Span<scalar_t> g(grads[i].data_ptr<scalar_t>(), t0, n);
-      std::optional<Span<scalar_t>> buf;
-      if (has_mom) buf.emplace(bufs[i].data_ptr<scalar_t>(), t0, n);
       const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
-      over(n, [&](int64_t k, int64_t c) {
-        const fVec pk = load(p.f + k, c), graw = load(g.f + k, c);
-        fVec m = has_mom ? load(buf->f + k, c) : fVec(0.f);
-        const fVec pn = sgd_elem<scalar_t>(pk, graw, has_mom ? &m : nullptr, fresh, a);
-        if (has_mom) store(m, buf->f + k, c);
-        store(pn, p.f + k, c);
-        sums.add(pn, pk, graw, w0, k, c);
-      });
-      p.write();
-      if (has_mom) buf->write();
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        float *p = pp + t0, *g = gp + t0, *buf = has_mom ? bp + t0 : nullptr;
+        over(n, [&](int64_t k, int64_t c) {
+          const fVec pk = load(p + k, c), graw = load(g + k, c);
+          fVec m = has_mom ? load(buf + k, c) : fVec(0.f);
+          const fVec pn = sgd_elem<scalar_t>(pk, graw, has_mom ? &m : nullptr, fresh, a);
+          if (has_mom) store(m, buf + k, c);
+          store(pn, p + k, c);
+          sums.add(pn, pk, graw, w0, k, c);
+        });
+      } else {
+        using L = Lanes<scalar_t>;
+        scalar_t *p = pp + t0, *g = gp + t0, *buf = has_mom ? bp + t0 : nullptr;
+        const int64_t fs = fVec::size();
+        for (int64_t k = 0; k < n; k += L::size) {
+          const int64_t c = std::min<int64_t>(L::size, n - k);
+          auto [p0, p1] = L::load(p + k, c);
+          auto [g0, g1] = L::load(g + k, c);
+          fVec m0(0.f), m1(0.f);
+          if (has_mom) std::tie(m0, m1) = L::load(buf + k, c);
+          const fVec n0 = sgd_elem<scalar_t>(p0, g0, has_mom ? &m0 : nullptr, fresh, a);
+          const fVec n1 = sgd_elem<scalar_t>(p1, g1, has_mom ? &m1 : nullptr, fresh, a);
+          if (has_mom) L::store(m0, m1, buf + k, c);
+          L::store(n0, n1, p + k, c);
+          sums.add(n0, p0, g0, w0, k, std::min(c, fs));
+          if (c > fs) sums.add(n1, p1, g1, w0, k + fs, c - fs);
+        }
+      }
       sums.flush();
     }
     return sums.total;
@@ -278,28 +306,48 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
     const float neg = static_cast<float>(-(lr / bc1)), bc2s = static_cast<float>(std::pow(bc2, 0.5));
     alignas(64) float w0buf[kTile];
     Sums sums;
+    scalar_t* const pp = params[i].data_ptr<scalar_t>();
+    scalar_t* const gp = grads[i].data_ptr<scalar_t>();
+    scalar_t* const mp = exp_avgs[i].data_ptr<scalar_t>();
+    scalar_t* const vp = exp_avg_sqs[i].data_ptr<scalar_t>();
+    scalar_t* const xp = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t n = std::min(t0 + kTile, e) - t0;
-      Span<scalar_t> p(params[i].data_ptr<scalar_t>(), t0, n), g(grads[i].data_ptr<scalar_t>(), t0, n);
-      Span<scalar_t> m(exp_avgs[i].data_ptr<scalar_t>(), t0, n), v(exp_avg_sqs[i].data_ptr<scalar_t>(), t0, n);
-      std::optional<Span<scalar_t>> vmax;
-      if (amsgrad) vmax.emplace(max_exp_avg_sqs[i].data_ptr<scalar_t>(), t0, n);
       const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
-      over(n, [&](int64_t k, int64_t c) {
-        const fVec p0 = load(p.f + k, c), graw = load(g.f + k, c);
-        fVec mk = load(m.f + k, c), vk = load(v.f + k, c);
-        fVec xk = amsgrad ? load(vmax->f + k, c) : fVec(0.f);
-        const fVec pn = adam_elem<scalar_t>(p0, graw, mk, vk, amsgrad ? &xk : nullptr, fVec(neg), fVec(bc2s), a);
-        store(mk, m.f + k, c);
-        store(vk, v.f + k, c);
-        if (amsgrad) store(xk, vmax->f + k, c);
-        store(pn, p.f + k, c);
-        sums.add(pn, p0, graw, w0, k, c);
-      });
-      p.write();
-      m.write();
-      v.write();
-      if (amsgrad) vmax->write();
+      scalar_t *p = pp + t0, *g = gp + t0, *m = mp + t0, *v = vp + t0, *x = amsgrad ? xp + t0 : nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        over(n, [&](int64_t k, int64_t c) {
+          const fVec p0 = load(p + k, c), graw = load(g + k, c);
+          fVec mk = load(m + k, c), vk = load(v + k, c);
+          fVec xk = amsgrad ? load(x + k, c) : fVec(0.f);
+          const fVec pn = adam_elem<scalar_t>(p0, graw, mk, vk, amsgrad ? &xk : nullptr, fVec(neg), fVec(bc2s), a);
+          store(mk, m + k, c);
+          store(vk, v + k, c);
+          if (amsgrad) store(xk, x + k, c);
+          store(pn, p + k, c);
+          sums.add(pn, p0, graw, w0, k, c);
+        });
+      } else {
+        using L = Lanes<scalar_t>;
+        const int64_t fs = fVec::size();
+        for (int64_t k = 0; k < n; k += L::size) {
+          const int64_t c = std::min<int64_t>(L::size, n - k);
+          auto [p0, p1] = L::load(p + k, c);
+          auto [g0, g1] = L::load(g + k, c);
+          auto [m0, m1] = L::load(m + k, c);
+          auto [v0, v1] = L::load(v + k, c);
+          fVec x0(0.f), x1(0.f);
+          if (amsgrad) std::tie(x0, x1) = L::load(x + k, c);
+          const fVec n0 = adam_elem<scalar_t>(p0, g0, m0, v0, amsgrad ? &x0 : nullptr, fVec(neg), fVec(bc2s), a);
+          const fVec n1 = adam_elem<scalar_t>(p1, g1, m1, v1, amsgrad ? &x1 : nullptr, fVec(neg), fVec(bc2s), a);
+          L::store(m0, m1, m + k, c);
+          L::store(v0, v1, v + k, c);
+          if (amsgrad) L::store(x0, x1, x + k, c);
+          L::store(n0, n1, p + k, c);
+          sums.add(n0, p0, g0, w0, k, std::min(c, fs));
+          if (c > fs) sums.add(n1, p1, g1, w0, k + fs, c - fs);
+        }
+      }
       sums.flush();
     }
     return sums.total;
