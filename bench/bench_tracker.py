@@ -11,7 +11,8 @@ norms), all in the same run.
 
 Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
 the time per step. spkern's probe is a fixed batch of --probe rows (default: the
-training batch size, 128, as torch-module-monitor measures on the training batch itself).
+training batch size, 128, as torch-module-monitor measures on the training batch itself),
+or 16 rows; "no op norms" skips op(W_t - W_0) and the alignment ratios (op_norms=False).
 """
 
 import os
@@ -20,7 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker probe=32", "spkern Tracker every=10",
+IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker every=10", "spkern Tracker probe=16",
+         "spkern Tracker probe=16 no op norms", "spkern Tracker probe=16 no op norms every=10",
          "torch-module-monitor"]
 BATCH = 128
 
@@ -45,8 +47,9 @@ def run_one(impl, width, probe_rows, device, repeats):
     y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
     if impl.startswith("spkern Tracker"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
-        rows = 32 if "probe=32" in impl else probe_rows
-        tracker = spkern.Tracker(model, opt, probe=x[:rows], every=10 if "every" in impl else 1)
+        rows = 16 if "probe=16" in impl else probe_rows
+        tracker = spkern.Tracker(model, opt, probe=x[:rows], every=10 if "every" in impl else 1,
+                                 op_norms="no op norms" not in impl)
 
         def one():
             opt.zero_grad()

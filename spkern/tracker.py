@@ -30,7 +30,8 @@ checkpointing recomputations are never counted), computes for each tracked modul
 ``{module}/prop_rms``         rms(W_0 (x_t - x_0)): propagating update (Linear, ``rcc=True``)
 ``{module}/eff_align``        fro((W_t - W_0) X) / (op(W_t - W_0) fro(X)), in [0, 1]
 ``{module}/prop_align``       fro(W_0 dX) / (op(W_0) fro(dX)), in [0, 1], dX = X_t - X_0
-``{module}/delta_w_op``       op(W_t - W_0), warm-started power iteration (``rcc=True``)
+``{module}/delta_w_op``       op(W_t - W_0), warm-started power iteration (``rcc=True`` and
+                              ``op_norms=True``, as the two alignments)
 ``{param}/update_rms``        rms(W_{t+1} - W_t) of the last optimizer step
 ``{param}/drift_rms``         rms(W_t - W_0)
 ``{param}/weight_rms``        rms(W_t)
@@ -134,6 +135,9 @@ class Tracker:
         output_key: the name under which the model's output on the probe is reported
             (``logits/rms`` ...; a model whose output is not the logits can rename it).
         row_l2: also report the row-mean L2 norms of the RCC terms (see above).
+        op_norms: measure op(W_t - W_0) and the alignment ratios (a warm power iteration
+            per Linear layer and measurement: a few passes over W_t and W_0, which is
+            most of a measurement's cost on a small probe); False skips them.
         op_iters: power iterations per measurement for op(W_t - W_0), warm-started from
             the previous measurement's vector, so that the estimate keeps converging as
             W_t moves slowly (the first measurement runs 50 from a cold start).
@@ -148,7 +152,7 @@ class Tracker:
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
                  reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
-                 output_key: str = "logits", row_l2: bool = False):
+                 output_key: str = "logits", row_l2: bool = False, op_norms: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -165,6 +169,7 @@ class Tracker:
         self.model, self.optimizer = model, optimizer
         self.every, self.rcc, self.log_every = every, rcc, log_every
         self.row_l2 = bool(row_l2)
+        self.op_norms = bool(op_norms)
         self.reference_dtype = reference_dtype
         self.op_iters = op_iters
         self.output_key = output_key
@@ -298,7 +303,7 @@ class Tracker:
         self._ref = {}
         self._ref_out = _first_tensor(self._forward("reference"))
         self._op_w0 = {}
-        if self.rcc:
+        if self.rcc and self.op_norms:
             for n, w0 in self._lin_w0.items():
                 self._op_w0[n] = spectral_norm(w0).op
 
@@ -405,6 +410,8 @@ class Tracker:
         nz = z.numel()
         v[f"{name}/eff_rms"] = self._rms(eff, nz)
         v[f"{name}/prop_rms"] = self._rms(prop, nz)
+        if not self.op_norms:
+            return
         state = self._op_state.get(name)
         r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
         self._op_state[name] = r.state

@@ -163,6 +163,23 @@ def test_rcc_equals_torch_module_monitor(bias, reference):
     plain.close()
 
 
+def test_without_operator_norms():
+    model = _mlp()
+    x, y = _data()
+    opt = spkern.optim.SGD(model.parameters(), lr=0.1)
+    full = spkern.Tracker(model, probe=x, reference=copy.deepcopy(model))
+    lean = spkern.Tracker(model, opt, probe=x, op_norms=False)
+    _train(model, opt, x, y, 3)
+    full.measure()
+    a, b = full.metrics(), lean.metrics()
+    assert not any(k.endswith(("_op", "_align")) for k in b)
+    assert any(k.endswith("_op") for k in a) and any(k.endswith("_align") for k in a)
+    for k in ("2/eff_rms", "2/prop_rms", "4/change_rms", "2/input_change_rms"):
+        assert math.isclose(a[k], b[k], rel_tol=1e-6), k
+    full.close()
+    lean.close()
+
+
 def test_probe_from_first_batch_every_and_reference_model():
     model = _mlp()
     ref_model = copy.deepcopy(model)
