@@ -8,6 +8,7 @@ norms), all in the same run.
 
     python bench/bench_tracker.py             # widths 1024, 2048
     python bench/bench_tracker.py --quick
+    python bench/bench_tracker.py --interleave   # all in one process, alternating
 
 Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
 the time per step. spkern's probe is a fixed batch of --probe rows (default: the
@@ -27,7 +28,8 @@ IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker every=10", "spkern Tra
 BATCH = 128
 
 
-def run_one(impl, width, probe_rows, device, repeats):
+def make_step(impl, width, probe_rows, device):
+    """(one training step of impl, measurement period in steps), or {"skipped": why}."""
     import copy
 
     import torch
@@ -58,10 +60,7 @@ def run_one(impl, width, probe_rows, device, repeats):
             tracker.record_loss(loss, stats)
             opt.step()
             return tracker.metrics() if tracker.steps % tracker.every == 0 else None
-
-        if tracker.every > 1:  # whole cycles of `every` steps, reported per step
-            return harness.measure_cycles(one, device, repeats, tracker.every)
-        step = one
+        return one, tracker.every
     elif impl == "torch-module-monitor":
         try:
             from torch_module_monitor import ModuleMonitor, RefinedCoordinateCheck
@@ -95,20 +94,69 @@ def run_one(impl, width, probe_rows, device, repeats):
             monitor.end_step()
             opt.step()
             return monitor.get_step_metrics()
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return step, 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step, 1
+
+
+def run_one(impl, width, probe_rows, device, repeats):
+    made = make_step(impl, width, probe_rows, device)
+    if isinstance(made, dict):
+        return made
+    step, every = made
+    if every > 1:  # whole cycles of `every` steps, reported per step
+        return harness.measure_cycles(step, device, repeats, every)
     return harness.measure(step, device, repeats, warmup=2)
+
+
+def interleaved(width, probe_rows, device, repeats, cycle=10):
+    """Every implementation in this process, timed in alternation: cycles of ``cycle``
+    steps, one implementation after the other, ``repeats`` rounds; the median time per
+    step of each. Slow drifts of a shared machine then hit all implementations alike.
+    {impl: result}; peak memory is not measured this way."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    steps, out = {}, {}
+    for impl in IMPLS:
+        made = make_step(impl, width, probe_rows, device)
+        if isinstance(made, dict):
+            out[impl] = made
+        else:
+            steps[impl] = made[0]
+    times = {impl: [] for impl in steps}
+    for r in range(repeats + 1):  # the first round warms up
+        for impl, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(cycle):
+                step()
+            sync()
+            if r:
+                times[impl].append((time.perf_counter() - t0) * 1e3 / cycle)
+    for impl, ts in times.items():
+        out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+                     "peak_extra_mb": None, "method": f"interleaved cycles of {cycle} steps"}
+    return {impl: out[impl] for impl in IMPLS}
 
 
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048")
     parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time all implementations in one process, in alternation (for noisy machines)")
     args = harness.parse(parser, argv, run_one)
     if args is None:
         return 0
@@ -121,8 +169,10 @@ def main(argv=None):
     results = []
     for width in widths:
         base = None
+        together = interleaved(width, args.probe, args.device, repeats) if args.interleave else None
         for impl in IMPLS:
-            r = harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats])
+            r = (together[impl] if together is not None
+                 else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats]))
             if "error" in r or "skipped" in r:
                 print(f"| {width} | {impl} | {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} |")
                 continue
@@ -131,10 +181,12 @@ def main(argv=None):
                      overhead=r["median_ms"] / base - 1 if base else None)
             results.append(r)
             over = "-" if r["overhead"] is None else f"{r['overhead']:+.0%}"
+            mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
             print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
-                  f"{r['peak_extra_mb']:.0f} |", flush=True)
+                  f"{mem} |", flush=True)
     if args.out:
-        harness.save(args.out, f"tracker_{args.device}", args.quick, info, results, repeats=repeats)
+        name = f"tracker_{args.device}" + ("_interleaved" if args.interleave else "")
+        harness.save(args.out, name, args.quick, info, results, repeats=repeats)
     return 0
 
 

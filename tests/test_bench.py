@@ -115,3 +115,15 @@ def test_benchmark_script_refuses_bad_shapes(capsys):
     with pytest.raises(SystemExit) as e:
         bench_cross_entropy.main(["--shapes", "64x0"])
     assert e.value.code == 2 and "--shapes" in capsys.readouterr().err
+
+
+def test_tracker_benchmark_interleaved():
+    import bench_tracker
+
+    out = bench_tracker.interleaved(32, 8, "cpu", 2, cycle=2)
+    assert list(out) == bench_tracker.IMPLS
+    for impl, r in out.items():
+        if "skipped" in r:
+            assert impl == "torch-module-monitor"
+            continue
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_extra_mb"] is None
