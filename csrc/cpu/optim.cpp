@@ -17,7 +17,6 @@
 
 #include <array>
 #include <cmath>
-#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -126,6 +125,13 @@ struct Sums {
   fVec u{0.f}, w{0.f}, g{0.f}, d{0.f};
   std::array<double, 4> total{0, 0, 0, 0};
   void add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k, int64_t count);
+  // the two float halves of a reduced-precision vector of `count` elements at k
+  void add_halves(const std::pair<fVec, fVec>& pn, const std::pair<fVec, fVec>& pk,
+                  const std::pair<fVec, fVec>& gk, const float* w0, int64_t k, int64_t count) {
+    const int64_t fs = fVec::size();
+    add(pn.first, pk.first, gk.first, w0, k, std::min(count, fs));
+    if (count > fs) add(pn.second, pk.second, gk.second, w0, k + fs, count - fs);
+  }
   void flush() {
     auto red = [](fVec& v) {
       const double r = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v));
@@ -252,7 +258,6 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
       } else {
         using L = Lanes<scalar_t>;
         scalar_t *p = pp + t0, *g = gp + t0, *buf = has_mom ? bp + t0 : nullptr;
-        const int64_t fs = fVec::size();
         for (int64_t k = 0; k < n; k += L::size) {
           const int64_t c = std::min<int64_t>(L::size, n - k);
           auto [p0, p1] = L::load(p + k, c);
@@ -263,8 +268,7 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
           const fVec n1 = sgd_elem<scalar_t>(p1, g1, has_mom ? &m1 : nullptr, fresh, a);
           if (has_mom) L::store(m0, m1, buf + k, c);
           L::store(n0, n1, p + k, c);
-          sums.add(n0, p0, g0, w0, k, std::min(c, fs));
-          if (c > fs) sums.add(n1, p1, g1, w0, k + fs, c - fs);
+          sums.add_halves({n0, n1}, {p0, p1}, {g0, g1}, w0, k, c);
         }
       }
       sums.flush();
@@ -329,7 +333,6 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
         });
       } else {
         using L = Lanes<scalar_t>;
-        const int64_t fs = fVec::size();
         for (int64_t k = 0; k < n; k += L::size) {
           const int64_t c = std::min<int64_t>(L::size, n - k);
           auto [p0, p1] = L::load(p + k, c);
@@ -344,8 +347,7 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
           L::store(v0, v1, v + k, c);
           if (amsgrad) L::store(x0, x1, x + k, c);
           L::store(n0, n1, p + k, c);
-          sums.add(n0, p0, g0, w0, k, std::min(c, fs));
-          if (c > fs) sums.add(n1, p1, g1, w0, k + fs, c - fs);
+          sums.add_halves({n0, n1}, {p0, p1}, {g0, g1}, w0, k, c);
         }
       }
       sums.flush();
