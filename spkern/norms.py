@@ -194,7 +194,9 @@ def power_iteration(matvec, rmatvec, v: Tensor, iters: int, fan_ratio: float, gr
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
         w = gram(v) if gram is not None else rmatvec(matvec(v))
-        v = w / (w.norm() + tiny)
+        norm = w.norm()
+        # A = 0 (say W_t - W_0 before the first step): keep v, a valid start for later calls
+        v = torch.where(norm > 0, w / norm.clamp_min(tiny), v)
     op = matvec(v).norm()
     return SpectralNorm(op, op * math.sqrt(fan_ratio), v)
 

@@ -80,7 +80,7 @@ import math
 import os
 import re
 import warnings
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,21 @@ def _world_size():
 
 def _as_args(probe):
     return tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+
+
+class _Ratio(NamedTuple):
+    """A metric as ``(num / den) ** (1/2 if root) * scale``: num and den are sums over the
+    measured rows, which under torch.distributed are summed over the ranks before the
+    ratio is taken (a value the same on every rank is given with den=1: its mean)."""
+    num: Tensor
+    den: Union[Tensor, float]
+    root: bool = False
+    scale: Optional[Tensor] = None  # the same on every rank
+
+
+class _Max(NamedTuple):
+    """A metric that is the largest over the ranks."""
+    value: Tensor
 
 
 class Tracker:
@@ -182,9 +197,15 @@ class Tracker:
             missing = [n for n in self.names if n not in ref_names]
             if missing:
                 raise ValueError(f"reference has no module named {missing[0]!r}")
+        if isinstance(probe, str) and probe != "batch":
+            raise ValueError(f"probe must be a Tensor, a tuple of Tensors, 'batch' or None, got {probe!r}")
+        self._batch = isinstance(probe, str)
         self.steps = 0  # optimizer steps seen
         self.measurements = 0
-        self._values = {}  # name -> device scalar of the latest measurement
+        self._values = {}  # name -> _Ratio or _Max of the latest measurement (device tensors)
+        self._cur = {}  # the measurement being taken
+        self._batch_step = -1  # probe="batch": the step count when a training forward was measured
+        self._zref = {}  # probe="batch": Linear name -> W_0 x_0 of the reference pass
         self._floats = None
         self._capture = None  # during a probe pass: "reference" or "current"
         self._ref = {}  # module name -> dict of reference tensors
@@ -202,7 +223,12 @@ class Tracker:
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
-        if probe is not None:
+        if self._batch:
+            self._init_state = self._initial_state() if self._ref_model is None else None
+            self._init_op_w0()
+            self._hooks.append(model.register_forward_pre_hook(self._batch_pre, with_kwargs=True))
+            self._hooks.append(model.register_forward_hook(self._batch_post, always_call=True))
+        elif probe is not None:
             self.set_probe(probe)
         else:
             self._hooks.append(model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
@@ -293,6 +319,8 @@ class Tracker:
     def set_probe(self, probe):
         """Sets the probe batch and measures the reference activations on it (before any
         training step when ``reference="init"``)."""
+        if self._batch:
+            raise RuntimeError("this tracker measures on the training batch (probe='batch'): it takes no probe")
         args = _as_args(probe)
         if not all(isinstance(a, Tensor) for a in args):
             raise TypeError("probe must be a Tensor or a tuple of Tensors")
@@ -302,10 +330,82 @@ class Tracker:
         self._probe = tuple(a.detach() for a in args)
         self._ref = {}
         self._ref_out = _first_tensor(self._forward("reference"))
+        self._init_op_w0()
+
+    def _init_op_w0(self):
         self._op_w0 = {}
         if self.rcc and self.op_norms:
             for n, w0 in self._lin_w0.items():
                 self._op_w0[n] = spectral_norm(w0).op
+
+    def _initial_state(self):
+        """probe="batch", reference="init": every parameter and buffer of the model at
+        initialisation, for the reference pass (tracked parameters share the W_0 copies)."""
+        tracked = {id(p): self._w0[n] for n, p in self.params}
+        state = {}
+        for n, p in self.model.named_parameters():
+            w0 = tracked.get(id(p))
+            state[n] = (w0 if w0 is not None else p.detach().clone(), p.dtype)
+        for n, b in self.model.named_buffers():
+            state[n] = (b.detach().clone(), b.dtype)
+        return state
+
+    def _batch_pre(self, module, args, kwargs):
+        """probe="batch": before the first forward with gradients of a step to be measured,
+        run the reference model on the same batch; the forward then measures itself."""
+        if (self._capture is not None or not torch.is_grad_enabled() or self._batch_step == self.steps
+                or (self.steps + 1) % self.every != 0):
+            return None
+        self._batch_step = self.steps
+        self._cur, self._ref = {}, {}
+        model = self._ref_model if self._ref_model is not None else self.model
+        was_training = model.training
+        model.train(self.model.training)
+        swapped = self._swap_linears(model, self._reference_linear) if self.rcc else []
+        self._capture = "reference"
+        try:
+            with torch.no_grad():
+                if self._ref_model is not None:
+                    out = model(*args, **kwargs)
+                else:  # the model's own forward with its initial parameters
+                    state = {n: t if t.dtype == dt else t.to(dt) for n, (t, dt) in self._init_state.items()}
+                    out = torch.func.functional_call(model, state, args, kwargs)
+            self._ref_out = _first_tensor(out)
+        finally:
+            self._capture = None
+            self._zref.clear()
+            for m in swapped:
+                del m.forward
+            model.train(was_training)
+        self._capture = "current"
+        return None
+
+    def _batch_post(self, module, args, output):
+        if self._capture != "current" or not self._batch:
+            return None
+        self._capture = None
+        self._output_stats(_first_tensor(output), self._ref_out)
+        self._ref, self._ref_out = {}, None  # free the reference activations
+        return None
+
+    def _swap_linears(self, model, make):
+        """Replaces the forward of the tracked nn.Linear layers of ``model`` (the tracked
+        model or the reference model) by ``make(name, module)``; returns the modules."""
+        named = dict(model.named_modules())
+        swapped = []
+        for n in self._lin_w0:
+            m = named[n]
+            if type(m).forward is nn.Linear.forward:
+                m.forward = make(n, m)
+                swapped.append(m)
+        return swapped
+
+    def _reference_linear(self, name, module):
+        def forward(x):  # keeps W_0 x_0 (in the reference pass the weight is W_0)
+            z = F.linear(x, module.weight)
+            self._zref[name] = z
+            return z + module.bias if module.bias is not None else z
+        return forward
 
     def _first_batch(self, module, args, kwargs):
         if self._probe is None and args and all(isinstance(a, Tensor) for a in args) and self._capture is None:
@@ -319,11 +419,7 @@ class Tracker:
         swapped = []
         if which == "current" and self.rcc:
             # tracked Linear layers compute W_t x_t and W_0 x_t together (spkern.paired_linear)
-            for n in self._lin_w0:
-                m = self.modules[n]
-                if type(m).forward is nn.Linear.forward:
-                    m.forward = self._paired_forward(n, m)
-                    swapped.append(m)
+            swapped = self._swap_linears(self.model, self._paired_forward)
         try:
             model.eval()
             with torch.no_grad():
@@ -362,18 +458,25 @@ class Tracker:
                 if isinstance(self.modules[name], nn.Linear) and x is not None:
                     ref["x"] = x.detach().clone()
                     if self.rcc:
-                        ref["z"] = paired_linear(x.detach(), self._lin_w0[name], self._lin_w0[name])[1]
+                        z = self._zref.pop(name, None)
+                        if z is not None:  # probe="batch": kept by the reference pass
+                            ref["z"] = z.float()
+                        elif self._batch:  # a Linear subclass: W_0 x_0 = h_0 - b_0
+                            ref["z"] = (h - module.bias if module.bias is not None else h).detach().float()
+                        else:  # once per probe: rounded as the paired product of the measurements
+                            ref["z"] = paired_linear(x.detach(), self._lin_w0[name], self._lin_w0[name])[1]
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 self._measure(name, module, x, h.detach())
         return hook
 
-    def _rms(self, sq, numel):
-        return (sq / max(numel, 1)).sqrt()
+    @staticmethod
+    def _rms(sq, numel):
+        return _Ratio(sq, numel, True)
 
     def _measure(self, name, module, x, h):
         ref = self._ref.get(name)
-        v = self._values
+        v = self._cur
         n = h.numel()
         if ref is not None and ref["h"].shape == h.shape:
             s = pair_stats(h, ref["h"].to(h.dtype))
@@ -381,7 +484,7 @@ class Tracker:
         else:
             s = pair_stats(h)
         v[f"{name}/act_rms"] = self._rms(s[0], n)
-        v[f"{name}/zero_frac"] = s[4] / n
+        v[f"{name}/zero_frac"] = _Ratio(s[4], n)
         if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
             return
         x = x.detach()
@@ -389,36 +492,42 @@ class Tracker:
         nx = x.numel()
         v[f"{name}/input_rms"] = self._rms(sx[0], nx)
         v[f"{name}/input_change_rms"] = self._rms(sx[2], nx)
-        v[f"{name}/input_zero_frac"] = sx[4] / nx
+        v[f"{name}/input_zero_frac"] = _Ratio(sx[4], nx)
         if self.row_l2:
-            v[f"{name}/input_row_l2"] = rows[:, 0].sqrt().mean()
-            v[f"{name}/input_change_row_l2"] = rows[:, 2].sqrt().mean()
+            v[f"{name}/input_row_l2"] = _Ratio(rows[:, 0].sqrt().sum(), rows.shape[0])
+            v[f"{name}/input_change_row_l2"] = _Ratio(rows[:, 2].sqrt().sum(), rows.shape[0])
         if not self.rcc:
             return
         w0 = self._lin_w0[name]
         if name in self._paired:
             y, z = self._paired.pop(name)  # W_t x_t, W_0 x_t from one pass over x_t
-        else:  # a Linear subclass with its own forward
-            z = F.linear(x, w0.to(x.dtype)).float()
-            y = (h - module.bias if module.bias is not None else h).float()
+        else:  # the training forward (probe="batch") or a Linear subclass with its own forward
+            with torch.no_grad():
+                z = F.linear(x, w0.to(x.dtype)).float()
+            y = (h - module.bias.detach() if module.bias is not None else h).float()
         eff, eff_rows = pair_stats(y, z, per_row=True)
         prop, prop_rows = pair_stats(z, ref["z"], per_row=True)
         eff, prop = eff[2], prop[2]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
         if self.row_l2:
-            v[f"{name}/eff_row_l2"] = eff_rows[:, 2].sqrt().mean()
-            v[f"{name}/prop_row_l2"] = prop_rows[:, 2].sqrt().mean()
+            v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, 2].sqrt().sum(), eff_rows.shape[0])
+            v[f"{name}/prop_row_l2"] = _Ratio(prop_rows[:, 2].sqrt().sum(), prop_rows.shape[0])
         nz = z.numel()
         v[f"{name}/eff_rms"] = self._rms(eff, nz)
         v[f"{name}/prop_rms"] = self._rms(prop, nz)
         if not self.op_norms:
             return
-        state = self._op_state.get(name)
-        r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
-        self._op_state[name] = r.state
         tiny = torch.finfo(torch.float32).tiny
-        v[f"{name}/delta_w_op"] = r.op
-        v[f"{name}/eff_align"] = eff.sqrt() / (r.op * sx[0].sqrt() + tiny)
-        v[f"{name}/prop_align"] = prop.sqrt() / (self._op_w0[name] * sx[2].sqrt() + tiny)
+        if self._batch and self.steps == 0 and self._ref_model is None:
+            # the first step's forward: W_t = W_0, so no power iteration (nor its warm state)
+            v[f"{name}/delta_w_op"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
+            v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
+        else:
+            state = self._op_state.get(name)
+            r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
+            self._op_state[name] = r.state
+            v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
+            v[f"{name}/eff_align"] = _Ratio(eff, sx[0], True, 1 / r.op.clamp_min(tiny))
+        v[f"{name}/prop_align"] = _Ratio(prop, sx[2], True, 1 / self._op_w0[name].clamp_min(tiny))
 
     def _pre_step(self, optimizer, args, kwargs):
         # a torch optimizer: keep W_t of the step about to be measured
@@ -427,7 +536,7 @@ class Tracker:
         self._before = [p.detach().clone() for _, p in self.params]
 
     def _param_stats(self):
-        v = self._values
+        v = self._cur
         if isinstance(self.optimizer, _NormStats):
             stats = self.optimizer.norm_stats()
             by_id = {}
@@ -440,9 +549,9 @@ class Tracker:
                 if st is None:
                     continue
                 for k in ("update_rms", "weight_rms", "grad_rms", "relative_update"):
-                    v[f"{n}/{k}"] = st[k]
+                    v[f"{n}/{k}"] = _Ratio(st[k], 1.0)
                 if "drift_rms" in st and self.optimizer.drift_every == 1:
-                    v[f"{n}/drift_rms"] = st["drift_rms"]
+                    v[f"{n}/drift_rms"] = _Ratio(st["drift_rms"], 1.0)
             if all(f"{n}/drift_rms" in v for n, _ in self.params):
                 return
         params = [p for _, p in self.params]
@@ -462,7 +571,7 @@ class Tracker:
                 v[f"{n}/grad_rms"] = self._rms(gsq[i], numel[i])
             if moved is not None:
                 v[f"{n}/update_rms"] = self._rms(moved[i, 0], numel[i])
-                v[f"{n}/relative_update"] = moved[i, 0].sqrt() / moved[i, 1].sqrt()
+                v[f"{n}/relative_update"] = _Ratio(moved[i, 0], moved[i, 1], True)
 
     def step(self):
         """Counts an optimizer step and measures when it is the ``every``-th. Called by the
@@ -470,6 +579,13 @@ class Tracker:
         self.steps += 1
         if self.steps % self.every != 0:
             return False
+        if self._batch:
+            if self._batch_step != self.steps - 1:
+                warnings.warn("spkern.Tracker(probe='batch'): the model ran no forward with gradients before "
+                              "this step: only the parameters were measured", RuntimeWarning, stacklevel=2)
+                self._cur = {}
+            self._finish()
+            return True
         if self._probe is None:
             warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run): "
                           "nothing measured at this step", RuntimeWarning, stacklevel=2)
@@ -478,23 +594,33 @@ class Tracker:
         return True
 
     def measure(self):
-        """Measures now (whatever the step count)."""
+        """Measures now on the probe (whatever the step count)."""
+        if self._batch:
+            raise RuntimeError("with probe='batch' the tracker measures during the training forward of every "
+                               "`every`-th step; measure() needs a probe batch")
         if self._probe is None:
             raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
-        keep = {k: t for k, t in self._values.items() if k.startswith("train/")}
-        self._values = {}
-        out = _first_tensor(self._forward("current"))
-        if out is not None and out.is_floating_point():
-            ref = self._ref_out
-            if ref is not None and ref.shape == out.shape:
-                s = pair_stats(out.detach(), ref.to(out.dtype))
-                self._values[f"{self.output_key}/change_rms"] = self._rms(s[2], out.numel())
-            else:
-                s = pair_stats(out.detach())
-            self._values[f"{self.output_key}/rms"] = self._rms(s[0], out.numel())
-            self._values[f"{self.output_key}/max_abs"] = out.detach().abs().amax().float()
+        self._cur = {}
+        self._output_stats(_first_tensor(self._forward("current")), self._ref_out)
+        self._finish()
+
+    def _output_stats(self, out, ref):
+        if out is None or not out.is_floating_point():
+            return
+        out = out.detach()
+        if ref is not None and ref.shape == out.shape:
+            s = pair_stats(out, ref.to(out.dtype))
+            self._cur[f"{self.output_key}/change_rms"] = self._rms(s[2], out.numel())
+        else:
+            s = pair_stats(out)
+        self._cur[f"{self.output_key}/rms"] = self._rms(s[0], out.numel())
+        self._cur[f"{self.output_key}/max_abs"] = _Max(out.abs().amax().float())
+
+    def _finish(self):
+        """Completes a measurement: the parameter statistics, then it becomes the latest."""
         self._param_stats()
-        self._values.update(keep)
+        keep = {k: t for k, t in self._values.items() if k.startswith("train/")}
+        self._values, self._cur = {**self._cur, **keep}, {}
         self.measurements += 1
         self._floats = None
         if self._jsonl is not None and self.measurements % self.log_every == 0:
@@ -504,37 +630,65 @@ class Tracker:
         """Records the training loss and, when given, the means of spkern's per-row logit
         statistics (:class:`spkern.LogitStats`) of that batch (device tensors, no sync);
         other ``name=tensor`` values are recorded as ``train/name``."""
-        self._values["train/loss"] = loss.detach().float().reshape(())
+        self._values["train/loss"] = _Ratio(loss.detach().float().reshape(()), 1.0)
         for key, value in values.items():
-            self._values[f"train/{key}"] = value.detach().float().reshape(())
+            self._values[f"train/{key}"] = _Ratio(value.detach().float().reshape(()), 1.0)
         if stats is not None:
-            for key in ("logit_norm", "logit_max", "max_prob", "entropy"):
+            for key in ("logit_norm", "logit_max", "max_prob", "entropy", "correct"):
                 t = getattr(stats, key, None)
                 if t is not None and t.numel():
-                    self._values[f"train/{key}"] = t.detach().float().mean()
-            correct = getattr(stats, "correct", None)
-            if correct is not None and correct.numel():
-                self._values["train/accuracy"] = correct.detach().float().mean()
+                    name = "accuracy" if key == "correct" else key
+                    self._values[f"train/{name}"] = _Ratio(t.detach().float().sum(), t.numel())
         self._floats = None
 
     # -- reading -------------------------------------------------------------------------
 
     def metrics(self) -> dict:
         """The latest measurement as ``{name: float}`` (plus ``step``), read from the
-        device in one transfer. Under ``torch.distributed`` it is the mean over the ranks
-        (one all-reduce), so every rank must call it at the same steps."""
+        device in one transfer. Under ``torch.distributed`` the sums behind every value
+        (of squares, of zeros, of row norms, and the counts) are added over the ranks
+        before the ratios and square roots are taken, so the values are those of one
+        process measuring all the ranks' rows; every rank must call it at the same steps."""
         if self._floats is None:
-            keys = list(self._values)
-            flat = []
-            if keys:
-                device = self._values[keys[0]].device
-                stacked = torch.stack([self._values[k].detach().float().reshape(()).to(device) for k in keys])
-                if _world_size() > 1:  # the mean over the ranks (every rank calls metrics())
-                    torch.distributed.all_reduce(stacked)
-                    stacked /= _world_size()
-                flat = stacked.tolist()
-            self._floats = dict(zip(keys, flat))
+            self._floats = self._reduce(self._values)
         return {"step": self.steps, **self._floats}
+
+    @staticmethod
+    def _reduce(values):
+        ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
+        maxes = [k for k, v in values.items() if isinstance(v, _Max)]
+        if not values:
+            return {}
+        first = next(iter(values.values()))
+        device = (first.num if isinstance(first, _Ratio) else first.value).device
+
+        def scalar(x):
+            return (x.detach().float().reshape(()).to(device) if isinstance(x, Tensor)
+                    else torch.tensor(float(x), device=device))
+        parts = []
+        if ratios:
+            parts += [torch.stack([scalar(values[k].num) for k in ratios]),
+                      torch.stack([scalar(values[k].den) for k in ratios])]
+        top = torch.stack([scalar(values[k].value) for k in maxes]) if maxes else None
+        if _world_size() > 1:  # every rank calls metrics() at the same steps with the same names
+            if ratios:
+                both = torch.cat(parts)
+                torch.distributed.all_reduce(both)
+                parts = list(both.split(len(ratios)))
+            if top is not None:
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+        out = []
+        if ratios:
+            num, den = parts
+            val = num / den.clamp_min(torch.finfo(torch.float32).tiny)
+            root = torch.tensor([values[k].root for k in ratios], device=device)
+            val = torch.where(root, val.clamp_min(0).sqrt(), val)
+            scale = torch.stack([scalar(values[k].scale if values[k].scale is not None else 1.0) for k in ratios])
+            out.append(val * scale)
+        if top is not None:
+            out.append(top)
+        got = dict(zip(ratios + maxes, torch.cat(out).tolist()))
+        return {k: got[k] for k in values}
 
     def write(self):
         """Appends the latest measurement to metrics.jsonl and TensorBoard."""

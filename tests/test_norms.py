@@ -1,5 +1,7 @@
 """spkern.multi_tensor_norms and spkern.spectral_norm against float64 computed the slow way."""
 
+import math
+
 import pytest
 import torch
 
@@ -98,6 +100,20 @@ def test_spectral_norm_warm_start_follows_a_changing_matrix():
         state = r.state
         exact = torch.linalg.matrix_norm(A.double(), ord=2).item()
         assert abs(r.op.item() / exact - 1) < 0.01
+
+
+def test_spectral_norm_of_a_zero_difference_keeps_a_usable_state():
+    # W_t - W_0 is exactly zero before the first step: op 0, and the state stays a unit
+    # vector from which later warm starts still converge
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(120, 90, generator=g)
+    r = spkern.spectral_norm(W0.clone(), minus=W0)
+    assert r.op.item() == 0 and math.isclose(r.state.norm().item(), 1, rel_tol=1e-5)
+    W = W0 + _low_rank_plus_noise(120, 90, seed=5)
+    for _ in range(10):
+        r = spkern.spectral_norm(W, r.state, minus=W0)
+    exact = torch.linalg.matrix_norm(W.double() - W0.double(), ord=2).item()
+    assert abs(r.op.item() / exact - 1) < 0.01
 
 
 def test_spectral_norm_of_a_difference_and_dtypes():

@@ -5,6 +5,9 @@ import copy
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,26 +56,34 @@ def _train(model, opt, x, y, steps, tracker=None):
         opt.step()
 
 
+def _with_weights(model, weights):
+    other = copy.deepcopy(model)
+    other.load_state_dict(weights)
+    return other
+
+
 @pytest.mark.parametrize("optim", ["spkern", "torch"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_statistics_against_the_slow_way(optim, bias):
+@pytest.mark.parametrize("on", ["probe", "batch"])
+def test_statistics_against_the_slow_way(optim, bias, on):
     model = _mlp(bias=bias)
     init = copy.deepcopy(model)
     x, y = _data()
-    probe = x[:16]
     cls = spkern.optim.SGD if optim == "spkern" else torch.optim.SGD
     opt = cls(model.named_parameters() if optim == "spkern" else model.parameters(), lr=0.5, momentum=0.9)
-    tracker = spkern.Tracker(model, opt, probe=probe)
+    tracker = spkern.Tracker(model, opt, probe=x[:16] if on == "probe" else "batch")
     _train(model, opt, x, y, 2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, opt, x, y, 1, tracker)
     m = tracker.metrics()
     assert m["step"] == 3 and tracker.measurements == 3
-    cur, logits = _io(model, probe)
-    ref, logits0 = _io(init, probe)
+    # on a probe: after the step; on the training batch: in the step's forward, before the update
+    measured, rows = (model, x[:16]) if on == "probe" else (_with_weights(model, before), x)
+    cur, logits = _io(measured, rows)
+    ref, logits0 = _io(init, rows)
     for name in ("0", "2", "4"):
         (xt, ht), (x0, h0) = cur[name], ref[name]
-        W, W0 = model.get_submodule(name).weight.detach().double(), init.get_submodule(name).weight.detach().double()
+        W, W0 = measured.get_submodule(name).weight.detach().double(), init.get_submodule(name).weight.detach().double()
         tol = dict(rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(m[f"{name}/act_rms"], _rms(ht), **tol)
         assert math.isclose(m[f"{name}/change_rms"], _rms(ht - h0), **tol)
@@ -83,7 +94,7 @@ def test_statistics_against_the_slow_way(optim, bias):
         assert math.isclose(m[f"{name}/eff_rms"], _rms(eff), rel_tol=1e-3, abs_tol=1e-6)
         assert math.isclose(m[f"{name}/prop_rms"], _rms(prop), rel_tol=1e-3, abs_tol=1e-6)
         # the RCC splits the change of the output (bias aside)
-        bias_change = (model.get_submodule(name).bias - init.get_submodule(name).bias).detach().double() if bias else 0
+        bias_change = (measured.get_submodule(name).bias - init.get_submodule(name).bias).detach().double() if bias else 0
         torch.testing.assert_close(eff + prop + bias_change, (ht - h0).double(), rtol=1e-4, atol=1e-5)
         op_dw = torch.linalg.matrix_norm(W - W0, ord=2).item()
         op_w0 = torch.linalg.matrix_norm(W0, ord=2).item()
@@ -130,19 +141,23 @@ def _module_monitor_rcc(model, reference, x):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reference", ["init", "model"])
-def test_rcc_equals_torch_module_monitor(bias, reference):
+@pytest.mark.parametrize("on", ["probe", "batch"])
+def test_rcc_equals_torch_module_monitor(bias, reference, on):
     # the same model, batch and reference model; torch-module-monitor reports the mean
     # over rows of each row's L2 norm, which the tracker gives with row_l2=True
     model = _mlp(width=48, bias=bias)
     init = copy.deepcopy(model)
     x, y = _data(40)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    tracker = spkern.Tracker(model, opt, probe=x, row_l2=True,
+    tracker = spkern.Tracker(model, opt, probe=x if on == "probe" else "batch", row_l2=True,
                              reference="init" if reference == "init" else init)
-    _train(model, opt, x, y, 6)
+    _train(model, opt, x, y, 5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, x, y, 1)
     m = tracker.metrics()
     tracker.close()
-    theirs = _module_monitor_rcc(model, init, x)
+    # on the training batch the tracker measures the last step's forward, before its update
+    theirs = _module_monitor_rcc(model if on == "probe" else _with_weights(model, before), init, x)
     pairs = {"eff_row_l2": "RCC (W_t-W_0)x_t/{}.weight/l2norm", "prop_row_l2": "RCC W_0(x_t-x_0)/{}.weight/l2norm",
              "input_row_l2": "RCC x_t/{}/l2norm", "input_change_row_l2": "RCC (x_t-x_0)/{}/l2norm"}
     compared = 0
@@ -204,7 +219,8 @@ def test_probe_from_first_batch_every_and_reference_model():
     assert m1["step"] == 5
 
 
-def test_gradient_accumulation_and_checkpointing_do_not_double_count():
+@pytest.mark.parametrize("on", ["probe", "batch"])
+def test_gradient_accumulation_and_checkpointing_do_not_double_count(on):
     class Block(nn.Module):
         def __init__(self, ckpt):
             super().__init__()
@@ -220,7 +236,7 @@ def test_gradient_accumulation_and_checkpointing_do_not_double_count():
         model = Block(ckpt)
         x, y = _data()
         opt = spkern.optim.SGD(model.parameters(), lr=0.1)
-        tracker = spkern.Tracker(model, opt, probe=x[:16])
+        tracker = spkern.Tracker(model, opt, probe=x[:16] if on == "probe" else "batch")
         for _ in range(3):
             opt.zero_grad()
             for chunk in range(2):  # two micro-batches per step
@@ -230,6 +246,8 @@ def test_gradient_accumulation_and_checkpointing_do_not_double_count():
         assert tracker.measurements == 3 and tracker.steps == 3
         results.append(tracker.metrics())
     assert results[0].keys() == results[1].keys()
+    if on == "batch":  # the first micro-batch of each step is measured, the one before the update
+        assert math.isclose(results[0]["inner.0/input_rms"], _rms(x[:32]), rel_tol=1e-5)
     for k in results[0]:
         assert math.isclose(results[0][k], results[1][k], rel_tol=1e-5, abs_tol=1e-7), k
 
@@ -278,7 +296,8 @@ def test_logging(tmp_path):
 @pytest.mark.parametrize("kw, error, match", [
     (dict(every=0), ValueError, "every"),
     (dict(reference="nope"), ValueError, "reference"),
-    (dict(probe="x"), TypeError, "probe"),
+    (dict(probe="x"), ValueError, "'batch'"),
+    (dict(probe=3), TypeError, "probe"),
     (dict(reference_dtype=torch.int8), ValueError, "reference_dtype"),
 ])
 def test_bad_arguments(kw, error, match):
@@ -330,3 +349,51 @@ def test_bfloat16_reference_weights():
     a, b = exact.metrics(), half.metrics()
     for k in ("2.weight/drift_rms", "2/eff_rms", "2/prop_rms", "4/change_rms"):
         assert math.isclose(a[k], b[k], rel_tol=2e-2), k
+
+
+def test_two_processes_on_gloo_equal_one_on_the_full_batch(tmp_path):
+    # each rank measures its share of the rows; the sums are added over the ranks before
+    # the ratios and square roots, so the metrics are those of one process on all rows
+    worker = os.path.join(os.path.dirname(__file__), "ddp_tracker_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {}
+    for world in (2, 1):
+        out = str(tmp_path / f"{world}.json")
+        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                   f"--master_port={port}"] if world > 1 else [sys.executable])
+        proc = subprocess.run(launch + [worker, out], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        runs[world] = json.loads(open(out).read())
+    two, one = runs[2], runs[1]
+    assert two["world"] == 2 and one["world"] == 1
+    for on in ("probe", "batch"):
+        a, b = two[on], one[on]
+        assert a.keys() == b.keys() and len(a) > 40
+        for k, v in b.items():
+            assert math.isclose(a[k], v, rel_tol=1e-4, abs_tol=1e-6), (on, k, a[k], v)
+    assert "2/eff_row_l2" in one["batch"] and "train/accuracy" in one["batch"]
+
+
+def test_training_batch_mode_skips_evaluation_forwards():
+    model = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = spkern.Tracker(model, opt, probe="batch")
+    with torch.no_grad():
+        model(x[:7])  # an evaluation between steps is not measured
+    _train(model, opt, x, y, 1)
+    m = tracker.metrics()
+    assert math.isclose(m["0/input_rms"], _rms(x), rel_tol=1e-5)
+    # the first forward sees W_0: no effective update, up to the rounding of the bias add
+    assert m["2/eff_rms"] < 1e-6 * m["2/act_rms"] and m["2/delta_w_op"] == 0 and m["2/eff_align"] == 0
+    with pytest.raises(RuntimeError, match="probe='batch'"):
+        tracker.measure()
+    with pytest.raises(RuntimeError, match="probe='batch'"):
+        tracker.set_probe(x)
+    with pytest.warns(RuntimeWarning, match="no forward"):
+        opt.step()  # a step without a forward: only the parameters are measured
+    assert "0/input_rms" not in tracker.metrics() and "0.weight/drift_rms" in tracker.metrics()
+    tracker.close()
