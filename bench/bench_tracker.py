@@ -12,8 +12,9 @@ norms), all in the same run.
 
 Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
 the time per step. spkern's probe is a fixed batch of --probe rows (default: the
-training batch size, 128, as torch-module-monitor measures on the training batch itself),
-or 16 rows; "no op norms" skips op(W_t - W_0) and the alignment ratios (op_norms=False).
+training batch size, 128), or 16 rows, or "probe=batch": the training batch itself,
+measured in the step's own forward (as torch-module-monitor measures); "no op norms"
+skips op(W_t - W_0) and the alignment ratios (op_norms=False). --impls picks a subset.
 """
 
 import os
@@ -22,7 +23,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker every=10", "spkern Tracker probe=16",
+IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker probe=batch", "spkern Tracker probe=batch no op norms",
+         "spkern Tracker every=10", "spkern Tracker probe=16",
          "spkern Tracker probe=16 no op norms", "spkern Tracker probe=16 no op norms every=10",
          "torch-module-monitor"]
 BATCH = 128
@@ -50,7 +52,8 @@ def make_step(impl, width, probe_rows, device):
     if impl.startswith("spkern Tracker"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
         rows = 16 if "probe=16" in impl else probe_rows
-        tracker = spkern.Tracker(model, opt, probe=x[:rows], every=10 if "every" in impl else 1,
+        probe = "batch" if "probe=batch" in impl else x[:rows]
+        tracker = spkern.Tracker(model, opt, probe=probe, every=10 if "every" in impl else 1,
                                  op_norms="no op norms" not in impl)
 
         def one():
@@ -114,7 +117,7 @@ def run_one(impl, width, probe_rows, device, repeats):
     return harness.measure(step, device, repeats, warmup=2)
 
 
-def interleaved(width, probe_rows, device, repeats, cycle=10):
+def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10):
     """Every implementation in this process, timed in alternation: cycles of ``cycle``
     steps, one implementation after the other, ``repeats`` rounds; the median time per
     step of each. Slow drifts of a shared machine then hit all implementations alike.
@@ -129,7 +132,7 @@ def interleaved(width, probe_rows, device, repeats, cycle=10):
             torch.cuda.synchronize()
 
     steps, out = {}, {}
-    for impl in IMPLS:
+    for impl in impls:
         made = make_step(impl, width, probe_rows, device)
         if isinstance(made, dict):
             out[impl] = made
@@ -148,13 +151,15 @@ def interleaved(width, probe_rows, device, repeats, cycle=10):
     for impl, ts in times.items():
         out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                      "peak_extra_mb": None, "method": f"interleaved cycles of {cycle} steps"}
-    return {impl: out[impl] for impl in IMPLS}
+    return {impl: out[impl] for impl in impls}
 
 
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048")
     parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")
     parser.add_argument("--interleave", action="store_true",
                         help="time all implementations in one process, in alternation (for noisy machines)")
     args = harness.parse(parser, argv, run_one)
@@ -162,6 +167,13 @@ def main(argv=None):
         return 0
     widths = harness.parse_ints(parser, args.widths or ("512" if args.quick else "1024,2048"), "--widths")
     repeats = args.repeats or (3 if args.quick else 20)
+    impls = IMPLS
+    if args.impls:
+        chosen = [i.strip() for i in args.impls.split(",") if i.strip()]
+        unknown = [i for i in chosen if i not in IMPLS]
+        if unknown:
+            parser.error(f"--impls: unknown {unknown[0]!r}; choose from {', '.join(IMPLS)}")
+        impls = ["no tracking"] + [i for i in IMPLS if i in chosen and i != "no tracking"]
     info = harness.machine_info(args.device)
     harness.print_header("training step with metric tracking", info, args.device)
     print("| width | implementation | median ms | min-max ms | overhead vs no tracking | peak extra MB |")
@@ -169,8 +181,8 @@ def main(argv=None):
     results = []
     for width in widths:
         base = None
-        together = interleaved(width, args.probe, args.device, repeats) if args.interleave else None
-        for impl in IMPLS:
+        together = interleaved(width, args.probe, args.device, repeats, impls) if args.interleave else None
+        for impl in impls:
             r = (together[impl] if together is not None
                  else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats]))
             if "error" in r or "skipped" in r:

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_stats_cpu", &spkern::cpu::pair_stats,
         "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CPU tensors",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
+  m.def("gram_matvec_cpu", &spkern::cpu::gram_matvec, "(a - b)^T (a - b) v in one pass over a and b, CPU",
+        pybind11::arg("a"), pybind11::arg("b") = pybind11::none(), pybind11::arg("v"));
   m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU");
   m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU");
   m.def("compiled_isa", &spkern::cpu::compiled_isa);

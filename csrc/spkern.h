@@ -37,6 +37,11 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
 // ||a - b||^2, <a, b> and the number of exact zeros of a, per row. csrc/cpu/pair_stats.cpp.
 at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b);
 
+// One power-iteration step for the operator norm of a - b (b optional: else 0), a and b of
+// shape (m, n) in float32, bfloat16 or float16, v a float32 (n,) vector: (a - b)^T (a - b) v
+// in float32, in one pass over a and b. csrc/cpu/gram.cpp.
+at::Tensor gram_matvec(const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& v);
+
 // Fused optimizer steps (csrc/cpu/optim.cpp): apply torch.optim.SGD's / AdamW's update
 // in one pass and write per parameter into stats (P, 4) float32: ||W_{t+1} - W_t||^2,
 // ||W_{t+1}||^2, ||grad||^2, ||W_{t+1} - W_0||^2 (0 when init is empty).

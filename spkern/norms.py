@@ -139,9 +139,12 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             float dtype); ``matrix - minus`` is never materialised: each product is
             ``matrix v - minus v``.
 
-    Each iteration costs two matrix-vector products with the matrix (four with
-    ``minus``): O(fan_out * fan_in), against O(fan_out * fan_in * min(...)) for an SVD.
-    The estimate never exceeds the true norm and approaches it from below.
+    Each iteration is one product with ``A^T A`` (A = matrix - minus): O(fan_out * fan_in),
+    against O(fan_out * fan_in * min(...)) for an SVD. On CPU it is one pass over the
+    matrix and ``minus`` (csrc/cpu/gram.cpp: each row is used for A v and A^T A v while
+    it is in cache), elsewhere two matrix-vector products with each. The estimate,
+    sqrt(||A^T A v||) of the last iteration's unit v, never exceeds the true norm and
+    approaches it from below.
     """
     if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
         raise TypeError("matrix must be a floating-point Tensor")
@@ -158,6 +161,9 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             raise ValueError(f"minus is on device {minus.device} but matrix is on device {matrix.device}")
         B = minus.detach().reshape(fan_out, fan_in)
     v, n_iter = start_vector(fan_in, A.device, state, iters)
+    fused = _fused_gram(A, B)
+    if fused is not None:
+        return power_iteration(None, None, v, n_iter, fan_in / fan_out, gram=fused)
 
     A = A.float()  # (no copy for float32)
     B = B.float() if B is not None else None
@@ -169,6 +175,17 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
         return A.t() @ y - B.t() @ y if B is not None else A.t() @ y
 
     return power_iteration(matvec, rmatvec, v, n_iter, fan_in / fan_out)
+
+
+def _fused_gram(A: Tensor, B: Optional[Tensor]):
+    """x -> (A - B)^T (A - B) x by the C++ kernel, one pass over A and B (CPU), or None."""
+    C = _backend.compiled()
+    if (C is None or A.device.type != "cpu" or _backend.requested_backend(A.device) == "reference"
+            or A.dtype not in _backend.KERNEL_DTYPES or (B is not None and B.dtype not in _backend.KERNEL_DTYPES)):
+        return None
+    A = A.contiguous()
+    B = B.contiguous() if B is not None else None
+    return lambda x: C.gram_matvec_cpu(A, B, x)
 
 
 def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[int]):
@@ -190,14 +207,16 @@ def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[i
 def power_iteration(matvec, rmatvec, v: Tensor, iters: int, fan_ratio: float, gram=None) -> SpectralNorm:
     """Top singular value of the operator A given as x -> A x and y -> A^T y, from the
     unit vector v; fan_ratio = fan_in / fan_out for the RMS-to-RMS norm. ``gram``, when
-    given, computes x -> A^T A x in one go (for operators rebuilt block by block)."""
+    given, computes x -> A^T A x in one go (one pass over A, or an operator rebuilt block
+    by block). The estimate is sqrt(||A^T A v||) for the last v iterated on: at most the
+    norm, since ||A^T A v|| <= ||A||^2 for a unit v, and no further product is needed."""
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
         w = gram(v) if gram is not None else rmatvec(matvec(v))
         norm = w.norm()
         # A = 0 (say W_t - W_0 before the first step): keep v, a valid start for later calls
         v = torch.where(norm > 0, w / norm.clamp_min(tiny), v)
-    op = matvec(v).norm()
+    op = norm.sqrt()
     return SpectralNorm(op, op * math.sqrt(fan_ratio), v)
 
 

@@ -488,7 +488,8 @@ class Tracker:
         if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
             return
         x = x.detach()
-        sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True)
+        sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if self.row_l2 else (
+            pair_stats(x, ref["x"].to(x.dtype)), None)
         nx = x.numel()
         v[f"{name}/input_rms"] = self._rms(sx[0], nx)
         v[f"{name}/input_change_rms"] = self._rms(sx[2], nx)
@@ -505,8 +506,10 @@ class Tracker:
             with torch.no_grad():
                 z = F.linear(x, w0.to(x.dtype)).float()
             y = (h - module.bias.detach() if module.bias is not None else h).float()
-        eff, eff_rows = pair_stats(y, z, per_row=True)
-        prop, prop_rows = pair_stats(z, ref["z"], per_row=True)
+        eff = pair_stats(y, z, per_row=self.row_l2)
+        prop = pair_stats(z, ref["z"], per_row=self.row_l2)
+        if self.row_l2:
+            (eff, eff_rows), (prop, prop_rows) = eff, prop
         eff, prop = eff[2], prop[2]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
         if self.row_l2:
             v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, 2].sqrt().sum(), eff_rows.shape[0])
@@ -655,36 +658,45 @@ class Tracker:
 
     @staticmethod
     def _reduce(values):
-        ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
-        maxes = [k for k, v in values.items() if isinstance(v, _Max)]
         if not values:
             return {}
+        ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
+        maxes = [k for k, v in values.items() if isinstance(v, _Max)]
         first = next(iter(values.values()))
         device = (first.num if isinstance(first, _Ratio) else first.value).device
 
-        def scalar(x):
-            return (x.detach().float().reshape(()).to(device) if isinstance(x, Tensor)
-                    else torch.tensor(float(x), device=device))
-        parts = []
+        def stack(items):  # device scalars (or numbers) -> one float32 vector
+            return torch.stack([x.detach().reshape(()).to(device, torch.float32) if isinstance(x, Tensor)
+                                else torch.tensor(float(x), device=device) for x in items])
+
+        def with_tensors(items, default):
+            # numbers in one tensor, then the few device scalars put in their places
+            out = torch.tensor([default if isinstance(x, Tensor) else float(x) for x in items], device=device)
+            at = [i for i, x in enumerate(items) if isinstance(x, Tensor)]
+            if at:
+                out[torch.tensor(at, device=device)] = stack([items[i] for i in at])
+            return out
+        top = stack([values[k].value for k in maxes]) if maxes else None
+        num = den = None
         if ratios:
-            parts += [torch.stack([scalar(values[k].num) for k in ratios]),
-                      torch.stack([scalar(values[k].den) for k in ratios])]
-        top = torch.stack([scalar(values[k].value) for k in maxes]) if maxes else None
+            num = stack([values[k].num for k in ratios])
+            den = with_tensors([values[k].den for k in ratios], 1.0)
         if _world_size() > 1:  # every rank calls metrics() at the same steps with the same names
             if ratios:
-                both = torch.cat(parts)
+                both = torch.cat([num, den])
                 torch.distributed.all_reduce(both)
-                parts = list(both.split(len(ratios)))
+                num, den = both.split(len(ratios))
             if top is not None:
                 torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
         out = []
         if ratios:
-            num, den = parts
             val = num / den.clamp_min(torch.finfo(torch.float32).tiny)
             root = torch.tensor([values[k].root for k in ratios], device=device)
             val = torch.where(root, val.clamp_min(0).sqrt(), val)
-            scale = torch.stack([scalar(values[k].scale if values[k].scale is not None else 1.0) for k in ratios])
-            out.append(val * scale)
+            scales = [values[k].scale for k in ratios]
+            if any(x is not None for x in scales):
+                val = val * with_tensors([1.0 if x is None else x for x in scales], 1.0)
+            out.append(val)
         if top is not None:
             out.append(top)
         got = dict(zip(ratios + maxes, torch.cat(out).tolist()))

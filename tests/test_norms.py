@@ -138,3 +138,43 @@ def test_spectral_norm_of_a_difference_and_dtypes():
 def test_spectral_norm_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (300, 129), (5, 1000)])
+@pytest.mark.parametrize("dtype_a, dtype_b", [(torch.float32, None), (torch.float32, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float32)])
+def test_gram_matvec_cpu_against_float64(shape, dtype_a, dtype_b):
+    C = pytest.importorskip("spkern._C")
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(shape, generator=g).to(dtype_a)
+    b = torch.randn(shape, generator=g).to(dtype_b) if dtype_b is not None else None
+    v = torch.randn(shape[1], generator=g)
+    d = a.double() - (b.double() if b is not None else 0)
+    want = d.t() @ (d @ v.double())
+    before = [t.clone() for t in (a, v) + ((b,) if b is not None else ())]
+    got = C.gram_matvec_cpu(a, b, v)
+    assert all(torch.equal(x, y) for x, y in zip(before, (a, v) + ((b,) if b is not None else ())))
+    assert got.dtype == torch.float32 and got.shape == (shape[1],)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_gram_matvec_cpu_errors():
+    C = pytest.importorskip("spkern._C")
+    with pytest.raises(RuntimeError, match="a must be"):
+        C.gram_matvec_cpu(torch.ones(3, 4, dtype=torch.float64), None, torch.ones(4))
+    with pytest.raises(RuntimeError, match="b must be"):
+        C.gram_matvec_cpu(torch.ones(3, 4), torch.ones(4, 3), torch.ones(4))
+    with pytest.raises(RuntimeError, match="v must be"):
+        C.gram_matvec_cpu(torch.ones(3, 4), None, torch.ones(3))
+
+
+def test_spectral_norm_same_on_the_cpu_kernel_and_the_reference():
+    g = torch.Generator().manual_seed(8)
+    W0 = torch.randn(150, 90, generator=g)
+    W = W0 + _low_rank_plus_noise(150, 90, seed=9)
+    a = spkern.spectral_norm(W, minus=W0.bfloat16())
+    with spkern._backend.use_backend("reference"):
+        b = spkern.spectral_norm(W, minus=W0.bfloat16())
+    assert math.isclose(a.op.item(), b.op.item(), rel_tol=1e-4)
+    torch.testing.assert_close(a.state, b.state, rtol=1e-3, atol=1e-4)
