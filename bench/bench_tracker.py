@@ -1,4 +1,5 @@
-"""Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128)
+"""Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128,
+or with --model gpt the GPT of spkern.gpt: depth 2, context 64, batch 4, vocabulary 8192)
 without tracking, with spkern.Tracker measuring every step (feature change, RCC effective
 and propagating updates with their alignments, per-parameter update, drift, weight and
 gradient norms, logit statistics), and, when installed, with torch-module-monitor
@@ -9,12 +10,16 @@ norms), all in the same run.
     python bench/bench_tracker.py             # widths 1024, 2048
     python bench/bench_tracker.py --quick
     python bench/bench_tracker.py --interleave   # all in one process, alternating
+    python bench/bench_tracker.py --model gpt --interleave
 
 Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
 the time per step. spkern's probe is a fixed batch of --probe rows (default: the
 training batch size, 128), or 16 rows, or "probe=batch": the training batch itself,
 measured in the step's own forward (as torch-module-monitor measures); "no op norms"
-skips op(W_t - W_0) and the alignment ratios (op_norms=False). --impls picks a subset.
+skips op(W_t - W_0) and the alignment ratios (op_norms=False). "spkern loss and
+optimizer only" is the step with spkern.cross_entropy (with its statistics) and
+spkern.optim.SGD (with its norms) but no tracker: the part of the trackers' overhead
+that is not the tracker. --impls picks a subset.
 """
 
 import os
@@ -23,17 +28,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-IMPLS = ["no tracking", "spkern Tracker", "spkern Tracker probe=batch", "spkern Tracker probe=batch no op norms",
-         "spkern Tracker every=10", "spkern Tracker probe=16",
+IMPLS = ["no tracking", "spkern loss and optimizer only", "spkern Tracker", "spkern Tracker probe=batch",
+         "spkern Tracker probe=batch no op norms", "spkern Tracker every=10", "spkern Tracker probe=16",
          "spkern Tracker probe=16 no op norms", "spkern Tracker probe=16 no op norms every=10",
          "torch-module-monitor"]
 BATCH = 128
+GPT_VOCAB, GPT_CONTEXT, GPT_BATCH, GPT_DEPTH = 8192, 64, 4, 2
 
 
-def make_step(impl, width, probe_rows, device):
-    """(one training step of impl, measurement period in steps), or {"skipped": why}."""
-    import copy
-
+def build(model_kind, width, device):
+    """(model, x, y, loss(model, x, y, stats) -> (loss, stats or None)) of one benchmark."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -41,29 +45,60 @@ def make_step(impl, width, probe_rows, device):
     import spkern
 
     torch.manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(1)
+    if model_kind == "gpt":
+        from spkern.gpt import GPT, GPTConfig
+
+        model = GPT(GPTConfig(vocab=GPT_VOCAB, width=width, depth=GPT_DEPTH, context=GPT_CONTEXT)).to(device)
+        x = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), device=device, generator=g)
+        y = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), device=device, generator=g)
+
+        def loss(model, x, y, stats):  # every implementation: the trunk's forward, then the fused head
+            out = spkern.linear_cross_entropy(model(x), model.head.weight, y, return_stats=stats)
+            return out if stats else (out, None)
+        return model, x, y, loss
     dims = [784] + [width] * 3 + [10]
     layers = []
     for i in range(4):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False)] + ([nn.ReLU()] if i < 3 else [])
     model = nn.Sequential(*layers).to(device)
-    g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(BATCH, 784, device=device, generator=g)
     y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
-    if impl.startswith("spkern Tracker"):
+
+    def loss(model, x, y, stats):
+        return spkern.cross_entropy(model(x), y, return_stats=True) if stats else (F.cross_entropy(model(x), y), None)
+    return model, x, y, loss
+
+
+def make_step(impl, width, probe_rows, device, model_kind="mlp"):
+    """(one training step of impl, measurement period in steps), or {"skipped": why}."""
+    import copy
+
+    import torch
+
+    import spkern
+
+    model, x, y, loss_fn = build(model_kind, width, device)
+    if model_kind == "gpt" and "probe=16" in impl:
+        return {"skipped": "the GPT's probe is whole sequences (its batch is 4)"}
+    if impl.startswith("spkern"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
-        rows = 16 if "probe=16" in impl else probe_rows
-        probe = "batch" if "probe=batch" in impl else x[:rows]
-        tracker = spkern.Tracker(model, opt, probe=probe, every=10 if "every" in impl else 1,
-                                 op_norms="no op norms" not in impl)
+        tracker = None
+        if "Tracker" in impl:
+            rows = 16 if "probe=16" in impl else probe_rows
+            probe = "batch" if "probe=batch" in impl else x[:rows]
+            tracker = spkern.Tracker(model, opt, probe=probe, every=10 if "every" in impl else 1,
+                                     op_norms="no op norms" not in impl)
 
         def one():
             opt.zero_grad()
-            loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)
+            loss, stats = loss_fn(model, x, y, True)
             loss.backward()
-            tracker.record_loss(loss, stats)
+            if tracker is not None:
+                tracker.record_loss(loss, stats)
             opt.step()
-            return tracker.metrics() if tracker.steps % tracker.every == 0 else None
-        return one, tracker.every
+            return tracker.metrics() if tracker is not None and tracker.steps % tracker.every == 0 else None
+        return one, tracker.every if tracker is not None else 1
     elif impl == "torch-module-monitor":
         try:
             from torch_module_monitor import ModuleMonitor, RefinedCoordinateCheck
@@ -89,8 +124,7 @@ def make_step(impl, width, probe_rows, device):
             opt.zero_grad()
             with torch.no_grad():
                 reference(x)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            loss_fn(model, x, y, False)[0].backward()
             monitor.monitor_parameters()
             monitor.monitor_gradients()
             rcc.refined_coordinate_check()
@@ -102,13 +136,13 @@ def make_step(impl, width, probe_rows, device):
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(model, x, y, False)[0].backward()
         opt.step()
     return step, 1
 
 
-def run_one(impl, width, probe_rows, device, repeats):
-    made = make_step(impl, width, probe_rows, device)
+def run_one(impl, width, probe_rows, device, repeats, model_kind="mlp"):
+    made = make_step(impl, width, probe_rows, device, model_kind)
     if isinstance(made, dict):
         return made
     step, every = made
@@ -117,7 +151,7 @@ def run_one(impl, width, probe_rows, device, repeats):
     return harness.measure(step, device, repeats, warmup=2)
 
 
-def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10):
+def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model_kind="mlp"):
     """Every implementation in this process, timed in alternation: cycles of ``cycle``
     steps, one implementation after the other, ``repeats`` rounds; the median time per
     step of each. Slow drifts of a shared machine then hit all implementations alike.
@@ -133,7 +167,7 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10):
 
     steps, out = {}, {}
     for impl in impls:
-        made = make_step(impl, width, probe_rows, device)
+        made = make_step(impl, width, probe_rows, device, model_kind)
         if isinstance(made, dict):
             out[impl] = made
         else:
@@ -156,7 +190,9 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10):
 
 def main(argv=None):
     parser = harness.parser(__doc__)
-    parser.add_argument("--widths", default=None, help="MLP widths, e.g. 1024,2048")
+    parser.add_argument("--widths", default=None, help="model widths, e.g. 1024,2048")
+    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp",
+                        help="the MLP, or the GPT (spkern.gpt: depth 2, context 64, batch 4, vocabulary 8192)")
     parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")
@@ -181,15 +217,16 @@ def main(argv=None):
     results = []
     for width in widths:
         base = None
-        together = interleaved(width, args.probe, args.device, repeats, impls) if args.interleave else None
+        together = (interleaved(width, args.probe, args.device, repeats, impls, model_kind=args.model)
+                    if args.interleave else None)
         for impl in impls:
             r = (together[impl] if together is not None
-                 else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats]))
+                 else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats, args.model]))
             if "error" in r or "skipped" in r:
                 print(f"| {width} | {impl} | {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} |")
                 continue
             base = r["median_ms"] if impl == "no tracking" else base
-            r.update(width=width, impl=impl, device=args.device, probe_rows=args.probe,
+            r.update(model=args.model, width=width, impl=impl, device=args.device, probe_rows=args.probe,
                      overhead=r["median_ms"] / base - 1 if base else None)
             results.append(r)
             over = "-" if r["overhead"] is None else f"{r['overhead']:+.0%}"
@@ -197,7 +234,8 @@ def main(argv=None):
             print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
                   f"{mem} |", flush=True)
     if args.out:
-        name = f"tracker_{args.device}" + ("_interleaved" if args.interleave else "")
+        name = ("tracker_" + ("gpt_" if args.model == "gpt" else "") + args.device
+                + ("_interleaved" if args.interleave else ""))
         harness.save(args.out, name, args.quick, info, results, repeats=repeats)
     return 0
 

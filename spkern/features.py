@@ -100,9 +100,18 @@ def _paired_linear_torch(x, weight, weight0):
             torch.nn.functional.linear(x, weight0.to(x.dtype)).float())
 
 
+def _paired_linear_cpu(x, weight, weight0):
+    # W x^T rather than x W^T: BLAS then packs the small operand, x, and streams the
+    # weights; measured on AMD EPYC (torch 2.13 CPU, 2 threads) 1.2-1.7x faster for 16 to
+    # 256 rows of width 1024-2048. Both products take the same path, so they round alike.
+    x = x.contiguous()
+    return ((weight.to(x.dtype) @ x.t()).t().float().contiguous(),
+            (weight0.to(x.dtype) @ x.t()).t().float().contiguous())
+
+
 PAIRED_IMPLEMENTATIONS = {
     "reference": lambda x, w, w0: tuple(t.float() for t in (x.double() @ w.double().t(), x.double() @ w0.double().t())),
-    "cpu": _paired_linear_torch,  # two MKL products: blocking makes one pass over x pointless on CPU
+    "cpu": _paired_linear_cpu,  # two BLAS products: blocking makes one pass over x pointless on CPU
     "cuda": _paired_linear_torch,
     "triton": lambda x, w, w0: _backend.triton_kernels("features").paired_linear(x, w, w0),
 }

@@ -17,7 +17,21 @@ x_0 and output h_0 and, for Linear layers, W_0 (a copy of the weight, in
 ``reference_dtype``; or the weights and activations of a ``reference`` model you pass).
 Every ``every`` optimizer steps it runs the probe again and, in forward hooks that are
 active only during that probe pass (so gradient accumulation and activation
-checkpointing recomputations are never counted), computes for each tracked module:
+checkpointing recomputations are never counted), computes the statistics below.
+
+With ``probe="batch"`` it measures the training batch itself, as torch-module-monitor
+does: before the first forward with gradients of every ``every``-th step, it runs the
+reference (the model with its initial parameters and buffers, through
+``torch.func.functional_call``, or the ``reference`` model) on the same inputs, in the
+model's mode, keeping x_0, h_0 and W_0 x_0; the training forward that follows is
+measured by the same hooks, with one extra product W_0 x_t per Linear layer, so that the
+refined coordinate check costs two forward products per layer and no probe pass. The
+activations are then those of the step's forward, before its update (W_t of the step
+before); the parameter statistics are those of the step. Later micro-batches of the step,
+forwards without gradients (evaluation) and checkpoint recomputations are not measured;
+with dropout the two passes draw different masks. The tracker keeps a copy of every
+parameter at initialisation (the tracked ones in ``reference_dtype``). For each tracked
+module it records:
 
 ============================  ==============================================================
 ``{module}/act_rms``          rms(h_t): the module's output on the probe
@@ -26,7 +40,9 @@ checkpointing recomputations are never counted), computes for each tracked modul
 ``{module}/input_rms``        rms(x_t) (Linear)
 ``{module}/input_change_rms`` rms(x_t - x_0) (Linear)
 ``{module}/input_zero_frac``  fraction of exact zeros in x_t, e.g. dead ReLU units (Linear)
-``{module}/eff_rms``          rms((W_t - W_0) x_t): effective update (Linear, ``rcc=True``)
+``{module}/eff_rms``          rms((W_t - W_0) x_t): effective update (Linear, ``rcc=True``;
+                              with ``probe="batch"`` h_t - b_t - W_0 x_t, so at W_t = W_0
+                              a layer with a bias shows the rounding of its bias add)
 ``{module}/prop_rms``         rms(W_0 (x_t - x_0)): propagating update (Linear, ``rcc=True``)
 ``{module}/eff_align``        fro((W_t - W_0) X) / (op(W_t - W_0) fro(X)), in [0, 1]
 ``{module}/prop_align``       fro(W_0 dX) / (op(W_0) fro(dX)), in [0, 1], dX = X_t - X_0
@@ -73,6 +89,13 @@ drift and gradients only.
 :meth:`metrics` returns the latest measurement as a flat dict of floats with one host
 transfer. With ``log_dir`` each measurement (every ``log_every`` measurements) is
 appended to ``log_dir/metrics.jsonl`` and written as TensorBoard scalars.
+
+Under ``torch.distributed`` each rank measures its own rows (its probe, or its share of
+the training batch) and :meth:`metrics` adds the sums behind every value over the ranks
+(sums of squares, zeros, row norms and their counts) before taking ratios and square
+roots, and the largest ``max_abs`` over the ranks: the values equal those of one process
+measuring all the ranks' rows (for the loss, with equal shares). Values the same on every
+rank (parameter statistics, operator norms) are averaged.
 """
 
 import json
@@ -134,7 +157,8 @@ class Tracker:
         optimizer: the model's optimizer; the tracker measures after every ``every``-th
             ``optimizer.step()`` through a step hook. Without one, call :meth:`step`.
         probe: the fixed input batch (a tensor, or a tuple of positional arguments) on
-            which activations are measured; None: the first batch the model sees.
+            which activations are measured; None: the first batch the model sees;
+            ``"batch"``: the training batch of each measured step (see above).
         probe_rows: rows kept from a probe taken from the first batch.
         reference: ``"init"`` (the model as it is now) or a model of the same
             architecture whose weights and activations are the reference.

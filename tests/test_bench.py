@@ -127,3 +127,17 @@ def test_tracker_benchmark_interleaved():
             assert impl == "torch-module-monitor"
             continue
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_extra_mb"] is None
+
+
+def test_tracker_benchmark_on_the_gpt_and_a_subset(tmp_path, capsys):
+    import bench_tracker
+
+    impls = ["no tracking", "spkern Tracker probe=batch", "spkern Tracker probe=16"]
+    out = bench_tracker.interleaved(32, 8, "cpu", 1, impls=impls, cycle=2, model_kind="gpt")
+    assert list(out) == impls and "skipped" in out["spkern Tracker probe=16"]
+    assert out["spkern Tracker probe=batch"]["median_ms"] > 0
+    assert bench_tracker.main(["--quick", "--widths", "16", "--repeats", "1", "--impls", "spkern loss and optimizer only",
+                               "--out", str(tmp_path)]) == 0
+    assert "spkern loss and optimizer only" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_tracker.main(["--impls", "nothing like it"])
