@@ -13,8 +13,10 @@ machine's limit. Rates count the work an ideal implementation must do:
   bandwidth;
 * lce: FLOPs of the three products (logits, input gradient, weight gradient), against the
   matrix-product throughput;
-* norms: bytes of reading every parameter and its initial value (the warm operator norm:
-  9 passes over the matrix), against the copy bandwidth;
+* norms: bytes of reading every parameter and its initial value (the operator norm: one
+  pass over the matrix per power iteration, 4 warm, 50 cold: what the CPU kernel reads;
+  on GPU each iteration is two matrix-vector products, two passes), against the copy
+  bandwidth;
 * optim: bytes the step reads and writes (SGD with momentum: 5 per parameter element;
   AdamW: 7; times the element size), against the copy bandwidth;
 * gpt: 6 x (block and head parameters) x tokens FLOPs, against the matrix-product
@@ -25,7 +27,7 @@ Inputs rotate between calls (bench/harness.py): the kernel benchmarks build as m
 sets as hold twice the last-level cache (the CPU's, from sysfs; the GPU's L2) and each
 call takes the next, so rates are those of data coming from memory. Marked * : a row whose
 sets could not reach that within the memory budget, and the operator norms, whose power
-iterations sweep one matrix 9 times (warm) or 101 times (cold) within a call, where that
+iterations sweep one matrix 4 times (warm) or 50 times (cold) within a call, where that
 matrix fits in the cache; their rate may be a cache rate, not a fraction of the memory
 limit. The copy bandwidth counts the bytes read and written by a copy; traffic that is
 mostly reads (the norms, the optimizer steps) runs faster than that and can show more
@@ -78,9 +80,9 @@ def annotate(op, r, bandwidth, flops):
         if r["case"].startswith("8-layer"):
             work = 2 * 4 * _mlp_params(r["width"])
         elif "warm" in r["impl"] and r["case"] == "operator norm":
-            work = 9 * 4 * r["width"] ** 2
+            work = 4 * 4 * r["width"] ** 2
         elif "cold" in r["impl"]:
-            work = 101 * 4 * r["width"] ** 2
+            work = 50 * 4 * r["width"] ** 2
         else:
             return shape, None, None, None
         return shape, work / (r["median_ms"] / 1e3), "B", bandwidth

@@ -98,6 +98,7 @@ measuring all the ranks' rows (for the loss, with equal shares). Values the same
 rank (parameter statistics, operator norms) are averaged.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -383,24 +384,13 @@ class Tracker:
         self._batch_step = self.steps
         self._cur, self._ref = {}, {}
         model = self._ref_model if self._ref_model is not None else self.model
-        was_training = model.training
-        model.train(self.model.training)
-        swapped = self._swap_linears(model, self._reference_linear) if self.rcc else []
-        self._capture = "reference"
-        try:
-            with torch.no_grad():
-                if self._ref_model is not None:
-                    out = model(*args, **kwargs)
-                else:  # the model's own forward with its initial parameters
-                    state = {n: t if t.dtype == dt else t.to(dt) for n, (t, dt) in self._init_state.items()}
-                    out = torch.func.functional_call(model, state, args, kwargs)
-            self._ref_out = _first_tensor(out)
-        finally:
-            self._capture = None
-            self._zref.clear()
-            for m in swapped:
-                del m.forward
-            model.train(was_training)
+        with self._pass(model, "reference", self.model.training, self._reference_linear if self.rcc else None):
+            if self._ref_model is not None:
+                out = model(*args, **kwargs)
+            else:  # the model's own forward with its initial parameters
+                state = {n: t if t.dtype == dt else t.to(dt) for n, (t, dt) in self._init_state.items()}
+                out = torch.func.functional_call(model, state, args, kwargs)
+        self._ref_out = _first_tensor(out)
         self._capture = "current"
         return None
 
@@ -438,19 +428,26 @@ class Tracker:
 
     def _forward(self, which):
         model = self._ref_model if (which == "reference" and self._ref_model is not None) else self.model
+        # on the current model, tracked Linear layers compute W_t x_t and W_0 x_t together
+        with self._pass(model, which, False, self._paired_forward if which == "current" and self.rcc else None):
+            return model(*self._probe)
+
+    @contextlib.contextmanager
+    def _pass(self, model, which, training, make=None):
+        """A pass of the tracker's own: hooks capture ``which``, the tracked nn.Linear
+        layers of ``model`` run ``make(name, module)`` (when given), ``model`` is in
+        ``training`` mode, without gradients; all restored after."""
         was_training = model.training
+        swapped = self._swap_linears(model, make) if make is not None else []
         self._capture = which
-        swapped = []
-        if which == "current" and self.rcc:
-            # tracked Linear layers compute W_t x_t and W_0 x_t together (spkern.paired_linear)
-            swapped = self._swap_linears(self.model, self._paired_forward)
         try:
-            model.eval()
+            model.train(training)
             with torch.no_grad():
-                return model(*self._probe)
+                yield
         finally:
             self._capture = None
             self._paired.clear()
+            self._zref.clear()
             for m in swapped:
                 del m.forward
             model.train(was_training)
