@@ -154,8 +154,9 @@ def run_one(impl, width, probe_rows, device, repeats, model_kind="mlp"):
 def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model_kind="mlp"):
     """Every implementation in this process, timed in alternation: cycles of ``cycle``
     steps, one implementation after the other, ``repeats`` rounds; the median time per
-    step of each. Slow drifts of a shared machine then hit all implementations alike.
-    {impl: result}; peak memory is not measured this way."""
+    step of each. Slow drifts of a shared machine then hit all implementations alike;
+    ``paired_overhead`` is the median over the rounds of each round's time against the
+    untracked step's in that round. {impl: result}; peak memory is not measured this way."""
     import statistics
     import time
 
@@ -182,9 +183,12 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
             sync()
             if r:
                 times[impl].append((time.perf_counter() - t0) * 1e3 / cycle)
+    base = times.get("no tracking")
     for impl, ts in times.items():
         out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                      "peak_extra_mb": None, "method": f"interleaved cycles of {cycle} steps"}
+        if base:  # against the untracked step of the same round: the machine's state cancels
+            out[impl]["paired_overhead"] = statistics.median(t / b for t, b in zip(ts, base)) - 1
     return {impl: out[impl] for impl in impls}
 
 
@@ -230,6 +234,8 @@ def main(argv=None):
                      overhead=r["median_ms"] / base - 1 if base else None)
             results.append(r)
             over = "-" if r["overhead"] is None else f"{r['overhead']:+.0%}"
+            if "paired_overhead" in r:
+                over += f" (paired {r['paired_overhead']:+.0%})"
             mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
             print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
                   f"{mem} |", flush=True)

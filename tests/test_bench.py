@@ -127,6 +127,7 @@ def test_tracker_benchmark_interleaved():
             assert impl == "torch-module-monitor"
             continue
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_extra_mb"] is None
+        assert r["paired_overhead"] > -1 and (impl != "no tracking" or r["paired_overhead"] == 0)
 
 
 def test_tracker_benchmark_on_the_gpt_and_a_subset(tmp_path, capsys):
