@@ -354,7 +354,12 @@ class Tracker:
                                "(the reference activations are the model's at initialisation)")
         self._probe = tuple(a.detach() for a in args)
         self._ref = {}
-        self._ref_out = _first_tensor(self._forward("reference"))
+        try:
+            self._ref_out = _first_tensor(self._forward("reference"))
+        except Exception as e:  # a probe of the wrong shape, dtype or device, say
+            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in self._probe)
+            self._probe = None
+            raise ValueError(f"the model cannot run on the probe ({shapes}): {type(e).__name__}: {e}") from e
         self._init_op_w0()
 
     def _init_op_w0(self):

@@ -178,13 +178,14 @@ def test_paired_linear_on_gpu(dtype):
     assert ((y - z).double() - eff).abs().max() < 1e-3 * eff.abs().max() + 1e-4
 
 
-def test_tracker_on_gpu():
+@pytest.mark.parametrize("on", ["probe", "batch"])
+def test_tracker_on_gpu(on):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
     x = torch.randn(128, 64, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
     opt = spkern.optim.SGD(model.named_parameters(), lr=0.1)
-    tracker = spkern.Tracker(model, opt, probe=x[:32])
+    tracker = spkern.Tracker(model, opt, probe=x[:32] if on == "probe" else "batch")
     for _ in range(3):
         opt.zero_grad()
         loss, stats = spkern.cross_entropy(model(x), y, return_stats=True)

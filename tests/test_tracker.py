@@ -305,6 +305,13 @@ def test_bad_arguments(kw, error, match):
         spkern.Tracker(_mlp(), **kw)
 
 
+def test_probe_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"cannot run on the probe \(\(4, 7\) torch.float32"):
+        spkern.Tracker(_mlp(), probe=torch.randn(4, 7))
+    with pytest.raises(ValueError, match="probe"):
+        spkern.Tracker(_mlp(), probe=torch.ones(4, 10, dtype=torch.long))
+
+
 def test_probe_after_training_needs_a_reference():
     model = _mlp()
     x, y = _data()
