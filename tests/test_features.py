@@ -86,3 +86,22 @@ def test_paired_linear_bad_input():
         spkern.features.paired_linear(torch.ones(2, 3), torch.ones(4, 3), torch.ones(5, 3))
     with pytest.raises(TypeError, match="weight0"):
         spkern.features.paired_linear(torch.ones(2, 3), torch.ones(4, 3), None)
+
+
+@pytest.mark.parametrize("rows", [3, 16, 64, 65])
+def test_paired_linear_cpu_few_rows_against_a_large_weight(rows):
+    # few rows and a large weight take the W x^T product; both products round alike
+    pytest.importorskip("spkern._C")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 1024, generator=g)
+    w = torch.randn(600, 1024, generator=g) / 32
+    w0 = w + 1e-3 * torch.randn(600, 1024, generator=g)
+    with spkern.use_backend("cpu"):
+        y, z = spkern.features.paired_linear(x, w, w0)
+        same = spkern.features.paired_linear(x, w, w.clone())
+    assert y.is_contiguous() and z.is_contiguous() and y.shape == (rows, 600)
+    x64 = x.double()
+    torch.testing.assert_close(y.double(), x64 @ w.double().t(), rtol=1e-5, atol=1e-4)
+    eff = x64 @ (w.double() - w0.double()).t()
+    assert ((y - z).double() - eff).abs().max() < 1e-4 * eff.abs().max() + 1e-5
+    assert torch.equal(same[0], same[1])
