@@ -163,18 +163,16 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
     v, n_iter = start_vector(fan_in, A.device, state, iters)
     fused = _fused_gram(A, B)
     if fused is not None:
-        return power_iteration(None, None, v, n_iter, fan_in / fan_out, gram=fused)
+        return power_iteration(fused, v, n_iter, fan_in / fan_out)
 
     A = A.float()  # (no copy for float32)
     B = B.float() if B is not None else None
 
-    def matvec(x):  # (A - B) x
-        return A @ x - B @ x if B is not None else A @ x
-
-    def rmatvec(y):  # (A - B)^T y
+    def gram(x):  # (A - B)^T (A - B) x, as two matrix-vector products with each
+        y = A @ x - B @ x if B is not None else A @ x
         return A.t() @ y - B.t() @ y if B is not None else A.t() @ y
 
-    return power_iteration(matvec, rmatvec, v, n_iter, fan_in / fan_out)
+    return power_iteration(gram, v, n_iter, fan_in / fan_out)
 
 
 def _fused_gram(A: Tensor, B: Optional[Tensor]):
@@ -204,15 +202,15 @@ def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[i
     return v, iters or (WARM_ITERS if state is not None else COLD_ITERS)
 
 
-def power_iteration(matvec, rmatvec, v: Tensor, iters: int, fan_ratio: float, gram=None) -> SpectralNorm:
-    """Top singular value of the operator A given as x -> A x and y -> A^T y, from the
-    unit vector v; fan_ratio = fan_in / fan_out for the RMS-to-RMS norm. ``gram``, when
-    given, computes x -> A^T A x in one go (one pass over A, or an operator rebuilt block
-    by block). The estimate is sqrt(||A^T A v||) for the last v iterated on: at most the
-    norm, since ||A^T A v|| <= ||A||^2 for a unit v, and no further product is needed."""
+def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNorm:
+    """Top singular value of an operator A given by ``gram``: x -> A^T A x (one pass over
+    A, two matrix-vector products, or an operator rebuilt block by block), from the unit
+    vector v; fan_ratio = fan_in / fan_out for the RMS-to-RMS norm. The estimate is
+    sqrt(||A^T A v||) for the last v iterated on: at most the norm, since
+    ||A^T A v|| <= ||A||^2 for a unit v, and no further product is needed."""
     tiny = torch.finfo(torch.float32).tiny
     for _ in range(iters):
-        w = gram(v) if gram is not None else rmatvec(matvec(v))
+        w = gram(v)
         norm = w.norm()
         # A = 0 (say W_t - W_0 before the first step): keep v, a valid start for later calls
         v = torch.where(norm > 0, w / norm.clamp_min(tiny), v)

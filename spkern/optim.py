@@ -218,19 +218,10 @@ class _NormStats:
         rows = max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
         spans = [(r, min(r + rows, fan_out)) for r in range(0, fan_out, rows)]
 
-        def matvec(x):
-            out = sum(c * (t.float() @ x) for c, t in terms)
-            if blocks is not None:
-                out = out + torch.cat([blocks(r0, r1) @ x for r0, r1 in spans])
-            return out
-
-        def rmatvec(y):
-            return sum(c * (t.float().t() @ y) for c, t in terms)
-
         def gram(x):  # A^T A x with A = terms + blocks, each block of rows rebuilt once
             y = sum(c * (t.float() @ x) for c, t in terms) if terms else None
             if blocks is None:
-                return rmatvec(y)
+                return sum(c * (t.float().t() @ y) for c, t in terms)
             out = torch.zeros_like(x)
             for r0, r1 in spans:
                 u = blocks(r0, r1)
@@ -241,7 +232,7 @@ class _NormStats:
             return out
 
         v, n_iter = start_vector(fan_in, p.device, state, iters)
-        return power_iteration(matvec, None, v, n_iter, fan_in / fan_out, gram=gram)
+        return power_iteration(gram, v, n_iter, fan_in / fan_out)
 
     def norm_stats_floats(self):
         """:meth:`norm_stats` as Python floats, read from the device in one transfer."""

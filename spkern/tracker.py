@@ -400,7 +400,7 @@ class Tracker:
         return None
 
     def _batch_post(self, module, args, output):
-        if self._capture != "current" or not self._batch:
+        if self._capture != "current":  # (registered with probe="batch" only)
             return None
         self._capture = None
         self._output_stats(_first_tensor(output), self._ref_out)
