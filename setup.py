@@ -5,6 +5,9 @@ The C++ CPU kernels always build. They are vectorised with ATen's Vectorized<flo
 for the widest instruction set the build machine's torch reports (AVX512, AVX2),
 or built portably (scalar fallback) when it reports none; SPKERN_CPU_ISA=default|avx2|avx512
 overrides the choice. The CUDA kernels build only where torch has CUDA and nvcc exists.
+SPKERN_SKIP_EXTENSION=1 installs the package without the extension: ./run.sh installs
+spkern editable that way once and then builds the extension in place with
+``setup.py build_ext --inplace``, whose ninja files in build/ make a rebuild incremental.
 """
 
 import glob
@@ -89,7 +92,7 @@ def main():
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
         entry_points={"console_scripts": ["spkern = spkern.cli:main"]},
-        ext_modules=extensions(),
+        ext_modules=[] if os.environ.get("SPKERN_SKIP_EXTENSION") == "1" else extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
     )

@@ -24,3 +24,12 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items):
+    # The Triton interpreter runs each launch in Python: a test marked slow_on_triton is slow
+    # only with the triton backend, and only that variant is marked slow.
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("slow_on_triton") and params.get("backend") == "triton":
+            item.add_marker(pytest.mark.slow)

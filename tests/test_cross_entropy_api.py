@@ -195,7 +195,7 @@ class _Head(nn.Module):
         return loss, st.logit_norm.mean(), st.correct.float().mean()
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(compiler):
     torch._dynamo.reset()
     model = _Head()

@@ -125,6 +125,7 @@ def _what_failed(proc):
     return (proc.stdout + proc.stderr)[:3000] + "\n...\n" + proc.stderr[-1000:]
 
 
+@pytest.mark.slow
 def test_two_processes_on_gloo_equal_one(tmp_path):
     args = ["--width", "32", "--depth", "1", "--steps", "4", "--track-every", "2", "--batch-size", "8",
             "--context", "16", "--grad-accum", "2", "--eval-batches", "2"]

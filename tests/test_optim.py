@@ -26,6 +26,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow_on_triton
 @pytest.mark.parametrize("ours, theirs, kw", CASES, ids=lambda c: getattr(c, "__module__", "") and "" or str(c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):

@@ -358,6 +358,7 @@ def test_bfloat16_reference_weights():
         assert math.isclose(a[k], b[k], rel_tol=2e-2), k
 
 
+@pytest.mark.slow
 def test_two_processes_on_gloo_equal_one_on_the_full_batch(tmp_path):
     # each rank measures its share of the rows; the sums are added over the ranks before
     # the ratios and square roots, so the metrics are those of one process on all rows
