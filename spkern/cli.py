@@ -10,8 +10,8 @@
 import argparse
 import sys
 
-DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:16", loss="ce,mse", optim="sgd", param="sp", seeds="2",
-            epochs=10, depth=2, data="digits")
+DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:31", loss="ce,mse", optim="sgd", param="sp", seeds="2",
+            epochs=10, depth=2, data="digits", grid="adaptive")
 
 
 def _ints(text, name):
@@ -58,8 +58,33 @@ def _add_mlp_options(p, defaults):
     p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
     p.add_argument("--stable-threshold", type=float, default=None,
                    help="accuracy a stable lr must reach (default: halfway from chance to the best)")
+    _add_grid_options(p, defaults.get("grid", "full"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+def _add_grid_options(p, default):
+    from spkern.sweep import Adaptive
+
+    p.add_argument("--grid", default=default, choices=["full", "adaptive"],
+                   help="full: every learning rate at every width; adaptive: per width, from the previous "
+                        "width's optimum up to --grid-above unstable rates and down to --grid-below rates "
+                        "under the best (see spkern.sweep)")
+    p.add_argument("--grid-below", type=int, default=Adaptive.below, help="adaptive grid: rates run below the best")
+    p.add_argument("--grid-above", type=int, default=Adaptive.above,
+                   help="adaptive grid: consecutive unstable rates that end the search upwards")
+
+
+def _adaptive(args):
+    from spkern.sweep import Adaptive
+
+    if args.grid == "full":
+        return None
+    try:
+        return Adaptive(below=args.grid_below, above=args.grid_above, threshold=args.stable_threshold)
+    except ValueError:
+        raise SystemExit(f"spkern: --grid-below must be >= 0 and --grid-above >= 1, got {args.grid_below} and "
+                         f"{args.grid_above}") from None
 
 
 def _device(text):
@@ -92,11 +117,12 @@ def _run_sweep(kind, args, configs, data, device):
     """Runs the configs not yet in args.out, then writes the report."""
     from spkern import report, sweep
 
-    print(f"spkern sweep {kind}: {len(configs)} runs on {args.data} ({device}), results in "
-          f"{args.out}/results.jsonl", flush=True)
-    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress)
-    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results",
-          flush=True)
+    adaptive = _adaptive(args)
+    print(f"spkern sweep {kind}: {len(configs)} runs{' at most (adaptive grid)' if adaptive else ''} on {args.data} "
+          f"({device}), results in {args.out}/results.jsonl", flush=True)
+    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress, adaptive=adaptive)
+    print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results"
+          + (f", {counts['left_out']} left out by the adaptive grid" if adaptive else ""), flush=True)
     if not args.no_report:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
     return 0
@@ -153,6 +179,7 @@ def _add_gpt_options(p):
     p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
     p.add_argument("--stable-threshold", type=float, default=None,
                    help="score a stable lr must reach (default: halfway from chance to the best)")
+    _add_grid_options(p, "full")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--out", default="runs/gpt")

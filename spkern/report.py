@@ -43,7 +43,8 @@ def experiments(rows):
     return out
 
 
-def _chance(run):
+def chance_score(run):
+    """The score of a run at chance (MLP: 1 / classes; GPT: minus log vocabulary)."""
     return run["chance_score"] if "chance_score" in run else 1.0 / run.get("n_classes", 10)
 
 
@@ -52,8 +53,26 @@ def _acc(run):
     the validation cross-entropy for GPT runs; chance for a diverged run."""
     score = run.get("score", run.get("train_acc"))
     if run["status"] != "ok" or score is None:
-        return _chance(run)
+        return chance_score(run)
     return score
+
+
+def lr_outcome(runs):
+    """(mean score, mean training loss, whether any seed diverged) of the runs of one lr."""
+    score = float(np.mean([_acc(r) for r in runs]))
+    loss = float(np.mean([r["train_loss"] if r["status"] == "ok" and r.get("train_loss") is not None else np.nan
+                          for r in runs]))
+    return score, loss, any(r["status"] != "ok" for r in runs)
+
+
+def best_index(acc, loss):
+    """Index of the highest mean score; among equal scores, the lowest training loss."""
+    return max(range(len(acc)), key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
+
+
+def stable_threshold(chance, best_score, threshold=None):
+    """The score a stable lr must reach: ``threshold``, or halfway from chance to the best."""
+    return threshold if threshold is not None else chance + 0.5 * (best_score - chance)
 
 
 def summarize(by_width, threshold=None):
@@ -62,14 +81,10 @@ def summarize(by_width, threshold=None):
     for width in sorted(by_width):
         lrs = sorted(by_width[width])
         runs = [by_width[width][lr] for lr in lrs]
-        chance = _chance(runs[0][0])
-        acc = np.array([np.mean([_acc(r) for r in rs]) for rs in runs])
-        loss = np.array([np.mean([r["train_loss"] if r["status"] == "ok" and r.get("train_loss") is not None
-                                  else np.nan for r in rs]) for rs in runs])
-        diverged = np.array([any(r["status"] != "ok" for r in rs) for rs in runs])
-        # highest mean accuracy; among equal accuracies, the lowest training loss
-        best = max(range(len(lrs)), key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
-        thr = threshold if threshold is not None else chance + 0.5 * (acc[best] - chance)
+        chance = chance_score(runs[0][0])
+        acc, loss, diverged = (np.array(v) for v in zip(*(lr_outcome(rs) for rs in runs)))
+        best = best_index(acc, loss)
+        thr = stable_threshold(chance, acc[best], threshold)
         stable = [i for i in range(len(lrs)) if not diverged[i] and acc[i] >= thr]
         out[width] = dict(lrs=lrs, acc=acc, loss=loss, diverged=diverged, runs=runs, threshold=thr,
                           opt_lr=lrs[best], opt_index=best, opt_at_edge=best in (0, len(lrs) - 1),
@@ -262,6 +277,19 @@ def write(out: str, threshold=None) -> str:
     return path
 
 
+def _lr_counts(rows):
+    """"16 learning rates", or with an adaptive grid "16 learning rates (5 to 9 per width)"."""
+    per = defaultdict(set)
+    for r in rows:
+        c = r["config"]
+        per[tuple(sorted((k, v) for k, v in c.items() if k not in ("lr", "seed")))].add(c["lr"])
+    total = len({r["config"]["lr"] for r in rows})
+    lo, hi = min(map(len, per.values())), max(map(len, per.values()))
+    if lo == hi == total:
+        return f"{total} learning rates"
+    return f"{total} learning rates ({lo} to {hi} per width)" if lo != hi else f"{total} learning rates ({lo} per width)"
+
+
 def _markdown(rows, exps, summaries, fits, figs):
     from spkern.param import table_markdown
 
@@ -275,7 +303,7 @@ def _markdown(rows, exps, summaries, fits, figs):
     lines = [f"# Width x learning-rate sweep ({task})", "",
              f"{len(rows)} runs ({n_div} diverged) on `{c0['data']}`: widths "
              f"{sorted({r['config']['width'] for r in rows})}, "
-             f"{len({r['config']['lr'] for r in rows})} learning rates, "
+             f"{_lr_counts(rows)}, "
              f"{len({r['config']['seed'] for r in rows})} seed(s); {fixed}.", "",
              f"Score: {score_name} (higher is better).", "",
              "## Fitted learning-rate exponents", "",

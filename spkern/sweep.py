@@ -4,14 +4,27 @@ Each finished run is appended to ``<out>/results.jsonl`` (one JSON object per li
 flushed and synced) as soon as it ends; a sweep started again with the same ``out``
 skips the runs already there, so a killed sweep loses at most the run in progress. A
 diverging run is recorded with the step it diverged at, and the sweep goes on.
+
+With ``adaptive=Adaptive()`` only the part of the learning-rate grid that decides the
+report is run, width by width (smallest first) within each experiment, every seed of a
+learning rate together. The first width starts at the top of the grid, every later one
+at the previous width's optimum. From the start the search goes up, one grid rate at a
+time, until ``above`` consecutive rates are unstable (a seed diverged, or the mean score
+is below the report's stability threshold: halfway from chance to the best score so
+far); then down from below the start until ``below`` rates below the best one have run
+(further down while no rate is stable yet). So every width has its optimum with
+``below`` rates under it and its maximal stable rate with ``above`` unstable rates over
+it, as the full grid would give them unless a stable rate lies above two unstable ones.
+The decisions are read from the results, so a resumed sweep makes the same ones.
 """
 
 import itertools
 import json
 import math
 import os
-from dataclasses import fields, replace
-from typing import Iterable, List
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from spkern.train.mlp import RunConfig
 
@@ -80,42 +93,124 @@ def _drop_torn_line(path):
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None) -> dict:
-    """Runs every config not yet in ``out``'s results; returns counts of what happened."""
-    from dataclasses import asdict
+@dataclass(frozen=True)
+class Adaptive:
+    """The adaptive learning-rate grid (see the module's docstring)."""
 
+    below: int = 3  # grid rates run below each width's best one
+    above: int = 2  # consecutive unstable grid rates that end the search upwards
+    threshold: Optional[float] = None  # the score a stable rate must reach (the report's --stable-threshold)
+
+    def __post_init__(self):
+        if self.below < 0 or self.above < 1:
+            raise ValueError(f"Adaptive needs below >= 0 and above >= 1, got {self.below}, {self.above}")
+
+
+def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
+                adaptive: Adaptive = Adaptive()) -> Dict[int, Tuple[float, float, bool]]:
+    """The adaptive search over a grid of ``n`` rates from index ``start``: ``runs_at(i)``
+    makes (or reads) the runs of every seed at grid rate i and returns their results.
+    Returns {index: (mean score, mean training loss, any seed diverged)} of the rates run."""
+    from spkern.report import chance_score, lr_outcome, stable_threshold
+
+    known: Dict[int, Tuple[float, float, bool]] = {}
+    base = []  # the chance score, from the first results
+
+    def visit(i):
+        runs = runs_at(i)
+        base[:] = base or [chance_score(runs[0])]
+        known[i] = lr_outcome(runs)
+
+    def stable(i):
+        score, _, diverged = known[i]
+        return not diverged and score >= stable_threshold(base[0], known[best_of(known)][0], adaptive.threshold)
+
+    start = min(max(start, 0), n - 1)
+    for i in range(start, n):
+        visit(i)
+        if i - adaptive.above + 1 >= start and not any(stable(j) for j in range(i - adaptive.above + 1, i + 1)):
+            break
+    for i in range(start - 1, -1, -1):
+        if any(stable(j) for j in known) and i < best_of(known) - adaptive.below:
+            break
+        visit(i)
+    return known
+
+
+def best_of(known: Dict[int, Tuple[float, float, bool]]) -> int:
+    """The index of the best rate of a search's outcomes (the report's choice)."""
+    from spkern.report import best_index
+
+    order = sorted(known)
+    return order[best_index([known[i][0] for i in order], [known[i][1] for i in order])]
+
+
+def _experiment(cfg) -> str:
+    return _key({k: v for k, v in asdict(cfg).items() if k not in ("width", "lr", "seed")})
+
+
+def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None,
+        adaptive: Optional[Adaptive] = None) -> dict:
+    """Runs every config not yet in ``out``'s results (with ``adaptive``, those of them
+    that the adaptive search reaches); returns counts of what happened."""
     from tqdm.auto import tqdm
-
-    from spkern.train.mlp import train
 
     if train_fn is None:
         if configs and type(configs[0]).__name__ == "GPTRunConfig":
             from spkern.train.gpt import train as train_fn
         else:
-            train_fn = train
+            from spkern.train.mlp import train as train_fn
     os.makedirs(out, exist_ok=True)
-    _drop_torn_line(os.path.join(out, RESULTS))
-    done = {_key(r["config"]) for r in read_results(out)}
-    todo = [c for c in configs if _key(asdict(c)) not in done]
-    counts = {"total": len(configs), "skipped": len(configs) - len(todo), "ok": 0, "diverged": 0}
     path = os.path.join(out, RESULTS)
-    runs_bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    _drop_torn_line(path)
+    done = {_key(r["config"]): r for r in read_results(out)}
+    counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0}
+    todo = sum(_key(asdict(c)) not in done for c in configs)
+    runs_bar = tqdm(total=todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     steps_bar = tqdm(desc="steps", unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+
+    def result(cfg, f):
+        """The recorded result of cfg, trained now if it is not in the results yet."""
+        key = _key(asdict(cfg))
+        if key in done:
+            counts["skipped"] += 1
+            return done[key]
+        runs_bar.set_postfix_str(f"{cfg.loss} {cfg.optim} {cfg.param} n={cfg.width} lr={cfg.lr:.3g} seed={cfg.seed}")
+        r = train_fn(cfg, data, device=device, progress=steps_bar if progress else None)
+        f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        done[key] = r
+        counts[r["status"]] += 1
+        runs_bar.update(1)
+        return r
+
     try:
         with open(path, "a") as f:
-            for cfg in todo:
-                runs_bar.set_postfix_str(f"{cfg.loss} {cfg.optim} {cfg.param} n={cfg.width} lr={cfg.lr:.3g} "
-                                         f"seed={cfg.seed}")
-                result = train_fn(cfg, data, device=device, progress=steps_bar if progress else None)
-                f.write(json.dumps(result) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                counts[result["status"]] += 1
-                runs_bar.update(1)
+            if adaptive is None:
+                for cfg in configs:
+                    result(cfg, f)
+            else:
+                # experiment -> width -> lr -> the configs of its seeds, in the order given
+                groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+                for cfg in configs:
+                    groups[_experiment(cfg)][cfg.width][cfg.lr].append(cfg)
+                for by_width in groups.values():
+                    start = None  # the previous width's optimum
+                    for width in sorted(by_width):
+                        by_lr = by_width[width]
+                        grid = sorted(by_lr)
+                        known = search_grid(len(grid), len(grid) - 1 if start is None else start,
+                                            lambda i: [result(cfg, f) for cfg in by_lr[grid[i]]], adaptive)
+                        left = [cfg for i in range(len(grid)) if i not in known for cfg in by_lr[grid[i]]]
+                        counts["left_out"] += len(left)
+                        runs_bar.total -= sum(_key(asdict(c)) not in done for c in left)
+                        runs_bar.refresh()
+                        start = best_of(known)
     finally:
         steps_bar.close()
         runs_bar.close()
     return counts
 
 
-__all__ = ["RESULTS", "grid", "parse_lrs", "read_results", "run"]
+__all__ = ["RESULTS", "Adaptive", "grid", "parse_lrs", "read_results", "run", "search_grid"]

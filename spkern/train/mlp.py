@@ -8,7 +8,8 @@ a JSON-ready dict: the config, final training and test accuracy and loss, whethe
 when it diverged, a history of tracked statistics and the last tracker metrics.
 
 A run diverges when its training loss is NaN, infinite or above ``diverge_loss``; the
-check runs on the device (no host sync per step) and is read at every measurement.
+check runs on the device and is read after every step on CPU (a diverged run stops at its
+first bad loss), at every measurement on a GPU (no host sync per step).
 """
 
 import math
@@ -111,6 +112,9 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
         progress.reset(total=total_steps)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    # A diverged run stops at its first bad loss where reading the flag costs nothing (CPU);
+    # on a GPU it is read at the measurements only, so that steps do not wait for the host.
+    check_every_step = device.type == "cpu"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     history, step, diverged_at = [], 0, None
     start = time.perf_counter()
@@ -131,11 +135,13 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
             step += 1
             if progress is not None:
                 progress.update(1)
-            if step % cfg.track_every == 0 or step == total_steps:
+            measure = step % cfg.track_every == 0 or step == total_steps
+            if measure or check_every_step:
                 fb = int(first_bad.item())
                 if fb >= 0:
                     diverged_at = fb
                     break
+            if measure:
                 m = tracker.metrics()
                 row = {"step": step, **{k: m.get(k) for k in HISTORY_KEYS}}
                 for layer in layers:
