@@ -28,6 +28,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join("runs", "bench")  # under the current directory, as `spkern demo` and `sweep` write
 
 
 def _status_bytes(field):
@@ -304,8 +305,9 @@ def parser(doc):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"),
-                   help="folder for the JSON results ('' to skip); committed ones are in bench/results")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="folder for the JSON results, default runs/bench of the current directory ('' to skip); "
+                        "committed ones are in bench/results")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     return p
 

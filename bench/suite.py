@@ -159,7 +159,7 @@ def figure(op, rows, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="spkern bench", description=__doc__,
@@ -167,7 +167,13 @@ def main(argv=None):
     p.add_argument("op", nargs="?", default="all", choices=ALL + ("all",), help="which benchmark (default: all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
-    p.add_argument("--out", default=os.path.join(harness.ROOT, "runs", "bench"))
+    p.add_argument("--out", default=harness.DEFAULT_OUT, help="results folder (default: runs/bench of the "
+                                                               "current directory)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     import torch
 

@@ -78,6 +78,7 @@ def test_from_cache_marks_rows_that_may_not_come_from_memory():
     assert not suite.from_cache("ce", row, None, cache) and not suite.from_cache("ce", {**row, "cold": False}, 1e9, 0)
 
 
+@pytest.mark.slow
 def test_cross_entropy_benchmark_rotates_its_inputs(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_cross_entropy.py"), "--shapes", "64x1000",
                            "--impls", "torch eager,spkern", "--repeats", "2", "--out", str(tmp_path)],
@@ -100,6 +101,16 @@ def test_bench_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_results_go_under_the_current_directory(tmp_path, monkeypatch):
+    import bench_cross_entropy
+
+    assert suite.parser().parse_args([]).out == os.path.join("runs", "bench")
+    assert harness.parser(bench_cross_entropy.__doc__).parse_args([]).out == os.path.join("runs", "bench")
+    monkeypatch.chdir(tmp_path)
+    bench_cross_entropy.main(["--shapes", "8x16", "--impls", "spkern", "--repeats", "1"])
+    assert [p.name for p in (tmp_path / "runs" / "bench").iterdir()], "no result under ./runs/bench"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -130,6 +141,7 @@ def test_tracker_benchmark_interleaved():
         assert r["paired_overhead"] > -1 and (impl != "no tracking" or r["paired_overhead"] == 0)
 
 
+@pytest.mark.slow
 def test_tracker_benchmark_on_the_gpt_and_a_subset(tmp_path, capsys):
     import bench_tracker
 
