@@ -91,7 +91,7 @@ def main():
             "mnist1d": ["mnist1d"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
-        entry_points={"console_scripts": ["spkern = spkern.cli:main"]},
+        entry_points={"console_scripts": ["spkern = spkern.cli:run"]},
         ext_modules=[] if os.environ.get("SPKERN_SKIP_EXTENSION") == "1" else extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

@@ -1,5 +1,5 @@
 import sys
 
-from spkern.cli import main
+from spkern.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -8,27 +8,66 @@
 """
 
 import argparse
+import math
+import os
 import sys
 
 DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:31", loss="ce,mse", optim="sgd", param="sp", seeds="2",
             epochs=10, depth=2, data="digits", grid="adaptive")
 
 
+class UsageError(SystemExit):
+    """A bad option or input file: one line on stderr and exit status 2 (``run`` prints it)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.code = 2
+
+
+def _number(low=None, *, above=None, below=None, name=None):
+    """An argparse type: a finite float, >= low / > above / < below when given."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if (low is not None and v < low) or (above is not None and v <= above) or (below is not None and v >= below):
+            bounds = [f">= {low}" if low is not None else None, f"> {above}" if above is not None else None,
+                      f"< {below}" if below is not None else None]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text!r}")
+        return v
+    parse.__name__ = name or "number"
+    return parse
+
+
 def _ints(text, name):
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"spkern: --{name} must be a comma list of positive integers, got {text!r}") from None
+        raise UsageError(f"spkern: --{name} must be a comma list of positive integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise SystemExit(f"spkern: --{name} must be a comma list of positive integers, got {text!r}")
+        raise UsageError(f"spkern: --{name} must be a comma list of positive integers, got {text!r}")
     return values
+
+
+def _seeds(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"spkern: --seeds is the number of seeds, a positive integer (the runs use seeds 0 to "
+                         f"N-1), got {text!r}")
+    return n
 
 
 def _choices(text, allowed, name):
     values = [v.strip() for v in str(text).split(",") if v.strip()]
     bad = [v for v in values if v not in allowed]
     if not values or bad:
-        raise SystemExit(f"spkern: --{name}: unknown value {bad[0] if bad else text!r}; choose from "
+        raise UsageError(f"spkern: --{name}: unknown value {bad[0] if bad else text!r}; choose from "
                          f"{', '.join(allowed)}")
     return values
 
@@ -45,18 +84,19 @@ def _add_mlp_options(p, defaults):
     p.add_argument("--loss", default=defaults.get("loss", "ce,mse"), help="ce, mse or both")
     p.add_argument("--optim", default=defaults.get("optim", "sgd"), help="sgd, adam or both")
     p.add_argument("--param", default=defaults.get("param", "sp"), help="sp, mup, ntp, sp-full-align (comma list)")
-    p.add_argument("--seeds", default=defaults.get("seeds", "2"), help="number of seeds")
+    p.add_argument("--seeds", default=defaults.get("seeds", "2"), help="number of seeds (runs use seeds 0..N-1)")
     p.add_argument("--epochs", type=int, default=defaults.get("epochs", 10))
     p.add_argument("--depth", type=int, default=defaults.get("depth", 2), help="hidden layers")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--base-width", type=int, default=64, help="width at which every layer trains at lr")
     p.add_argument("--bias", action="store_true", help="Linear layers with biases")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--momentum", type=_number(low=0), default=0.0, help="SGD momentum")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--track-every", type=int, default=10, help="steps between tracker measurements")
-    p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
-    p.add_argument("--stable-threshold", type=float, default=None,
+    p.add_argument("--diverge-loss", type=_number(above=0), default=100.0,
+                   help="a loss above this counts as diverged")
+    p.add_argument("--stable-threshold", type=_number(), default=None,
                    help="accuracy a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, defaults.get("grid", "full"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,7 +123,7 @@ def _adaptive(args):
     try:
         return Adaptive(below=args.grid_below, above=args.grid_above, threshold=args.stable_threshold)
     except ValueError:
-        raise SystemExit(f"spkern: --grid-below must be >= 0 and --grid-above >= 1, got {args.grid_below} and "
+        raise UsageError(f"spkern: --grid-below must be >= 0 and --grid-above >= 1, got {args.grid_below} and "
                          f"{args.grid_above}") from None
 
 
@@ -93,9 +133,9 @@ def _device(text):
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
-        raise SystemExit(f"spkern: --device must be auto, cpu or cuda, got {text!r}")
+        raise UsageError(f"spkern: --device must be auto, cpu or cuda, got {text!r}")
     if text.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("spkern: --device cuda, but no CUDA device is available")
+        raise UsageError("spkern: --device cuda, but no CUDA device is available")
     return text
 
 
@@ -106,11 +146,11 @@ def _grid_args(args, positive):
     try:
         lrs = sweep.parse_lrs(args.lrs)
     except ValueError as e:
-        raise SystemExit(f"spkern: --lrs: {e}") from None
+        raise UsageError(f"spkern: --lrs: {e}") from None
     for name in positive:
         if getattr(args, name) < 1:
-            raise SystemExit(f"spkern: --{name.replace('_', '-')} must be a positive integer")
-    return lrs, _ints(args.widths, "widths"), list(range(_ints(args.seeds, "seeds")[0])), _device(args.device)
+            raise UsageError(f"spkern: --{name.replace('_', '-')} must be a positive integer")
+    return lrs, _ints(args.widths, "widths"), list(range(_seeds(args.seeds))), _device(args.device)
 
 
 def _run_sweep(kind, args, configs, data, device):
@@ -118,14 +158,28 @@ def _run_sweep(kind, args, configs, data, device):
     from spkern import report, sweep
 
     adaptive = _adaptive(args)
+    _writable_folder(args.out)
     print(f"spkern sweep {kind}: {len(configs)} runs{' at most (adaptive grid)' if adaptive else ''} on {args.data} "
           f"({device}), results in {args.out}/results.jsonl", flush=True)
-    counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress, adaptive=adaptive)
+    try:
+        counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress, adaptive=adaptive)
+    except (sweep.SweepLocked, sweep.ResultsError) as e:
+        raise UsageError(f"spkern: {e}") from None
     print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results"
           + (f", {counts['left_out']} left out by the adaptive grid" if adaptive else ""), flush=True)
     if not args.no_report:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
     return 0
+
+
+def _writable_folder(out):
+    """Refuses an --out that is a file or cannot be written, before any run."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".lock"), "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"spkern: --out {out!r}: cannot write there ({e.strerror or e})") from None
 
 
 def sweep_mlp(args):
@@ -137,14 +191,17 @@ def sweep_mlp(args):
     base = RunConfig(data=args.data, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
                      base_width=args.base_width, bias=args.bias, momentum=args.momentum, dtype=args.dtype,
                      track_every=args.track_every, diverge_loss=args.diverge_loss)
-    configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
-                         optim=_choices(args.optim, param.OPTIMIZERS, "optim"),
-                         param=_choices(args.param, tuple(param.PARAMETERIZATIONS), "param"),
-                         width=widths, seed=seeds, lr=lrs)
+    try:
+        configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
+                             optim=_choices(args.optim, param.OPTIMIZERS, "optim"),
+                             param=_choices(args.param, tuple(param.PARAMETERIZATIONS), "param"),
+                             width=widths, seed=seeds, lr=lrs)
+    except ValueError as e:
+        raise UsageError(f"spkern: {e}") from None
     try:
         data = load(args.data, args.data_root)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"spkern: {e}") from None
+        raise UsageError(f"spkern: {e}") from None
     return _run_sweep("mlp", args, configs, data, device)
 
 
@@ -161,7 +218,7 @@ def _add_gpt_options(p):
     p.add_argument("--loss", default=d["loss"], help="ce, mse (on softmax probabilities) or both")
     p.add_argument("--optim", default=d["optim"], help="adam (AdamW), sgd or both")
     p.add_argument("--param", default=d["param"], help="sp, mup (comma list)")
-    p.add_argument("--seeds", default=d["seeds"], help="number of seeds")
+    p.add_argument("--seeds", default=d["seeds"], help="number of seeds (runs use seeds 0..N-1)")
     p.add_argument("--steps", type=int, default=d["steps"])
     p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks")
     p.add_argument("--head-dim", type=int, default=32)
@@ -169,15 +226,16 @@ def _add_gpt_options(p):
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on matrices")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    p.add_argument("--weight-decay", type=_number(low=0), default=0.1, help="AdamW, on matrices")
+    p.add_argument("--clip", type=_number(low=0), default=1.0, help="gradient clipping norm (0: off)")
     p.add_argument("--no-qk-norm", action="store_true", help="no LayerNorm on queries and keys")
     p.add_argument("--base-width", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--track-every", type=int, default=25, help="steps between tracker measurements")
-    p.add_argument("--diverge-loss", type=float, default=100.0, help="a loss above this counts as diverged")
-    p.add_argument("--stable-threshold", type=float, default=None,
+    p.add_argument("--diverge-loss", type=_number(above=0), default=100.0,
+                   help="a loss above this counts as diverged")
+    p.add_argument("--stable-threshold", type=_number(), default=None,
                    help="score a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, "full")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -204,27 +262,30 @@ def sweep_gpt(args):
                              param=_choices(args.param, GPT_PARAMS, "param"), width=widths, seed=seeds, lr=lrs)
         tokens = load_tokens(args.data)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"spkern: {e}") from None
+        raise UsageError(f"spkern: {e}") from None
     return _run_sweep("gpt", args, configs, tokens, device)
 
 
 def bench(argv):
     """Runs bench/suite.py of the source tree (the benchmarks are not installed)."""
-    import os
     import runpy
 
     import spkern
 
     suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(spkern.__file__))), "bench", "suite.py")
     if not os.path.exists(suite):
-        raise SystemExit("spkern bench: the benchmark suite is in the bench/ folder of spkern's source tree; "
+        raise UsageError("spkern bench: the benchmark suite is in the bench/ folder of spkern's source tree; "
                          "install spkern from a checkout (pip install --no-build-isolation -e .)")
     return runpy.run_path(suite, run_name="spkern_bench")["main"](argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 (argparse would print the usage too)
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="spkern", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="spkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the default MLP sweep on digits and its report (about 5 minutes on 2 "
                                        "CPU cores)")
@@ -240,7 +301,7 @@ def main(argv=None):
     _add_gpt_options(gpt)
     rep = sub.add_parser("report", help="write the report of a sweep")
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
-    rep.add_argument("--stable-threshold", type=float, default=None)
+    rep.add_argument("--stable-threshold", type=_number(), default=None)
     sub.add_parser("bench", help="run the benchmark suite (spkern bench --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -252,12 +313,23 @@ def main(argv=None):
         return sweep_mlp(args)
     from spkern import report
 
+    from spkern import sweep
+
     try:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
-    except FileNotFoundError as e:
-        raise SystemExit(f"spkern: {e}") from None
+    except (FileNotFoundError, sweep.ResultsError) as e:
+        raise UsageError(f"spkern: {e}") from None
     return 0
 
 
+def run(argv=None):
+    """The console entry point: ``main``, with a usage error as one line and exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(e.args[0], file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

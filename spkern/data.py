@@ -20,6 +20,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,11 +88,16 @@ def _teacher(n_train=4000, n_test=1000, d=32, classes=10, width=64, seed=0):
                    y[n_train:].numpy(), classes)
 
 
-def _open(root, base):
+def _idx_file(root, base) -> np.ndarray:
+    """The array of ``root/base`` or ``root/base.gz``; a damaged file is a ValueError naming it."""
     for name in (base, base + ".gz"):
         path = os.path.join(root, name)
         if os.path.exists(path):
-            return gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")
+            try:
+                with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+                    return read_idx(f)
+            except (ValueError, struct.error, EOFError, OSError, zlib.error) as e:
+                raise ValueError(f"{path}: not a readable IDX file ({e or type(e).__name__})") from None
     raise FileNotFoundError(f"{base}[.gz] not found in {root}")
 
 
@@ -101,7 +107,10 @@ def read_idx(f) -> np.ndarray:
     if len(magic) != 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
         raise ValueError("not an IDX file of unsigned bytes")
     ndim = magic[3]
-    shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+    header = f.read(4 * ndim)
+    if len(header) != 4 * ndim:
+        raise ValueError(f"IDX header cut short ({len(header)} of {4 * ndim} bytes of dimensions)")
+    shape = struct.unpack(">" + "I" * ndim, header)
     data = np.frombuffer(f.read(), dtype=np.uint8)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"IDX file holds {data.size} values, its header says {shape}")
@@ -111,10 +120,8 @@ def read_idx(f) -> np.ndarray:
 def _mnist(root):
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        with _open(root, f"{prefix}-images-idx3-ubyte") as f:
-            images = read_idx(f)
-        with _open(root, f"{prefix}-labels-idx1-ubyte") as f:
-            labels = read_idx(f)
+        images = _idx_file(root, f"{prefix}-images-idx3-ubyte")
+        labels = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
         if len(images) != len(labels):
             raise ValueError(f"MNIST {split}: {len(images)} images but {len(labels)} labels")
         parts[split] = (images.astype(np.float64) / 255.0, labels)
@@ -129,9 +136,12 @@ def _cifar10(root):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"CIFAR-10 file {name} not found in {folder}")
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        return np.asarray(d[b"data"], dtype=np.float64) / 255.0, np.asarray(d[b"labels"])
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            return np.asarray(d[b"data"], dtype=np.float64) / 255.0, np.asarray(d[b"labels"])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = batch("test_batch")

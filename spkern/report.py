@@ -4,13 +4,15 @@ Definitions (per experiment, i.e. per data / loss / optimizer / parameterization
 
 * mean accuracy of (width, lr): final training accuracy averaged over seeds, a diverged
   seed counting as chance accuracy (1 / classes);
-* optimal learning rate of a width: the grid learning rate with the highest mean
-  accuracy (ties, common on easy data, go to the lowest mean training loss);
+* optimal learning rate of a width: among the grid learning rates at which no seed
+  diverged, the one with the highest mean accuracy (ties, common on easy data, go to the
+  lowest mean training loss); "n/a" when every rate had a diverged seed;
 * maximal stable learning rate of a width: the largest grid learning rate at which no
   seed diverged and the mean accuracy stays at or above the threshold, by default
-  halfway between chance and that width's best mean accuracy;
-* fitted exponent: the slope b of log lr = a + b log width (least squares over widths),
-  with a 95% confidence interval from Student's t when there are at least 3 widths.
+  halfway between chance and the optimal rate's mean accuracy;
+* fitted exponent: the slope b of log lr = a + b log width (least squares over the
+  widths that have the rate), with a 95% confidence interval from Student's t when there
+  are at least 3 widths.
 
 Because learning rates come from a grid, a fitted exponent is only as fine as the grid
 (and an optimum at the edge of the grid is flagged: the true optimum may lie beyond).
@@ -65,9 +67,13 @@ def lr_outcome(runs):
     return score, loss, any(r["status"] != "ok" for r in runs)
 
 
-def best_index(acc, loss):
-    """Index of the highest mean score; among equal scores, the lowest training loss."""
-    return max(range(len(acc)), key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
+def best_index(acc, loss, diverged):
+    """Index of the highest mean score among the lrs where no seed diverged (among equal
+    scores, the lowest training loss); None when every lr has a diverged seed."""
+    candidates = [i for i in range(len(acc)) if not diverged[i]]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
 
 
 def stable_threshold(chance, best_score, threshold=None):
@@ -83,11 +89,12 @@ def summarize(by_width, threshold=None):
         runs = [by_width[width][lr] for lr in lrs]
         chance = chance_score(runs[0][0])
         acc, loss, diverged = (np.array(v) for v in zip(*(lr_outcome(rs) for rs in runs)))
-        best = best_index(acc, loss)
-        thr = stable_threshold(chance, acc[best], threshold)
-        stable = [i for i in range(len(lrs)) if not diverged[i] and acc[i] >= thr]
+        best = best_index(acc, loss, diverged)
+        thr = stable_threshold(chance, acc[best], threshold) if best is not None else None
+        stable = [i for i in range(len(lrs)) if best is not None and not diverged[i] and acc[i] >= thr]
         out[width] = dict(lrs=lrs, acc=acc, loss=loss, diverged=diverged, runs=runs, threshold=thr,
-                          opt_lr=lrs[best], opt_index=best, opt_at_edge=best in (0, len(lrs) - 1),
+                          opt_lr=lrs[best] if best is not None else None, opt_index=best,
+                          opt_at_edge=best in (0, len(lrs) - 1),
                           max_stable_lr=lrs[max(stable)] if stable else None,
                           max_stable_index=max(stable) if stable else None,
                           max_stable_at_edge=bool(stable) and max(stable) == len(lrs) - 1)
@@ -250,7 +257,9 @@ def write(out: str, threshold=None) -> str:
     for row, exp in enumerate(exps):
         s = summaries[exp]
         widths = sorted(s)
-        finals = {w: s[w]["runs"][s[w]["opt_index"]][0].get("final_metrics") or {} for w in widths}
+        finals = {w: s[w]["runs"][s[w]["opt_index"]][0].get("final_metrics") or {} for w in widths
+                  if s[w]["opt_index"] is not None}
+        widths = sorted(finals)
         modules = sorted({k.rsplit("/", 1)[0] for m in finals.values() for k in m if "/" in k
                           and k.endswith(tuple(f"/{st}" for st in stats))}, key=_module_order)
         for col, stat in enumerate(stats):
@@ -321,6 +330,11 @@ def _markdown(rows, exps, summaries, fits, figs):
                      f"{', '.join(top) or 'none'} |")
     lines += ["", "An exponent fitted where the maximal stable lr is the grid's largest only bounds it: "
               "extend the grid upwards to measure it."]
+    missing = [f"{_label(exp)} at width {w}" for exp in exps for w, s in summaries[exp].items()
+               if s["opt_index"] is None]
+    if missing:
+        lines += ["", "Left out of the fits, every learning rate having a diverged seed (no optimal or maximal "
+                  f"stable rate): {', '.join(missing)}."]
     lines += ["", "## Per width", "",
               "| experiment | width | optimal lr | its score | maximal stable lr | diverged lrs |",
               "|---|---|---|---|---|---|"]
@@ -328,7 +342,9 @@ def _markdown(rows, exps, summaries, fits, figs):
         for w, s in summaries[exp].items():
             div = sum(bool(d) for d in s["diverged"])
             msl = "none" if s["max_stable_lr"] is None else f"{s['max_stable_lr']:.3g}"
-            lines.append(f"| {_label(exp)} | {w} | {s['opt_lr']:.3g} | {s['acc'][s['opt_index']]:.3f} | {msl} | "
+            opt, score = ("n/a", "n/a") if s["opt_index"] is None else (f"{s['opt_lr']:.3g}",
+                                                                         f"{s['acc'][s['opt_index']]:.3f}")
+            lines.append(f"| {_label(exp)} | {w} | {opt} | {score} | {msl} | "
                          f"{div} of {len(s['lrs'])} |")
     lines += ["", "## Figures", "",
               f"{score_name[0].upper() + score_name[1:]} against learning rate, one curve per width:\n\n"
@@ -346,7 +362,8 @@ def _markdown(rows, exps, summaries, fits, figs):
               "## Definitions", "",
               "Mean score: the score averaged over seeds (a diverged seed counts as chance: accuracy 1/classes, "
               "or minus the log of the vocabulary size). "
-              "Optimal lr: the grid lr with the highest mean score (ties: the lowest training loss). Maximal stable lr: the largest grid lr "
+              "Optimal lr: among the grid lrs with no diverged seed, the one with the highest mean score (ties: the "
+              "lowest training loss). Maximal stable lr: the largest grid lr "
               "with no diverged seed and mean score at or above halfway between chance and the width's best "
               "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
               "`diverge_loss`. All statistics are RMS over the probe batch (`spkern.Tracker`).", "",

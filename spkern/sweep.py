@@ -18,6 +18,8 @@ it, as the full grid would give them unless a stable rate lies above two unstabl
 The decisions are read from the results, so a resumed sweep makes the same ones.
 """
 
+import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -37,17 +39,16 @@ def parse_lrs(text: str) -> List[float]:
         if ":" in text:
             lo, hi, num = text.split(":")
             lo, hi, num = float(lo), float(hi), int(num)
-            if lo <= 0 or hi <= 0 or num < 1:
+            if not (lo > 0 and hi > 0) or num < 1:
                 raise ValueError
-            if num == 1:
-                return [lo]
-            return [lo * (hi / lo) ** (i / (num - 1)) for i in range(num)]
-        values = [float(v) for v in text.split(",") if v.strip()]
+            values = [lo] if num == 1 else [lo * (hi / lo) ** (i / (num - 1)) for i in range(num)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"learning rates must be 'low:high:count' or a comma list of positive numbers, "
                          f"got {text!r}") from None
     if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise ValueError(f"learning rates must be positive and finite, got {text!r}")
+        raise ValueError(f"learning rates must be positive and finite (and so every rate of a range), got {text!r}")
     return values
 
 
@@ -61,22 +62,52 @@ def grid(base: RunConfig, **axes: Iterable) -> List[RunConfig]:
     return [replace(base, **dict(zip(keys, combo))).check() for combo in itertools.product(*(axes[k] for k in keys))]
 
 
+class ResultsError(ValueError):
+    """A results file holds a line that is not a run's result."""
+
+
+class SweepLocked(RuntimeError):
+    """Another sweep is writing to the same folder."""
+
+
 def read_results(out: str) -> List[dict]:
-    """Every run recorded in ``out``'s results file (a torn last line is ignored)."""
+    """Every run recorded in ``out``'s results file (a torn line is ignored; a JSON line
+    that is not a run's result raises :class:`ResultsError` naming the file and line)."""
     path = os.path.join(out, RESULTS)
     if not os.path.exists(path):
         return []
     rows = []
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a run interrupted while being written
+            if not (isinstance(row, dict) and isinstance(row.get("config"), dict) and "width" in row["config"]
+                    and "lr" in row["config"] and row.get("status") in ("ok", "diverged")):
+                raise ResultsError(f"{path}, line {number}: not a sweep result (a JSON object with 'config' and "
+                                   f"'status')")
+            rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def _lock(out):
+    """Holds ``out``'s lock for the duration of a sweep: a second sweep on the same folder
+    fails at once instead of running every run a second time."""
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepLocked(f"another sweep is writing to {out} (it holds {f.name}); wait for it or use "
+                              f"another --out") from None
+        yield
+    finally:
+        f.close()
 
 
 def _key(config: dict) -> str:
@@ -123,7 +154,9 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
 
     def stable(i):
         score, _, diverged = known[i]
-        return not diverged and score >= stable_threshold(base[0], known[best_of(known)][0], adaptive.threshold)
+        best = best_of(known)
+        return (best is not None and not diverged
+                and score >= stable_threshold(base[0], known[best][0], adaptive.threshold))
 
     start = min(max(start, 0), n - 1)
     for i in range(start, n):
@@ -137,12 +170,14 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
     return known
 
 
-def best_of(known: Dict[int, Tuple[float, float, bool]]) -> int:
-    """The index of the best rate of a search's outcomes (the report's choice)."""
+def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
+    """The index of the best rate of a search's outcomes (the report's choice), or None
+    when every rate run had a diverged seed."""
     from spkern.report import best_index
 
     order = sorted(known)
-    return order[best_index([known[i][0] for i in order], [known[i][1] for i in order])]
+    best = best_index(*([known[i][k] for i in order] for k in range(3)))
+    return None if best is None else order[best]
 
 
 def _experiment(cfg) -> str:
@@ -152,15 +187,21 @@ def _experiment(cfg) -> str:
 def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None,
         adaptive: Optional[Adaptive] = None) -> dict:
     """Runs every config not yet in ``out``'s results (with ``adaptive``, those of them
-    that the adaptive search reaches); returns counts of what happened."""
-    from tqdm.auto import tqdm
-
+    that the adaptive search reaches); returns counts of what happened. Raises
+    :class:`SweepLocked` while another sweep writes to ``out``."""
     if train_fn is None:
         if configs and type(configs[0]).__name__ == "GPTRunConfig":
             from spkern.train.gpt import train as train_fn
         else:
             from spkern.train.mlp import train as train_fn
     os.makedirs(out, exist_ok=True)
+    with _lock(out):
+        return _run_locked(configs, out, data, device, progress, train_fn, adaptive)
+
+
+def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
+    from tqdm.auto import tqdm
+
     path = os.path.join(out, RESULTS)
     _drop_torn_line(path)
     done = {_key(r["config"]): r for r in read_results(out)}
@@ -206,11 +247,13 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
                         counts["left_out"] += len(left)
                         runs_bar.total -= sum(_key(asdict(c)) not in done for c in left)
                         runs_bar.refresh()
-                        start = best_of(known)
+                        best = best_of(known)
+                        start = start if best is None else best
     finally:
         steps_bar.close()
         runs_bar.close()
     return counts
 
 
-__all__ = ["RESULTS", "Adaptive", "grid", "parse_lrs", "read_results", "run", "search_grid"]
+__all__ = ["RESULTS", "Adaptive", "ResultsError", "SweepLocked", "best_of", "grid", "parse_lrs", "read_results",
+           "run", "search_grid"]

@@ -67,3 +67,29 @@ def test_builtin_datasets():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load("imagenet")
+
+
+@pytest.mark.parametrize("damage", ["truncated header", "truncated gzip", "not gzip"])
+def test_damaged_mnist_files_name_the_file(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), gz=True)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)), gz=True)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    if damage == "truncated header":
+        with gzip.open(bad, "wb") as f:
+            f.write(bytes([0, 0, 0x08, 3, 0, 0]))
+    elif damage == "truncated gzip":
+        bad.write_bytes(bad.read_bytes()[:40])
+    else:
+        bad.write_bytes(b"plain bytes, no gzip header at all")
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: not a readable IDX file"):
+        D.load("mnist", str(tmp_path))
+
+
+def test_damaged_cifar_file_names_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR-10 batch file"):
+        D.load("cifar10", str(tmp_path))

@@ -199,3 +199,126 @@ def test_cli_adaptive_grid(tmp_path):
     assert rc == 0 and os.path.getsize(os.path.join(out, "report.md")) > 0
     with pytest.raises(SystemExit, match="--grid-below"):
         cli.main(["sweep", "mlp", "--grid", "adaptive", "--grid-below", "-1", "--out", out, "--no-progress"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lrs", "1e-2:inf:3"], "--lrs"),
+    (["--lrs", "1e-320:1e308:3"], "--lrs"),
+    (["--lrs", "nan,1"], "--lrs"),
+    (["--diverge-loss", "-1"], "--diverge-loss"),
+    (["--diverge-loss", "nan"], "--diverge-loss"),
+    (["--diverge-loss", "inf"], "--diverge-loss"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--stable-threshold", "nan"], "--stable-threshold"),
+    (["--seeds", "1,2"], "--seeds is the number of seeds"),
+    (["--seeds", "0"], "--seeds"),
+])
+def test_bad_options_are_one_line_and_status_2(argv, match, tmp_path, capsys):
+    args = ["sweep", "mlp", "--widths", "16", "--epochs", "1", "--out", str(tmp_path / "x"), "--no-progress"] + argv
+    try:
+        code = cli.run(args)
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and match in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "x" / "results.jsonl")
+
+
+def test_gpt_sweep_refuses_non_finite_options(tmp_path, capsys):
+    for argv in (["--weight-decay", "nan"], ["--clip", "-1"], ["--diverge-loss", "inf"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["sweep", "gpt", "--out", str(tmp_path)] + argv)
+        assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_run_configs_refuse_non_finite_values():
+    from spkern.train.gpt import GPTRunConfig
+
+    for bad in (dict(diverge_loss=math.inf), dict(momentum=math.nan), dict(momentum=-1.0), dict(lr=math.inf)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RunConfig(**bad).check()
+    with pytest.raises(ValueError, match="clip"):
+        GPTRunConfig(clip=math.nan).check()
+
+
+def test_out_that_cannot_be_written(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for out in (str(a_file), str(a_file / "below")):
+        assert cli.run(["sweep", "mlp", "--widths", "16", "--out", out, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--out" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_results_line_that_is_not_a_result(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"config": {"width": 16, "lr": 0.1}, "status": "ok"}\n[1, 2, 3]\n')
+    with pytest.raises(sweep.ResultsError, match="results.jsonl, line 2"):
+        sweep.read_results(str(out))
+    for argv in (["report", str(out)],
+                 ["sweep", "mlp", "--widths", "16", "--epochs", "1", "--out", str(out), "--no-progress"]):
+        assert cli.run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "line 2: not a sweep result" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_second_sweep_on_the_same_folder_fails_clearly(tmp_path):
+    configs = _grid_configs()[:4]
+    inner = {}
+
+    def second_sweep_meanwhile(cfg, data=None, device=None, progress=None):
+        if not inner:
+            with pytest.raises(sweep.SweepLocked, match="another sweep is writing"):
+                sweep.run(configs, str(tmp_path), None, progress=False, train_fn=_landscape)
+            inner["refused"] = True
+        return _landscape(cfg)
+
+    counts = sweep.run(configs, str(tmp_path), None, progress=False, train_fn=second_sweep_meanwhile)
+    assert inner["refused"] and counts["ok"] + counts["diverged"] == 4
+    assert len(sweep.read_results(str(tmp_path))) == 4
+    # the lock is released at the end: a later sweep on the folder runs (and skips every run)
+    assert sweep.run(configs, str(tmp_path), None, progress=False, train_fn=_landscape)["skipped"] == 4
+
+
+def test_a_second_process_is_refused_while_a_sweep_runs(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # as a running sweep holds it
+        proc = subprocess.run([sys.executable, "-m", "spkern", "sweep", "mlp", "--widths", "16", "--epochs", "1",
+                               "--lrs", "0.1", "--seeds", "1", "--loss", "ce", "--out", str(out), "--no-progress"],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "another sweep is writing to" in proc.stderr, proc.stderr
+    assert not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text()
+
+
+def _row(width, lr, status, score, loss=0.5):
+    row = {"config": {"width": width, "lr": lr, "seed": 0, "loss": "ce", "optim": "sgd", "param": "sp",
+                      "data": "digits"}, "status": status, "n_classes": 10, "chance_score": 0.1, "history": []}
+    return {**row, "score": score, "train_acc": score, "train_loss": loss} if status == "ok" else row
+
+
+def test_report_never_picks_a_diverged_rate(tmp_path):
+    # every stable run of width 32 stays near chance, beside a diverged lr: no optimum there
+    rows = [_row(16, 0.1, "ok", 0.9), _row(16, 1.0, "ok", 0.95), _row(16, 10.0, "diverged", None),
+            _row(32, 0.1, "ok", 0.08), _row(32, 1.0, "ok", 0.09), _row(32, 1e3, "diverged", None),
+            _row(64, 0.1, "ok", 0.9), _row(64, 0.3, "ok", 0.95), _row(64, 1.0, "diverged", None),
+            _row(128, 0.1, "diverged", None), _row(128, 1.0, "diverged", None)]
+    s = report.summarize(report.experiments(rows)[next(iter(report.experiments(rows)))])
+    assert s[16]["opt_lr"] == 1.0 and s[64]["opt_lr"] == 0.3
+    assert s[32]["opt_lr"] in (0.1, 1.0) and s[32]["opt_lr"] != 1e3  # near chance, but not diverged
+    assert s[128]["opt_lr"] is None and s[128]["max_stable_lr"] is None
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    md = open(report.write(str(out))).read()
+    assert "| CE SGD sp | 128 | n/a | n/a | none |" in md
+    assert "Left out of the fits" in md and "CE SGD sp at width 128" in md
+    assert "+49" not in md

@@ -29,7 +29,7 @@ import torch
 
 import spkern
 from spkern.gpt import GPT, GPT_PARAMS, GPTConfig
-from spkern.train.mlp import _json_safe
+from spkern.train.mlp import _json_safe, check_number
 
 LOSSES = ("ce", "mse")
 
@@ -75,8 +75,10 @@ class GPTRunConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        check_number(self, "lr", above=0)
+        check_number(self, "diverge_loss", above=0)
+        for name in ("weight_decay", "momentum", "clip", "min_lr_frac"):
+            check_number(self, name, low=0)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         return self

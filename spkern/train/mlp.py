@@ -27,6 +27,16 @@ LOSSES = ("ce", "mse")
 DTYPES = ("float32", "bfloat16")
 
 
+def check_number(cfg, name, *, low=None, above=None):
+    """Raises ValueError unless ``cfg.name`` is a finite number (>= low, > above): a
+    non-finite value would be stored as null in the results and never match on resume."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (low is not None and v < low) or (above is not None and v <= above):
+        bound = f" >= {low}" if low is not None else f" > {above}" if above is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {v!r}")
+
+
 @dataclass
 class RunConfig:
     data: str = "digits"
@@ -58,10 +68,9 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not self.diverge_loss > 0:
-            raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
+        check_number(self, "lr", above=0)
+        check_number(self, "diverge_loss", above=0)
+        check_number(self, "momentum", low=0)
         return self
 
     def key(self) -> tuple:
@@ -174,4 +183,4 @@ def _json_safe(obj):
     return obj
 
 
-__all__ = ["LOSSES", "RunConfig", "evaluate", "train"]
+__all__ = ["LOSSES", "RunConfig", "check_number", "evaluate", "train"]
