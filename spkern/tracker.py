@@ -110,11 +110,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.overrides import TorchFunctionMode
+
 from spkern.features import pair_stats, paired_linear
 from spkern.norms import multi_tensor_norms, spectral_norm
 from spkern.optim import _NormStats
 
 DEFAULT_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+class _LinearCapture(TorchFunctionMode):
+    """Inside a tracker pass, ``F.linear`` on a tracked weight runs ``linear(name, x,
+    weight, bias)`` instead: the tracker's products without editing any module (an
+    instance-patched forward, accelerate's hooks or an adapter still run as they are)."""
+
+    def __init__(self, names, linear):
+        super().__init__()
+        self.names, self.linear = names, linear  # id(weight) -> module name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.names.get(id(weight))
+            if name is not None:
+                x = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return self.linear(name, x, weight, bias)
+        return func(*args, **kwargs)
 
 
 def _first_tensor(out):
@@ -250,6 +273,7 @@ class Tracker:
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
         if self._batch:
             self._init_state = self._initial_state() if self._ref_model is None else None
+            self._init_buffers = {n for n, _ in self.model.named_buffers()}
             self._init_op_w0()
             self._hooks.append(model.register_forward_pre_hook(self._batch_pre, with_kwargs=True))
             self._hooks.append(model.register_forward_hook(self._batch_post, always_call=True))
@@ -389,12 +413,16 @@ class Tracker:
         self._batch_step = self.steps
         self._cur, self._ref = {}, {}
         model = self._ref_model if self._ref_model is not None else self.model
-        with self._pass(model, "reference", self.model.training, self._reference_linear if self.rcc else None):
-            if self._ref_model is not None:
-                out = model(*args, **kwargs)
-            else:  # the model's own forward with its initial parameters
-                state = {n: t if t.dtype == dt else t.to(dt) for n, (t, dt) in self._init_state.items()}
-                out = torch.func.functional_call(model, state, args, kwargs)
+        if self._ref_model is not None:
+            state, weights = None, self._linear_weights(model)
+        else:  # the model's own forward with its initial parameters; buffers copied, so that a
+            # pass in training mode (BatchNorm's running statistics) leaves the saved ones as they are
+            state = {n: t.clone() if n in self._init_buffers else t if t.dtype == dt else t.to(dt)
+                     for n, (t, dt) in self._init_state.items()}
+            first_name = {id(p): n for n, p in self.model.named_parameters()}  # tied weights: one name
+            weights = {n: state[first_name[id(w)]] for n, w in self._linear_weights(self.model).items()}
+        with self._pass(model, "reference", self.model.training, weights, self._reference_linear if self.rcc else None):
+            out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
         self._ref_out = _first_tensor(out)
         self._capture = "current"
         return None
@@ -407,24 +435,15 @@ class Tracker:
         self._ref, self._ref_out = {}, None  # free the reference activations
         return None
 
-    def _swap_linears(self, model, make):
-        """Replaces the forward of the tracked nn.Linear layers of ``model`` (the tracked
-        model or the reference model) by ``make(name, module)``; returns the modules."""
+    def _linear_weights(self, model):
+        """{name: weight} of the tracked Linear layers of ``model`` (tracked or reference)."""
         named = dict(model.named_modules())
-        swapped = []
-        for n in self._lin_w0:
-            m = named[n]
-            if type(m).forward is nn.Linear.forward:
-                m.forward = make(n, m)
-                swapped.append(m)
-        return swapped
+        return {n: named[n].weight for n in self._lin_w0}
 
-    def _reference_linear(self, name, module):
-        def forward(x):  # keeps W_0 x_0 (in the reference pass the weight is W_0)
-            z = F.linear(x, module.weight)
-            self._zref[name] = z
-            return z + module.bias if module.bias is not None else z
-        return forward
+    def _reference_linear(self, name, x, weight, bias):
+        z = F.linear(x, weight)  # W_0 x_0, kept (in the reference pass the weight is W_0)
+        self._zref[name] = z
+        return z + bias if bias is not None else z
 
     def _first_batch(self, module, args, kwargs):
         if self._probe is None and args and all(isinstance(a, Tensor) for a in args) and self._capture is None:
@@ -434,38 +453,45 @@ class Tracker:
     def _forward(self, which):
         model = self._ref_model if (which == "reference" and self._ref_model is not None) else self.model
         # on the current model, tracked Linear layers compute W_t x_t and W_0 x_t together
-        with self._pass(model, which, False, self._paired_forward if which == "current" and self.rcc else None):
+        paired = which == "current" and self.rcc
+        with self._pass(model, which, False, self._linear_weights(model) if paired else None,
+                        self._paired_linear if paired else None):
             return model(*self._probe)
 
     @contextlib.contextmanager
-    def _pass(self, model, which, training, make=None):
-        """A pass of the tracker's own: hooks capture ``which``, the tracked nn.Linear
-        layers of ``model`` run ``make(name, module)`` (when given), ``model`` is in
-        ``training`` mode, without gradients; all restored after."""
-        was_training = model.training
-        swapped = self._swap_linears(model, make) if make is not None else []
+    def _pass(self, model, which, training, weights=None, linear=None):
+        """A pass of the tracker's own: hooks capture ``which``, every module of ``model``
+        is in ``training`` mode, without gradients, and ``F.linear`` on the tracked weights
+        ``weights`` ({name: tensor}) runs ``linear(name, x, weight, bias)``. No module is
+        edited: each keeps its own mode (restored one by one), its forward and its buffers,
+        and the random number generators are restored, so that the training run with the
+        tracker is the run without it."""
+        modes = [(m, m.training) for m in model.modules()]
+        devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+        buffers = [(b, b.clone()) for b in model.buffers()] if training else []
         self._capture = which
         try:
-            model.train(training)
-            with torch.no_grad():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                stack.enter_context(torch.no_grad())
+                if linear is not None:
+                    stack.enter_context(_LinearCapture({id(w): n for n, w in weights.items()}, linear))
+                model.train(training)
                 yield
         finally:
             self._capture = None
             self._paired.clear()
             self._zref.clear()
-            for m in swapped:
-                del m.forward
-            model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
+            for b, saved in buffers:
+                b.copy_(saved)
 
-    def _paired_forward(self, name, module):
-        w0 = self._lin_w0[name]
-
-        def forward(x):
-            y, z = paired_linear(x, module.weight, w0)
-            self._paired[name] = (y, z)
-            out = y.to(x.dtype)
-            return out + module.bias if module.bias is not None else out
-        return forward
+    def _paired_linear(self, name, x, weight, bias):
+        y, z = paired_linear(x, weight, self._lin_w0[name])  # W_t x_t, W_0 x_t from one pass over x_t
+        self._paired[name] = (x, y, z)
+        out = y.to(x.dtype)
+        return out + bias if bias is not None else out
 
     # -- measuring -----------------------------------------------------------------------
 
@@ -501,6 +527,7 @@ class Tracker:
         return _Ratio(sq, numel, True)
 
     def _measure(self, name, module, x, h):
+        x_in = x  # the module's own input: the one the paired product of this call was of
         ref = self._ref.get(name)
         v = self._cur
         n = h.numel()
@@ -526,8 +553,9 @@ class Tracker:
         if not self.rcc:
             return
         w0 = self._lin_w0[name]
-        if name in self._paired:
-            y, z = self._paired.pop(name)  # W_t x_t, W_0 x_t from one pass over x_t
+        paired = self._paired.pop(name, None)
+        if paired is not None and paired[0] is x_in:
+            y, z = paired[1:]  # W_t x_t, W_0 x_t from one pass over x_t
         else:  # the training forward (probe="batch") or a Linear subclass with its own forward
             with torch.no_grad():
                 z = F.linear(x, w0.to(x.dtype)).float()

@@ -405,3 +405,88 @@ def test_training_batch_mode_skips_evaluation_forwards():
         opt.step()  # a step without a forward: only the parameters are measured
     assert "0/input_rms" not in tracker.metrics() and "0.weight/drift_rms" in tracker.metrics()
     tracker.close()
+
+
+def _noisy_model(seed=0):
+    """Linear, BatchNorm, ReLU, Dropout, Linear: a forward that draws random numbers and
+    updates buffers in training mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 5))
+
+
+def _train_noisy(model, tracker_kw=None, steps=6, every=1):
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    tracker = None
+    if tracker_kw is not None:
+        tracker = spkern.Tracker(model, opt, every=every, **tracker_kw)
+    x, y = _data(n=96)
+    torch.manual_seed(123)  # the run's own random numbers (dropout) start here
+    losses = []
+    for step in range(steps):
+        xb, yb = x[16 * step:16 * step + 16], y[16 * step:16 * step + 16]
+        loss = spkern.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    if tracker is not None:
+        assert tracker.measurements > 0 and tracker.metrics()
+        tracker.close()
+    return torch.stack(losses), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("probe", ["fixed", "first batch", "batch"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_training_with_the_tracker_equals_training_without_it(probe, every):
+    kw = {"fixed": dict(probe=_data(n=8, seed=5)[0]), "first batch": dict(), "batch": dict(probe="batch")}[probe]
+    base_losses, base_state = _train_noisy(_noisy_model())
+    losses, state = _train_noisy(_noisy_model(), kw, every=every)
+    assert torch.equal(losses, base_losses)
+    for k in base_state:
+        assert torch.equal(state[k], base_state[k]), k  # weights and BatchNorm's running statistics
+
+
+def test_every_module_keeps_its_own_mode():
+    model = _noisy_model()
+    model[1].eval()  # a frozen BatchNorm inside a model in training mode
+    tracker = spkern.Tracker(model, probe=_data(n=8)[0])
+    tracker.measure()
+    assert model.training and not model[1].training and model[0].training and model[3].training
+
+
+def test_instance_patched_forwards_survive_the_tracker():
+    model = _mlp()
+    x = _data(n=8)[0]
+    lin = model[2]
+    original = lin.forward
+    lin.forward = lambda inp: original(inp) * 2.0  # as accelerate's hooks or an adapter patch it
+    with torch.no_grad():
+        before = model(x)
+    for probe in (x, "batch"):
+        tracker = spkern.Tracker(model, probe=probe)
+        if probe == "batch":
+            model(x).sum().backward()  # the training forward: the tracker measures it
+            assert tracker._cur, "nothing measured"
+        else:
+            tracker.measure()
+        assert vars(lin)["forward"] is not None, "the instance's forward was removed"
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        tracker.close()
+
+
+def test_batch_probe_keeps_the_initial_buffers_as_saved():
+    model = _noisy_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.1)
+    tracker = spkern.Tracker(model, opt, probe="batch")
+    x, y = _data(n=48)
+    for step in range(3):
+        loss = spkern.cross_entropy(model(x[16 * step:16 * step + 16]), y[16 * step:16 * step + 16])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    saved = {n: t for n, (t, _) in tracker._init_state.items() if "running" in n}
+    for k, v in initial.items():
+        assert torch.equal(saved[k], v), k
+    tracker.close()
