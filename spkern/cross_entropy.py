@@ -337,7 +337,18 @@ def scale_grad(grad, dloss):
     return grad * dloss.to(grad.dtype)
 
 
+def refuse_double_backward(op):
+    """The fused losses compute their gradient in the forward pass, as a constant: a
+    backward that builds a graph (create_graph=True, for a gradient penalty, say) would
+    silently lose the second-order terms, so it is refused."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"spkern.{op}: double backward (create_graph=True) is not supported: the fused kernel "
+                           f"computes the gradient in the forward pass, so its second-order terms would be lost; "
+                           f"use the torch loss it replaces where higher-order gradients are needed")
+
+
 def _backward(ctx, dloss, dstats, dgrad):
+    refuse_double_backward("cross_entropy / mse_onehot_loss")
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad or dloss is None:
         return (None,) * 11

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from spkern import _backend
 from spkern.cross_entropy import (
+    refuse_double_backward,
     CROSS_ENTROPY,
     IMPLEMENTATIONS,
     _MSE_KINDS,
@@ -232,6 +233,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dloss, *unused):
+    refuse_double_backward("linear_cross_entropy / linear_mse_onehot_loss")
     none = (None,) * 16
     if dloss is None:
         return none

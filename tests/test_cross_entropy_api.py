@@ -212,3 +212,25 @@ def test_torch_compile_fullgraph(compiler):
     for a, b in zip(out, eager):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(model.proj.weight.grad, g_eager)
+
+
+@pytest.mark.parametrize("fused", ["cross_entropy", "linear_cross_entropy", "mse_onehot_loss"])
+def test_double_backward_is_refused_not_silently_wrong(backend, fused):
+    # a gradient penalty: loss + c * ||d loss / d x||^2 needs the second-order terms
+    x = torch.randn(6, 8, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(5, 8)
+    t = torch.randint(0, 5, (6,))
+    loss_fn = {"cross_entropy": lambda: spkern.cross_entropy(x @ w.T, t),
+               "linear_cross_entropy": lambda: spkern.linear_cross_entropy(x, w, t),
+               "mse_onehot_loss": lambda: spkern.mse_onehot_loss(x @ w.T, t)}[fused]
+    loss = loss_fn()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # the first-order gradient is unchanged
+    (g,) = torch.autograd.grad(loss_fn(), x)
+    xr = x.detach().clone().requires_grad_()
+    ref = {"cross_entropy": lambda: torch.nn.functional.cross_entropy(xr @ w.T, t),
+           "linear_cross_entropy": lambda: torch.nn.functional.cross_entropy(xr @ w.T, t),
+           "mse_onehot_loss": lambda: torch.nn.functional.mse_loss(xr @ w.T, torch.nn.functional.one_hot(t, 5).float())}[fused]
+    (gr,) = torch.autograd.grad(ref(), xr)
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
