@@ -64,6 +64,7 @@ class _NormStats:
         if drift_dtype is not None and drift_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"drift_dtype must be None, float32, bfloat16 or float16, got {drift_dtype}")
         self.drift_every = drift_every
+        self.drift_dtype = drift_dtype
         self.steps_taken = 0
         params = [p for group in self.param_groups for p in group["params"]]
         self.initial_weights = {}
@@ -72,6 +73,44 @@ class _NormStats:
         elif track_drift:
             self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
+
+    def add_param_group(self, param_group):
+        """torch's add_param_group; with drift tracked, the new parameters' initial
+        weights are their values now."""
+        super().add_param_group(param_group)
+        if getattr(self, "initial_weights", None):  # (torch's __init__ adds the first groups before ours runs)
+            for p in self.param_groups[-1]["params"]:
+                if p not in self.initial_weights:
+                    self.initial_weights[p] = p.detach().clone().to(self.drift_dtype or p.dtype)
+
+    def state_dict(self):
+        """torch's state dict, plus the initial weights (by parameter index, as torch
+        indexes the state) and the step count, so that drift continues after a resume."""
+        sd = super().state_dict()
+        if self.initial_weights:
+            params = [p for group in self.param_groups for p in group["params"]]
+            sd["initial_weights"] = {i: self.initial_weights[p] for i, p in enumerate(params)
+                                     if p in self.initial_weights}
+        sd["steps_taken"] = self.steps_taken
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """torch's load_state_dict; the initial weights of a state dict from spkern.optim
+        replace those taken at construction (a plain torch state dict keeps them)."""
+        state_dict = dict(state_dict)
+        initial = state_dict.pop("initial_weights", None)
+        steps = state_dict.pop("steps_taken", None)
+        super().load_state_dict(state_dict)
+        if steps is not None:
+            self.steps_taken = int(steps)
+        if initial is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for i, w0 in initial.items():
+                i = int(i)
+                if not 0 <= i < len(params) or w0.shape != params[i].shape:
+                    raise ValueError(f"state_dict: initial_weights[{i}] does not match parameter {i} of this "
+                                     f"optimizer")
+                self.initial_weights[params[i]] = w0.detach().to(params[i].device).clone()
 
     def _given_initial_weights(self, params, given, drift_dtype):
         """W_0 from the caller: a sequence in the order of the parameters, or a dict keyed
@@ -244,7 +283,7 @@ class _NormStats:
         return {key: {name: next(values) for name in st} for key, st in stats.items()}
 
 
-class SGD(torch.optim.SGD, _NormStats):
+class SGD(_NormStats, torch.optim.SGD):
     """``torch.optim.SGD`` whose step also records update norms; see the module docstring.
 
     Extra keyword arguments: ``track_drift`` (keep a copy of the weights as W_0 and record
@@ -324,7 +363,7 @@ class SGD(torch.optim.SGD, _NormStats):
         return terms, None
 
 
-class AdamW(torch.optim.AdamW, _NormStats):
+class AdamW(_NormStats, torch.optim.AdamW):
     """``torch.optim.AdamW`` whose step also records update norms; see the module docstring.
 
     Extra keyword arguments as for :class:`SGD`.

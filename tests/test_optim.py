@@ -1,6 +1,7 @@
 """spkern.optim.SGD / AdamW against torch.optim, and their norms against float64 ones
 computed the slow way (copy, step, subtract)."""
 
+import copy
 import math
 
 import pytest
@@ -247,3 +248,63 @@ def test_update_spectral_norm_errors():
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="zero_grad"):
         opt.update_spectral_norm("2.weight")
+
+
+@pytest.mark.parametrize("opt_cls", [spkern.optim.SGD, spkern.optim.AdamW])
+def test_drift_continues_after_a_state_dict_round_trip(backend, opt_cls):
+    def fresh(values=None):
+        ps = _params()
+        if values is not None:
+            with torch.no_grad():
+                for p, v in zip(ps, values):
+                    p.copy_(v)
+        return ps
+
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(6)]
+
+    def steps(opt, params, which):
+        for k in which:
+            for p, gr in zip(params, grads[k]):
+                p.grad = gr.clone()
+            opt.step()
+
+    a = fresh()
+    oa = opt_cls(a, lr=0.05, track_drift=True)
+    steps(oa, a, range(3))
+    saved = copy.deepcopy(oa.state_dict())  # (torch's state dict holds the live state tensors)
+    steps(oa, a, range(3, 6))
+    # resume: a new model with the weights at step 3 and a new optimizer from the state dict
+    b = fresh()
+    ob0 = opt_cls(b, lr=0.05, track_drift=True)
+    steps(ob0, b, range(3))
+    b2 = fresh([p.detach() for p in b])
+    ob = opt_cls(b2, lr=0.05, track_drift=True)  # its own W_0 would be the weights at resume time
+    ob.load_state_dict(saved)
+    steps(ob, b2, range(3, 6))
+    for x, y in zip(a, b2):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    da, db = oa.norm_stats(), ob.norm_stats()
+    for p, q in zip(a, b2):
+        torch.testing.assert_close(da[p]["drift_fro"], db[q]["drift_fro"], rtol=1e-6, atol=0)
+    # torch's own optimizer takes the same state dict (the extra keys are ignored)
+    (torch.optim.SGD if opt_cls is spkern.optim.SGD else torch.optim.AdamW)(fresh(), lr=0.05).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("opt_cls", [spkern.optim.SGD, spkern.optim.AdamW])
+def test_a_group_added_later_is_tracked_from_its_first_step(backend, opt_cls):
+    params = _params()
+    opt = opt_cls(params[:3], lr=0.05, track_drift=True)
+    for p in params[:3]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    extra = params[3:]
+    start = [p.detach().clone() for p in extra]
+    opt.add_param_group({"params": extra, "lr": 0.01})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    stats = opt.norm_stats()
+    for p, p0 in zip(extra, start):
+        assert p in stats
+        torch.testing.assert_close(stats[p]["drift_fro"], (p.detach() - p0).norm(), rtol=1e-5, atol=1e-7)
