@@ -28,8 +28,12 @@ measured by the same hooks, with one extra product W_0 x_t per Linear layer, so 
 refined coordinate check costs two forward products per layer and no probe pass. The
 activations are then those of the step's forward, before its update (W_t of the step
 before); the parameter statistics are those of the step. Later micro-batches of the step,
-forwards without gradients (evaluation) and checkpoint recomputations are not measured;
-with dropout the two passes draw different masks. The tracker keeps a copy of every
+forwards without gradients (evaluation) and checkpoint recomputations are not measured.
+Every pass of the tracker's own restores the random number generators (so with dropout
+the reference pass draws the masks the training forward then draws), each module's mode
+and, in training mode, the buffers; it edits no module (its products on the tracked
+Linear weights are taken by capturing ``F.linear`` for the pass): training with the
+tracker follows exactly the path it follows without it. The tracker keeps a copy of every
 parameter at initialisation (the tracked ones in ``reference_dtype``). For each tracked
 module it records:
 
