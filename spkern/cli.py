@@ -13,7 +13,7 @@ import os
 import sys
 
 DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:31", loss="ce,mse", optim="sgd", param="sp", seeds="2",
-            epochs=10, depth=2, data="digits", grid="adaptive")
+            epochs=10, depth=2, data="digits", grid="adaptive", grid_below=2)
 
 
 class UsageError(SystemExit):
@@ -98,19 +98,20 @@ def _add_mlp_options(p, defaults):
                    help="a loss above this counts as diverged")
     p.add_argument("--stable-threshold", type=_number(), default=None,
                    help="accuracy a stable lr must reach (default: halfway from chance to the best)")
-    _add_grid_options(p, defaults.get("grid", "full"))
+    _add_grid_options(p, defaults.get("grid", "full"), defaults.get("grid_below"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
 
-def _add_grid_options(p, default):
+def _add_grid_options(p, default, below=None):
     from spkern.sweep import Adaptive
 
     p.add_argument("--grid", default=default, choices=["full", "adaptive"],
                    help="full: every learning rate at every width; adaptive: per width, from the previous "
                         "width's optimum up to --grid-above unstable rates and down to --grid-below rates "
                         "under the best (see spkern.sweep)")
-    p.add_argument("--grid-below", type=int, default=Adaptive.below, help="adaptive grid: rates run below the best")
+    p.add_argument("--grid-below", type=int, default=Adaptive.below if below is None else below,
+                   help="adaptive grid: rates run below the best")
     p.add_argument("--grid-above", type=int, default=Adaptive.above,
                    help="adaptive grid: consecutive unstable rates that end the search upwards")
 
@@ -287,8 +288,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None):
     parser = _Parser(prog="spkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the default MLP sweep on digits and its report (about 5 minutes on 2 "
-                                       "CPU cores)")
+    demo = sub.add_parser("demo", help="the default MLP sweep on digits (adaptive grid) and its report (about 3 "
+                                       "minutes on 2 CPU cores)")
     _add_mlp_options(demo, DEMO)
     demo.add_argument("--out", default="runs/demo")
     sw = sub.add_parser("sweep", help="run a sweep")
@@ -296,7 +297,7 @@ def main(argv=None):
     mlp = kinds.add_parser("mlp", help="width x learning-rate sweep of ReLU MLPs")
     _add_mlp_options(mlp, {})
     mlp.add_argument("--out", default="runs/mlp")
-    gpt = kinds.add_parser("gpt", help="width x learning-rate sweep of small GPTs (about 10 minutes on 2 CPU cores "
+    gpt = kinds.add_parser("gpt", help="width x learning-rate sweep of small GPTs (about 4 minutes on 2 CPU cores "
                                        "with the defaults)")
     _add_gpt_options(gpt)
     rep = sub.add_parser("report", help="write the report of a sweep")

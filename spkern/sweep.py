@@ -26,7 +26,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from spkern.train.mlp import RunConfig
 
