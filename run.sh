@@ -32,7 +32,8 @@ setup() (  # a subshell: it works in the checkout, the command after it where it
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
       || { say "$python is $("$python" -V 2>&1); spkern needs Python >= 3.10 (set PYTHON)"; exit 2; }
     say "creating $venv with $("$python" -V 2>&1)"
-    "$python" -m venv "$venv"
+    "$python" -m venv "$venv" || { rm -rf "$venv"
+      say "$python -m venv failed (on Debian or Ubuntu: apt-get install python3-venv)"; exit 2; }
   fi
   local py=$venv/bin/python stamps=$venv/.spkern
   mkdir -p "$stamps"
