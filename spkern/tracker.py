@@ -276,8 +276,12 @@ class Tracker:
             self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
         if self._batch:
-            self._init_state = self._initial_state() if self._ref_model is None else None
-            self._init_buffers = {n for n, _ in self.model.named_buffers()}
+            self._init_state = None
+            if self._ref_model is None:  # the reference pass runs the model on these tensors
+                self._init_state = self._initial_state()
+                self._init_buffers = {n for n, _ in self.model.named_buffers()}
+                first_name = {id(p): n for n, p in self.model.named_parameters()}  # tied weights: one name
+                self._lin_keys = {n: first_name[id(w)] for n, w in self._linear_weights(self.model).items()}
             self._init_op_w0()
             self._hooks.append(model.register_forward_pre_hook(self._batch_pre, with_kwargs=True))
             self._hooks.append(model.register_forward_hook(self._batch_post, always_call=True))
@@ -423,9 +427,9 @@ class Tracker:
             # pass in training mode (BatchNorm's running statistics) leaves the saved ones as they are
             state = {n: t.clone() if n in self._init_buffers else t if t.dtype == dt else t.to(dt)
                      for n, (t, dt) in self._init_state.items()}
-            first_name = {id(p): n for n, p in self.model.named_parameters()}  # tied weights: one name
-            weights = {n: state[first_name[id(w)]] for n, w in self._linear_weights(self.model).items()}
-        with self._pass(model, "reference", self.model.training, weights, self._reference_linear if self.rcc else None):
+            weights = {n: state[key] for n, key in self._lin_keys.items()}
+        with self._pass(model, "reference", self.model.training, weights, self._reference_linear if self.rcc else None,
+                        restore_buffers=state is None):
             out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
         self._ref_out = _first_tensor(out)
         self._capture = "current"
@@ -463,16 +467,17 @@ class Tracker:
             return model(*self._probe)
 
     @contextlib.contextmanager
-    def _pass(self, model, which, training, weights=None, linear=None):
+    def _pass(self, model, which, training, weights=None, linear=None, restore_buffers=False):
         """A pass of the tracker's own: hooks capture ``which``, every module of ``model``
         is in ``training`` mode, without gradients, and ``F.linear`` on the tracked weights
         ``weights`` ({name: tensor}) runs ``linear(name, x, weight, bias)``. No module is
-        edited: each keeps its own mode (restored one by one), its forward and its buffers,
-        and the random number generators are restored, so that the training run with the
-        tracker is the run without it."""
+        edited: each keeps its own mode (restored one by one) and its forward, and the
+        random number generators are restored, so that the training run with the tracker
+        is the run without it; with ``restore_buffers`` (a training-mode pass on a model's
+        own buffers) the buffers are restored too."""
         modes = [(m, m.training) for m in model.modules()]
         devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
-        buffers = [(b, b.clone()) for b in model.buffers()] if training else []
+        buffers = [(b, b.clone()) for b in model.buffers()] if restore_buffers else []
         self._capture = which
         try:
             with contextlib.ExitStack() as stack:
