@@ -24,8 +24,8 @@ class UsageError(SystemExit):
         self.code = 2
 
 
-def _number(low=None, *, above=None, below=None, name=None):
-    """An argparse type: a finite float, >= low / > above / < below when given."""
+def _number(low=None, *, above=None):
+    """An argparse type: a finite float, >= low / > above when given."""
     def parse(text):
         try:
             v = float(text)
@@ -33,12 +33,11 @@ def _number(low=None, *, above=None, below=None, name=None):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if (low is not None and v < low) or (above is not None and v <= above) or (below is not None and v >= below):
-            bounds = [f">= {low}" if low is not None else None, f"> {above}" if above is not None else None,
-                      f"< {below}" if below is not None else None]
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text!r}")
+        if low is not None and v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
+        if above is not None and v <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text!r}")
         return v
-    parse.__name__ = name or "number"
     return parse
 
 

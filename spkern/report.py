@@ -91,7 +91,7 @@ def summarize(by_width, threshold=None):
         acc, loss, diverged = (np.array(v) for v in zip(*(lr_outcome(rs) for rs in runs)))
         best = best_index(acc, loss, diverged)
         thr = stable_threshold(chance, acc[best], threshold) if best is not None else None
-        stable = [i for i in range(len(lrs)) if best is not None and not diverged[i] and acc[i] >= thr]
+        stable = [] if best is None else [i for i in range(len(lrs)) if not diverged[i] and acc[i] >= thr]
         out[width] = dict(lrs=lrs, acc=acc, loss=loss, diverged=diverged, runs=runs, threshold=thr,
                           opt_lr=lrs[best] if best is not None else None, opt_index=best,
                           opt_at_edge=best in (0, len(lrs) - 1),
@@ -296,7 +296,7 @@ def _lr_counts(rows):
     lo, hi = min(map(len, per.values())), max(map(len, per.values()))
     if lo == hi == total:
         return f"{total} learning rates"
-    return f"{total} learning rates ({lo} to {hi} per width)" if lo != hi else f"{total} learning rates ({lo} per width)"
+    return f"{total} learning rates ({lo if lo == hi else f'{lo} to {hi}'} per width)"
 
 
 def _markdown(rows, exps, summaries, fits, figs):

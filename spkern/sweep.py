@@ -181,7 +181,9 @@ def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
 
 
 def _experiment(cfg) -> str:
-    return _key({k: v for k, v in asdict(cfg).items() if k not in ("width", "lr", "seed")})
+    from spkern.report import SWEPT  # what varies inside one experiment
+
+    return _key({k: v for k, v in asdict(cfg).items() if k not in SWEPT})
 
 
 def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None,
