@@ -33,7 +33,7 @@ LogitLossFwd cross_entropy_fwd;
 at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
 
 // Statistics of activation pairs a (current), b (reference, optional: else 0) of shape
-// (rows, features) and one dtype: a (rows, 5) float32 tensor of ||a||^2, ||b||^2,
+// (rows, features) and one dtype: a (rows, 5) float64 tensor of ||a||^2, ||b||^2,
 // ||a - b||^2, <a, b> and the number of exact zeros of a, per row. csrc/cpu/pair_stats.cpp.
 at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b);
 

@@ -123,7 +123,9 @@ def _cross_entropy_fwd_kernel(
         loss = (1.0 - eps) * wy * (lse - xy) + z * lse * lse
         if SMOOTH:
             loss += eps_c * (w_sum * lse - lin)
-        a_coef = (1.0 - eps) * wy + eps_c * w_sum + 2.0 * z * lse
+        a_coef = (1.0 - eps) * wy + 2.0 * z * lse
+        if SMOOTH:  # only then: w_sum is NaN when a class weight is, and that class's rows alone turn NaN
+            a_coef += eps_c * w_sum
         if KIND == 1:
             loss = sq - 2.0 * tl.load(x_row + y_safe).to(tl.float32) + 1.0
         if KIND == 2:
@@ -136,7 +138,17 @@ def _cross_entropy_fwd_kernel(
     tl.store(LOSS + row, loss)
     tl.store(STATS + row, lse)
     if STATS_ON:
-        tl.store(STATS + stride_s + row, tl.sqrt(sq))
+        norm = tl.sqrt(sq)
+        if (sq > 1e30) | (sq < 1e-30):
+            # the float32 sum of squares overflowed (logits beyond ~1e15) or underflowed:
+            # sum again in float64 (rare, so the first loop stays one FMA per logit)
+            sq64 = tl.zeros((BLOCK,), tl.float64)
+            for start in range(0, C, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x64 = tl.load(x_row + offs, mask=offs < C, other=0.0).to(tl.float64)
+                sq64 += x64 * x64
+            norm = tl.sqrt(tl.sum(sq64, 0)).to(tl.float32)
+        tl.store(STATS + stride_s + row, norm)
         tl.store(STATS + 2 * stride_s + row, raw_max)
         tl.store(STATS + 3 * stride_s + row, 1.0 / s)
         tl.store(STATS + 4 * stride_s + row, lse - t / s)

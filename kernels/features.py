@@ -2,7 +2,8 @@
 ||a||^2, ||b||^2, ||a - b||^2, <a, b> and the number of exact zeros of a.
 
 Each program takes BLOCK_R rows and walks their features in BLOCK_F columns, keeping
-float32 partial sums per lane, then reduces across lanes once at the end.
+float32 partial sums per lane, then reduces across lanes once at the end; a row whose
+float32 sums overflowed or underflowed is summed again in float64. Output in float64.
 """
 
 import torch
@@ -32,21 +33,52 @@ def _pair_stats_kernel(A, B, OUT, rows, n, HAS_B: tl.constexpr, BLOCK_R: tl.cons
             bb += y * y
             dd += d * d
             ab += x * y
+    s_aa = tl.sum(aa, 1).to(tl.float64)
+    s_bb = tl.sum(bb, 1).to(tl.float64)
+    s_dd = tl.sum(dd, 1).to(tl.float64)
+    s_ab = tl.sum(ab, 1).to(tl.float64)
+    s_zz = tl.sum(zz, 1)
+    # A float32 sum that overflowed (entries beyond ~1e18) or squares that underflowed
+    # (entries below ~1e-15): these rows again in float64 (rare; the fast path stays float32).
+    big = (tl.abs(s_aa) + tl.abs(s_bb) + tl.abs(s_dd) + tl.abs(s_ab)) > 1e37
+    tiny = ((s_aa < 1e-30) & (s_zz < n)) | ((s_bb < 1e-30) & (s_bb > 0.0))
+    again = rmask & (big | tiny | (s_aa != s_aa) | (s_ab != s_ab))
+    if tl.max(again.to(tl.int32), 0) > 0:
+        # (BLOCK_R,) accumulators, reduced per tile: few registers for a path seldom taken
+        aa64 = tl.zeros((BLOCK_R,), tl.float64)
+        bb64 = tl.zeros((BLOCK_R,), tl.float64)
+        dd64 = tl.zeros((BLOCK_R,), tl.float64)
+        ab64 = tl.zeros((BLOCK_R,), tl.float64)
+        for f0 in range(0, n, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            mask = again[:, None] & (f < n)[None, :]
+            offs = r[:, None] * n + f[None, :]
+            x = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+            aa64 += tl.sum(x * x, 1)
+            if HAS_B:
+                y = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+                bb64 += tl.sum(y * y, 1)
+                dd64 += tl.sum((x - y) * (x - y), 1)
+                ab64 += tl.sum(x * y, 1)
+        s_aa = tl.where(again, aa64, s_aa)
+        s_bb = tl.where(again, bb64, s_bb)
+        s_dd = tl.where(again, dd64, s_dd)
+        s_ab = tl.where(again, ab64, s_ab)
     if not HAS_B:
-        dd = aa
+        s_dd = s_aa
     o = OUT + r * 5
-    tl.store(o, tl.sum(aa, 1), mask=rmask)
-    tl.store(o + 1, tl.sum(bb, 1), mask=rmask)
-    tl.store(o + 2, tl.sum(dd, 1), mask=rmask)
-    tl.store(o + 3, tl.sum(ab, 1), mask=rmask)
-    tl.store(o + 4, tl.sum(zz, 1), mask=rmask)
+    tl.store(o, s_aa, mask=rmask)
+    tl.store(o + 1, s_bb, mask=rmask)
+    tl.store(o + 2, s_dd, mask=rmask)
+    tl.store(o + 3, s_ab, mask=rmask)
+    tl.store(o + 4, s_zz.to(tl.float64), mask=rmask)
 
 
 def pair_stats(a, b=None):
-    """Same contract as spkern._C.pair_stats_cpu: (rows, 5) float32 per-row statistics of
+    """Same contract as spkern._C.pair_stats_cpu: (rows, 5) float64 per-row statistics of
     contiguous (rows, features) a and b (same shape and dtype; None: b = 0)."""
     rows, n = a.shape
-    out = torch.empty(rows, 5, device=a.device, dtype=torch.float32)
+    out = torch.empty(rows, 5, device=a.device, dtype=torch.float64)
     if rows == 0:
         return out
     block_f = min(1024, triton.next_power_of_2(max(n, 1)))

@@ -187,14 +187,18 @@ def cross_entropy_reference(logits, target, weight, scalars, kind, ignore_index,
     else:
         valid = target != ignore_index
         y = torch.where(valid, target, 0).long()
-        wy = w[y] * valid
+        wy = torch.where(valid, w[y], 0.0)
         nll = -wy * logp.gather(1, y[:, None])[:, 0]
         loss = (1 - eps) * nll + z * lse**2
         if eps > 0:  # skipped at 0: a -inf logit would give 0 * inf
             loss = loss - eps / C * (w * logp).sum(1)
         loss = torch.where(valid, loss, 0.0)
-        a_coef = (1 - eps) * wy + eps / C * w.sum() + 2 * z * lse
-        b = eps / C * w.expand(M, C) + (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(y, C)
+        # the smoothing terms only with smoothing: a NaN class weight then reaches the rows
+        # of that class alone, as in torch
+        a_coef = (1 - eps) * wy + (eps / C * w.sum() if eps > 0 else 0.0) + 2 * z * lse
+        b = (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(y, C)
+        if eps > 0:
+            b = b + eps / C * w.expand(M, C)
     stats = [lse]
     if compute_stats:
         am = x.argmax(1)
@@ -257,7 +261,8 @@ def _scalars(target, weight, ignore_index, reduction, C, dtype, kind=CROSS_ENTRO
         if weight is None:
             denom = valid.sum(dtype=dtype)
         else:
-            denom = (weight.to(dtype)[torch.where(valid, target, 0)] * valid).sum()
+            # where, not a product: a NaN weight of class 0 must not reach the ignored rows
+            denom = torch.where(valid, weight.to(dtype)[torch.where(valid, target, 0)], 0.0).sum()
         if kind != CROSS_ENTROPY:  # squared errors: the mean over rows x classes
             denom = denom * C
         scale = 1.0 / denom

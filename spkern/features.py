@@ -1,7 +1,7 @@
 """Statistics of activation pairs: how far each activation moved from its reference.
 
 :func:`pair_stats` reads ``a`` (current activations, for example h_t) and ``b`` (their
-reference, for example h_0 at initialisation) once and returns, in float32 on their
+reference, for example h_0 at initialisation) once and returns, in float64 on their
 device with no host sync, the columns of :data:`PAIR_COLUMNS`:
 
     a_sq     ||a||^2
@@ -11,7 +11,9 @@ device with no host sync, the columns of :data:`PAIR_COLUMNS`:
     zeros    number of entries of a that are exactly 0 (dead ReLU units, for example)
 
 per tensor and, with ``per_row=True``, per row (a row is one sample: all dimensions but
-the last are flattened into rows). Backends: ``cpu`` (C++, csrc/cpu/pair_stats.cpp),
+the last are flattened into rows). The kernels sum in float32; a row whose float32 sums
+overflow (entries beyond about 1e18) or underflow (below about 1e-15) is summed again in
+float64, so that ``||a||^2`` of float32 entries of 1e30 is 1e60, not inf. Backends: ``cpu`` (C++, csrc/cpu/pair_stats.cpp),
 ``triton`` (kernels/features.py), ``cuda`` (csrc/cuda/pair_stats.cu), ``reference``.
 """
 
@@ -26,12 +28,12 @@ PAIR_COLUMNS = ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
 
 
 def pair_stats_reference(a: Tensor, b: Optional[Tensor]) -> Tensor:
-    """Float64 reference of the (rows, 5) per-row statistics, returned in float32."""
+    """Float64 reference of the (rows, 5) per-row statistics."""
     x = a.double()
     y = b.double() if b is not None else torch.zeros_like(x)
     out = torch.stack([x.square().sum(1), y.square().sum(1), (x - y).square().sum(1), (x * y).sum(1),
                        (x == 0).sum(1).double()], 1)
-    return out.float()
+    return out
 
 
 IMPLEMENTATIONS = {
@@ -53,7 +55,7 @@ def _pair_stats_kernel(a: Tensor, b: Optional[Tensor]) -> Tensor:
 
 @_pair_stats_op.register_fake
 def _(a, b):
-    return a.new_empty((a.shape[0], 5), dtype=torch.float32)
+    return a.new_empty((a.shape[0], 5), dtype=torch.float64)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -64,13 +66,14 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
-    """Statistics of ``a`` against ``b`` (``b`` None: against 0) in one pass: a float32
+    """Statistics of ``a`` against ``b`` (``b`` None: against 0) in one pass: a float64
     ``(5,)`` tensor of the :data:`PAIR_COLUMNS` sums over all entries, and with
     ``per_row=True`` also the ``(rows, 5)`` per-row sums: ``(total, per_row)``.
 
     ``a`` and ``b`` have the same shape, dtype (float32, bfloat16 or float16; other
     dtypes take the reference path) and device. Sums accumulate in float32 within a row
-    and float64 across rows. Nothing is read back to the host.
+    (float64 for a row where float32 would overflow or underflow) and float64 across
+    rows. Nothing is read back to the host.
     """
     if not isinstance(a, Tensor) or not a.is_floating_point():
         raise TypeError(f"a must be a floating-point Tensor, got {type(a).__name__ if not isinstance(a, Tensor) else a.dtype}")
@@ -88,7 +91,7 @@ def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
         rows = _pair_stats_op(a2, b2)
     else:  # eager: the kernel itself, without the custom op's dispatch (a tenth of a ms a call)
         rows = _pair_stats_kernel(a2, b2)
-    total = rows.sum(0, dtype=torch.float64).float()
+    total = rows.sum(0)
     return (total, rows) if per_row else total
 
 

@@ -345,14 +345,8 @@ class Tracker:
             self.params = [(n, p) for n, p in self.params if id(p) in in_opt]
         ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
         for n, p in self.params:
-            if ref_params is not None:
-                w0 = ref_params.get(n)
-                if w0 is None or w0.shape != p.shape:
-                    raise ValueError(f"reference has no parameter {n!r} of shape {tuple(p.shape)}")
-                w0 = w0.detach()
-            else:
-                w0 = p.detach().clone()
-            self._w0[n] = w0.to(self.reference_dtype or p.dtype)
+            self._w0[n] = self._initial_weight(n, p, ref_params)
+        self._opt_params = self._optimizer_param_count()
         if fused and not self.optimizer.initial_weights and self._ref_model is None and self.every == 1:
             # the fused step measures the drift against the tracker's copies: no second pass
             by_param = {p: self._w0[n] for n, p in self.params}
@@ -372,6 +366,40 @@ class Tracker:
                     self._lin_w0[n] = ref_params[key].detach()
                 else:
                     self._lin_w0[n] = m.weight.detach().clone()
+
+    def _initial_weight(self, n, p, ref_params, known=None):
+        """W_0 of parameter ``n``: the reference model's, ``known`` (a copy the optimizer
+        already keeps), or the parameter's value now."""
+        if ref_params is not None:
+            w0 = ref_params.get(n)
+            if w0 is None or w0.shape != p.shape:
+                raise ValueError(f"reference has no parameter {n!r} of shape {tuple(p.shape)}")
+            w0 = w0.detach()
+        else:
+            w0 = known if known is not None else p.detach().clone()
+        return w0.to(self.reference_dtype or p.dtype)
+
+    def _optimizer_param_count(self):
+        return sum(len(g["params"]) for g in self.optimizer.param_groups) if self.optimizer is not None else 0
+
+    def _sync_params(self):
+        """A fused optimizer whose parameter groups grew (``add_param_group``) after the
+        tracker was made: the new parameters of tracked modules are tracked from their first
+        step on, against their value then (or the optimizer's own W_0 copy, or the
+        reference model's). A torch optimizer needs nothing: every parameter of the tracked
+        modules is tracked whichever optimizer steps it."""
+        count = self._optimizer_param_count()
+        if count == self._opt_params or not isinstance(self.optimizer, _NormStats):
+            return
+        self._opt_params = count
+        have = {id(p) for _, p in self.params}
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
+        known = self.optimizer.initial_weights or {}
+        for n, p in self._params():
+            if id(p) in in_opt and id(p) not in have:
+                self._w0[n] = self._initial_weight(n, p, ref_params, known.get(p))
+                self.params.append((n, p))
 
     def set_probe(self, probe):
         """Sets the probe batch and measures the reference activations on it (before any
@@ -596,6 +624,7 @@ class Tracker:
         v[f"{name}/prop_align"] = _Ratio(prop, sx[2], True, 1 / self._op_w0[name].clamp_min(tiny))
 
     def _pre_step(self, optimizer, args, kwargs):
+        self._sync_params()
         # a torch optimizer: keep W_t of the step about to be measured
         if isinstance(optimizer, _NormStats) or (self.steps + 1) % self.every != 0:
             return
@@ -728,13 +757,15 @@ class Tracker:
         first = next(iter(values.values()))
         device = (first.num if isinstance(first, _Ratio) else first.value).device
 
-        def stack(items):  # device scalars (or numbers) -> one float32 vector
-            return torch.stack([x.detach().reshape(()).to(device, torch.float32) if isinstance(x, Tensor)
-                                else torch.tensor(float(x), device=device) for x in items])
+        # float64: a sum of squares of activations beyond ~1e19 does not fit in float32
+        def stack(items):  # device scalars (or numbers) -> one float64 vector
+            return torch.stack([x.detach().reshape(()).to(device, torch.float64) if isinstance(x, Tensor)
+                                else torch.tensor(float(x), device=device, dtype=torch.float64) for x in items])
 
         def with_tensors(items, default):
             # numbers in one tensor, then the few device scalars put in their places
-            out = torch.tensor([default if isinstance(x, Tensor) else float(x) for x in items], device=device)
+            out = torch.tensor([default if isinstance(x, Tensor) else float(x) for x in items], device=device,
+                               dtype=torch.float64)
             at = [i for i, x in enumerate(items) if isinstance(x, Tensor)]
             if at:
                 out[torch.tensor(at, device=device)] = stack([items[i] for i in at])
@@ -753,7 +784,7 @@ class Tracker:
                 torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
         out = []
         if ratios:
-            val = num / den.clamp_min(torch.finfo(torch.float32).tiny)
+            val = num / den.clamp_min(torch.finfo(torch.float64).tiny)
             root = torch.tensor([values[k].root for k in ratios], device=device)
             val = torch.where(root, val.clamp_min(0).sqrt(), val)
             scales = [values[k].scale for k in ratios]

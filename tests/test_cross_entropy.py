@@ -268,6 +268,53 @@ def test_nan_and_inf_propagate_like_torch(backend):
     assert torch.isnan(spkern.cross_entropy(x, target))
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e20, 1e-20, 0.0], ids=str)
+@pytest.mark.parametrize("C", [10, 4099])
+def test_logit_norm_never_overflows(backend, scale, C):
+    # float32 squares of 1e30 (and of 1e20 summed) overflow, of 1e-20 underflow: the norm
+    # is still that of the reference, on rows beside ordinary ones
+    x, target = make_inputs((3, C), torch.float32)
+    x[1] = x[1] * scale
+    _, st = spkern.cross_entropy(x, target, reduction="none", return_stats=True)
+    ref = x.double().norm(dim=1)
+    assert torch.isfinite(st.logit_norm).all()
+    torch.testing.assert_close(st.logit_norm.double(), ref, rtol=1e-5, atol=0)
+    if scale >= 1e30:
+        x[2, 5] = math.inf  # an infinite logit: an infinite norm
+        _, st = spkern.cross_entropy(x, target, reduction="none", return_stats=True)
+        assert st.logit_norm[2] == math.inf and torch.isfinite(st.logit_norm[[0, 1]]).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_nan_class_weight_reaches_only_its_rows(backend, reduction, label_smoothing):
+    x, target = make_inputs((8, 33), torch.float32)
+    target[:] = torch.tensor([0, 1, 2, 5, 1, -100, 4, 5])
+    w = torch.rand(33) + 0.5
+    w[5] = math.nan  # class 5: rows 3 and 7
+    w[0] = math.nan if reduction == "none" else w[0]  # also class 0 of the ignored row's index 0
+    if reduction == "mean":  # mean over rows that do not hold the NaN class: finite, as in torch
+        keep = torch.tensor([0, 1, 2, 4, 5, 6])
+        x, target = x[keep], target[keep]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = spkern.cross_entropy(x1, target, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    ref = F.cross_entropy(x2, target, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    torch.testing.assert_close(loss[ok], ref[ok], **TOL[torch.float32])
+    g = torch.randn_like(loss) if reduction == "none" else None
+    loss.backward(g)
+    ref.backward(g)
+    ignored = target == -100
+    # torch's smoothing term puts NaN even into the ignored row's gradient; it stays 0 here
+    assert torch.equal(x1.grad[ignored], torch.zeros_like(x1.grad[ignored]))
+    assert torch.equal(torch.isnan(x1.grad[~ignored]), torch.isnan(x2.grad[~ignored]))
+    if label_smoothing == 0.0 and reduction == "none":  # rows of classes 0 and 5
+        assert torch.isnan(x1.grad).any(1).tolist() == [True, False, False, True, False, False, False, True]
+    ok = ~torch.isnan(x2.grad) & ~ignored[:, None]
+    torch.testing.assert_close(x1.grad[ok], x2.grad[ok], **TOL[torch.float32])
+
+
 # ---------------------------------------------------------------------------------------
 # each backend against the reference, at the op level
 

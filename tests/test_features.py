@@ -27,19 +27,38 @@ def test_against_reference(backend, shape, dtype, with_b):
     total, rows = spkern.pair_stats(a, b if with_b else None, per_row=True)
     a2 = a.reshape(-1, shape[-1])
     ref_rows = pair_stats_reference(a2, b.reshape(-1, shape[-1]) if with_b else None).double()
-    assert rows.dtype == torch.float32 and rows.shape == (a2.shape[0], 5)
+    assert rows.dtype == torch.float64 and rows.shape == (a2.shape[0], 5)
     torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total.double(), ref_rows.sum(0), rtol=1e-5, atol=1e-5)
     assert total[4].item() == (a == 0).sum().item()
     assert torch.equal(a, a_before) and torch.equal(b, b_before)
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e19, 1e-20, 1e-40], ids=str)
+@pytest.mark.parametrize("n", [5, 1100])
+def test_overflow_and_underflow_safe(backend, scale, n):
+    # float32 squares of 1e30 overflow and of 1e-20 underflow; rows of ordinary values
+    # beside them keep their fast-path sums
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4, n, generator=g)
+    b = a + 0.5 * torch.randn(4, n, generator=g)
+    a[1], b[1] = a[1] * scale, b[1] * scale
+    a[2, 0] = scale  # one extreme entry in an ordinary row
+    a[3] = 0.0  # a dead row: no recomputation needed, exact zeros
+    for with_b in (True, False):
+        total, rows = spkern.pair_stats(a, b if with_b else None, per_row=True)
+        ref = pair_stats_reference(a, b if with_b else None)
+        assert torch.isfinite(rows).all() and torch.isfinite(total).all()
+        torch.testing.assert_close(rows, ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(total, ref.sum(0), rtol=1e-5, atol=0)
+
+
 def test_columns_and_default_is_total():
     a, b = _pair((4, 10), torch.float32)
     t = spkern.pair_stats(a, b)
-    assert t.shape == (5,)
+    assert t.shape == (5,) and t.dtype == torch.float64
     assert spkern.features.PAIR_COLUMNS == ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
-    torch.testing.assert_close(t[2], (a - b).square().sum())
+    torch.testing.assert_close(t[2], (a - b).double().square().sum(), rtol=1e-6, atol=0)
 
 
 def test_compiles_without_graph_break():

@@ -110,6 +110,27 @@ def test_stats_equal_those_of_cross_entropy(backend):
         torch.testing.assert_close(a.reshape(-1), r, rtol=1e-5, atol=1e-5)
 
 
+def test_nan_class_weight_and_huge_logits(backend):
+    # a NaN class weight reaches the rows of that class only, as in torch; logits of 1e17
+    # (squares beyond float32) still give their norm
+    g = torch.Generator().manual_seed(3)
+    x, W = torch.randn(8, 16, generator=g), torch.randn(33, 16, generator=g)
+    target = torch.tensor([0, 1, 2, 5, 1, -100, 4, 5])
+    w = torch.rand(33, generator=g) + 0.5
+    w[5] = float("nan")
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = spkern.linear_cross_entropy(x1, W, target, reduction="none", class_weight=w)
+    ref = F.cross_entropy(F.linear(x2, W), target, weight=w, reduction="none")
+    loss.sum().backward()
+    ref.sum().backward()
+    assert torch.isnan(loss).tolist() == torch.isnan(ref).tolist() == [False] * 3 + [True] + [False] * 3 + [True]
+    assert torch.isnan(x1.grad).any(1).tolist() == torch.isnan(x2.grad).any(1).tolist()
+    torch.testing.assert_close(loss[~torch.isnan(ref)], ref[~torch.isnan(ref)], **TOL[torch.float32])
+    _, st = spkern.linear_cross_entropy(x * 1e17, W, target, return_stats=True)
+    torch.testing.assert_close(st.logit_norm.double(), (x.double() * 1e17 @ W.double().t()).norm(dim=1),
+                               rtol=1e-5, atol=0)
+
+
 def test_only_the_gradients_asked_for(backend):
     x, w, b, t = make()
     x.requires_grad_()

@@ -490,3 +490,52 @@ def test_batch_probe_keeps_the_initial_buffers_as_saved():
     for k, v in initial.items():
         assert torch.equal(saved[k], v), k
     tracker.close()
+
+
+@pytest.mark.parametrize("opt_cls", [spkern.optim.SGD, torch.optim.SGD])
+def test_a_group_added_to_the_optimizer_later_is_tracked(opt_cls):
+    # the readout joins the optimizer after one step: from its first step on the tracker
+    # reports its update and drift (against its value when it joined), as for the others
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = opt_cls(model[0].parameters(), lr=0.1)
+    tracker = spkern.Tracker(model, opt, probe=torch.randn(5, 8), every=1)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    joined = model[2].weight.detach().clone()
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.05})
+    before = model[2].weight.detach().clone()
+    step()
+    m = tracker.metrics()
+    for key in ("update_rms", "drift_rms", "weight_rms", "grad_rms"):
+        assert f"2.weight/{key}" in m and f"2.bias/{key}" in m, key
+    moved = (model[2].weight.detach() - before).square().mean().sqrt().item()
+    assert m["2.weight/update_rms"] == pytest.approx(moved, rel=1e-5)
+    step()
+    drift = (model[2].weight.detach() - joined).square().mean().sqrt().item()
+    assert tracker.metrics()["2.weight/drift_rms"] == pytest.approx(drift, rel=1e-5)
+
+
+def test_huge_activations_are_measured_not_inf():
+    # squares of 1e25 do not fit in float32: the sums are float64 from the kernel on
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    probe = torch.randn(5, 8)
+    tracker = spkern.Tracker(model, probe=probe)
+    with torch.no_grad():
+        model[0].weight.mul_(1e25)
+        model[0].bias.mul_(1e25)
+    tracker.measure()
+    m = tracker.metrics()
+    with torch.no_grad():
+        h = model[0](probe).double()
+        out = model(probe).double()
+    assert m["0/act_rms"] == pytest.approx(h.square().mean().sqrt().item(), rel=1e-5)
+    assert m["logits/rms"] == pytest.approx(out.square().mean().sqrt().item(), rel=1e-5)
+    assert m["2/input_rms"] == pytest.approx(h.relu().square().mean().sqrt().item(), rel=1e-5)

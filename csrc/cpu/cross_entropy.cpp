@@ -36,6 +36,17 @@ using fVec = at::vec::Vectorized<float>;
 // max that propagates NaN, as torch.max does.
 inline float nanmax(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
 
+// Rows whose float32 sum of squares left [1e-30, 1e30] (logits beyond ~1e15 overflow
+// it, below ~1e-15 underflow it) are summed again in double: the norm itself is then
+// exact to float32 rounding. Rare, so the fast path stays one FMA per logit.
+inline bool sum_of_squares_unsafe(float sq) { return !(sq >= 1e-30f && sq <= 1e30f); }
+
+float norm_in_double(const float* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t c = 0; c < n; ++c) s += double(x[c]) * double(x[c]);
+  return float(std::sqrt(s));
+}
+
 // Index of the first element equal to v (the torch.argmax tie rule), or -1.
 int64_t first_index_of(const float* x, int64_t n, float v) {
   const fVec vv(v);
@@ -276,16 +287,21 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
       loss[i] = float(tw * lse - twx + p.z * lse * lse);
     } else if (valid) {
       wy = p.w ? p.w[y] : 1.0;
-      const double lin = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vlin)) + slin;
       const double nll = wy * (lse - xs[y]);
-      const double smooth = double(p.W) * lse - lin;
-      loss[i] = float((1.0 - p.eps) * nll + double(eps_c) * smooth + p.z * lse * lse);
+      double l = (1.0 - p.eps) * nll + p.z * lse * lse;
+      // the smoothing term only with smoothing: W (and lin) are NaN when some class
+      // weight is, and that must reach the rows of that class only, as in torch
+      if (p.eps > 0.f) {
+        const double lin = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vlin)) + slin;
+        l += double(eps_c) * (double(p.W) * lse - lin);
+      }
+      loss[i] = float(l);
     } else {
       loss[i] = 0.f;
     }
     stats[i] = float(lse);
     if (p.stats) {
-      stats[sstat + i] = std::sqrt(sq);
+      stats[sstat + i] = sum_of_squares_unsafe(sq) ? norm_in_double(x, C) : std::sqrt(sq);
       stats[2 * sstat + i] = m;
       stats[3 * sstat + i] = float(1.0 / s);
       stats[4 * sstat + i] = float(lse - tsum / s);
@@ -340,7 +356,8 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     }
     // d loss / d x'_c = e_c * A - B_c  (see the reference for the derivation)
     const double a_coef = p.prob ? (tw + 2.0 * p.z * lse)
-                                 : ((1.0 - p.eps) * wy + double(eps_c) * p.W + 2.0 * p.z * lse);
+                                 : ((1.0 - p.eps) * wy + (p.eps > 0.f ? double(eps_c) * p.W : 0.0) +
+                                    2.0 * p.z * lse);
     const float A = float(a_coef * p.scale / s);
     const float B = (p.prob ? 1.f : eps_c) * p.scale;
     const fVec vA(A), vB(B), vone(1.f);

@@ -1,7 +1,7 @@
 // Statistics of activation pairs, CPU: for a (current) and b (reference) of shape
 // (rows, features), per row ||a||^2, ||b||^2, ||a - b||^2, <a, b> and the number of
-// exact zeros of a, in one pass over both. Rows run in parallel; each row's sums are
-// kept in float lanes per tile of features and in double across tiles.
+// exact zeros of a, in one pass over both, returned in double. Rows run in parallel; each
+// row's sums are kept in float lanes per tile of features and in double across tiles.
 
 #include "../spkern.h"
 #include "convert.h"
@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
+#include <cmath>
 
 namespace spkern {
 namespace cpu {
@@ -63,6 +64,20 @@ std::array<double, 5> row_sums(const T* a, const T* b, int64_t n) {
       out[3] += total(ab, sab);
     }
   }
+  // A float partial sum that overflowed (entries beyond ~1e18) or squares that underflowed
+  // (entries below ~1e-15): the row again in double. Rare, so the fast path stays float.
+  const bool tiny = (out[0] < 1e-30 && out[4] < double(n)) || (b && out[1] < 1e-30 && out[1] > 0.0);
+  if (tiny || !std::isfinite(out[0] + out[1] + out[2]) || !std::isfinite(out[3])) {
+    double r[4] = {0, 0, 0, 0};
+    for (int64_t i = 0; i < n; ++i) {
+      const double xv = static_cast<float>(a[i]), yv = b ? static_cast<float>(b[i]) : 0.0;
+      r[0] += xv * xv;
+      r[1] += yv * yv;
+      r[2] += (xv - yv) * (xv - yv);
+      r[3] += xv * yv;
+    }
+    for (int k = 0; k < 4; ++k) out[k] = r[k];
+  }
   if (!b) out[2] = out[0];  // b = 0
   return out;
 }
@@ -72,11 +87,11 @@ void all_rows(const at::Tensor& a, const at::Tensor* b, at::Tensor& out) {
   const int64_t rows = a.size(0), n = a.size(1);
   const T* pa = a.const_data_ptr<T>();
   const T* pb = b ? b->const_data_ptr<T>() : nullptr;
-  float* o = out.data_ptr<float>();
+  double* o = out.data_ptr<double>();
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const auto s = row_sums<T>(pa + r * n, pb ? pb + r * n : nullptr, n);
-      for (int k = 0; k < 5; ++k) o[5 * r + k] = static_cast<float>(s[k]);
+      for (int k = 0; k < 5; ++k) o[5 * r + k] = s[k];
     }
   });
 }
@@ -94,7 +109,7 @@ at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
     TORCH_CHECK(pb->sizes() == a.sizes() && pb->is_contiguous() && pb->scalar_type() == dtype &&
                     pb->device().is_cpu(),
                 "spkern cpu pair_stats: b must be a contiguous CPU tensor of a's shape and dtype");
-  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kDouble));
   switch (dtype) {
     case at::kBFloat16: all_rows<at::BFloat16>(a, pb, out); break;
     case at::kHalf: all_rows<at::Half>(a, pb, out); break;

@@ -155,8 +155,8 @@ at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
     TORCH_CHECK(pb->sizes() == a.sizes() && pb->is_contiguous() && pb->scalar_type() == a.scalar_type() &&
                     pb->device() == a.device(),
                 "spkern cuda pair_stats: b must be a contiguous tensor of a's shape, dtype and device");
-  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kFloat));
-  PairStatsArgs args{a.data_ptr(), pb ? pb->data_ptr() : nullptr, out.data_ptr<float>(), a.size(0), a.size(1),
+  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kDouble));
+  PairStatsArgs args{a.data_ptr(), pb ? pb->data_ptr() : nullptr, out.data_ptr<double>(), a.size(0), a.size(1),
                      dtype_of(a)};
   const char* err = launch_pair_stats(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "spkern cuda pair_stats: ", err);

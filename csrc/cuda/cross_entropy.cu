@@ -86,6 +86,8 @@ __global__ void __launch_bounds__(kThreads)
     cross_entropy_fwd_kernel(CrossEntropyArgs a) {
   __shared__ State warp_state[kWarps];
   __shared__ float bcast[4];  // lse, A, B, B_y of the row, for the gradient loop
+  __shared__ int norm_again;  // the float sum of squares left [1e-30, 1e30]: sum in double
+  __shared__ double norm_part[kWarps];
 
   const int64_t row = blockIdx.x;
   const int64_t C = a.C;
@@ -181,7 +183,9 @@ __global__ void __launch_bounds__(kThreads)
         if (HAS_CAP) xy = softcap_of(xy, cap);
         loss = (1.f - eps) * wy * (lse - xy) + a.z_loss * lse * lse;
         if (eps > 0.f) loss += eps_c * (w_sum * lse - st.lin);
-        a_coef = (1.f - eps) * wy + eps_c * w_sum + 2.f * a.z_loss * lse;
+        // the smoothing term only with smoothing: w_sum is NaN when a class weight is,
+        // and that must reach the rows of that class only, as in torch
+        a_coef = (1.f - eps) * wy + (eps > 0.f ? eps_c * w_sum : 0.f) + 2.f * a.z_loss * lse;
       } else {
         loss = 0.f;
         a_coef = 0.f;
@@ -191,6 +195,7 @@ __global__ void __launch_bounds__(kThreads)
       if (a.compute_stats) {
         const int64_t S = a.stride_stats;
         a.stats[S + row] = sqrtf(st.sq);
+        norm_again = !(st.sq >= 1e-30f && st.sq <= 1e30f);
         a.stats[2 * S + row] = st.vmax;
         a.stats[3 * S + row] = 1.f / st.s;
         a.stats[4 * S + row] = lse - st.t / st.s;
@@ -217,8 +222,24 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  if (a.grad == nullptr) return;
+  if (threadIdx.x == 0 && !a.compute_stats) norm_again = 0;
   __syncthreads();
+  if (norm_again) {  // rare (logits beyond ~1e15 or below ~1e-15): the fast path stays float
+    double part = 0.0;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      const double xv = to_float(x[c]);
+      part += xv * xv;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) part += __shfl_down_sync(0xffffffffu, part, offset);
+    if (lane == 0) norm_part[warp] = part;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int k = 0; k < kWarps; ++k) total += norm_part[k];
+      a.stats[a.stride_stats + row] = float(sqrt(total));
+    }
+  }
+  if (a.grad == nullptr) return;
   const float lse = bcast[0], A = bcast[1], B = bcast[2], By = bcast[3];
 
   T* g = static_cast<T*>(a.grad) + row * a.stride_g;

@@ -1,5 +1,6 @@
 // Activation-pair statistics, CUDA: one warp per row, strided over the features, sums
-// in float32 registers reduced by shuffles; no atomics, deterministic.
+// in float32 registers reduced by shuffles (again in double for a row whose float sums
+// overflowed or underflowed), written in double; no atomics, deterministic.
 
 #include "pair_stats.h"
 #include "convert.cuh"
@@ -15,7 +16,7 @@ namespace {
 constexpr int kWarps = 8;
 
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, const T* b, float* out,
+__global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, const T* b, double* out,
                                                                  int64_t rows, int64_t n) {
   const int lane = threadIdx.x % 32;
   const int64_t r = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32;
@@ -35,10 +36,31 @@ __global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, con
     }
   }
   if (!y) s[2] = s[0];
-  for (int k = 0; k < 5; ++k)
+  double d[5];
+  for (int k = 0; k < 5; ++k) {
     for (int off = 16; off > 0; off >>= 1) s[k] += __shfl_down_sync(0xffffffffu, s[k], off);
+    d[k] = __shfl_sync(0xffffffffu, s[k], 0);  // the row's sums, on every lane
+  }
+  // A float sum that overflowed (entries beyond ~1e18) or squares that underflowed
+  // (entries below ~1e-15): the row again in double (rare; the fast path stays float).
+  const bool again = !isfinite(d[0] + d[1] + d[2]) || !isfinite(d[3]) ||
+                     (d[0] < 1e-30 && d[4] < double(n)) || (y && d[1] < 1e-30 && d[1] > 0.0);
+  if (again) {  // the same on every lane of the warp
+    double r2[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t i = lane; i < n; i += 32) {
+      const double xv = to_float(x[i]), yv = y ? double(to_float(y[i])) : 0.0;
+      r2[0] += xv * xv;
+      r2[1] += yv * yv;
+      r2[2] += (xv - yv) * (xv - yv);
+      r2[3] += xv * yv;
+    }
+    for (int k = 0; k < 4; ++k) {
+      for (int off = 16; off > 0; off >>= 1) r2[k] += __shfl_down_sync(0xffffffffu, r2[k], off);
+      d[k] = r2[k];
+    }
+  }
   if (lane == 0)
-    for (int k = 0; k < 5; ++k) out[5 * r + k] = s[k];
+    for (int k = 0; k < 5; ++k) out[5 * r + k] = d[k];
 }
 
 template <typename T>

@@ -9,11 +9,11 @@ namespace spkern {
 namespace cuda {
 
 // a, b: (rows, features) contiguous, one dtype; b may be nullptr (b = 0). out: (rows, 5)
-// float32 of ||a||^2, ||b||^2, ||a - b||^2, <a, b>, zeros(a) per row.
+// float64 of ||a||^2, ||b||^2, ||a - b||^2, <a, b>, zeros(a) per row.
 struct PairStatsArgs {
   const void* a;
   const void* b;
-  float* out;
+  double* out;
   int64_t rows;
   int64_t features;
   DType dtype;
