@@ -238,7 +238,7 @@ def matmul_flops(device, n=4096):
 def machine_info(device):
     import torch
 
-    from spkern import _backend
+    from spkern import registry
 
     info = dict(python=platform.python_version(), torch=torch.__version__,
                 threads=torch.get_num_threads(), machine=platform.machine(), cpu_cores=os.cpu_count())
@@ -253,7 +253,7 @@ def machine_info(device):
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
-    ext = _backend.compiled()
+    ext = registry.compiled()
     info["spkern_cpu_isa"] = ext.compiled_isa() if ext else None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -7,7 +7,7 @@ Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable.
 """
 
 from spkern import optim
-from spkern._backend import BACKENDS, empty_cache, use_backend
+from spkern.registry import BACKENDS, empty_cache, use_backend
 from spkern.cross_entropy import LogitStats, cross_entropy, mse_onehot_loss
 from spkern.linear_loss import linear_cross_entropy, linear_mse_onehot_loss
 from spkern.modules import CrossEntropyLoss, LinearCrossEntropyLoss

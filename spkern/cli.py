@@ -303,10 +303,14 @@ def main(argv=None):
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
     rep.add_argument("--stable-threshold", type=_number(), default=None)
     sub.add_parser("bench", help="run the benchmark suite (spkern bench --help)", add_help=False)
+    sub.add_parser("info", help="versions, how spkern._C was built, and which backend runs each op here")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "info":
+        from spkern import info
+        return info.main()
     if args.command == "sweep" and args.kind == "gpt":
         return sweep_gpt(args)
     if args.command in ("demo", "sweep"):

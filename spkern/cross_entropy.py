@@ -53,7 +53,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from spkern import _backend
+from spkern import registry
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -222,26 +222,6 @@ def cross_entropy_reference(logits, target, weight, scalars, kind, ignore_index,
     return loss.to(out_dtype), stats, grad
 
 
-def _cpu_impl(*args):
-    return _backend.compiled().cross_entropy_fwd_cpu(*args)
-
-
-def _triton_impl(*args):
-    return _backend.triton_kernels("cross_entropy").cross_entropy_fwd(*args)
-
-
-def _cuda_impl(*args):
-    return _backend.compiled().cross_entropy_fwd_cuda(*args)
-
-
-IMPLEMENTATIONS = {
-    "reference": cross_entropy_reference,
-    "cpu": _cpu_impl,
-    "triton": _triton_impl,
-    "cuda": _cuda_impl,
-}
-
-
 # ---------------------------------------------------------------------------------------
 # The custom op: (M, C) logits in, reduced loss, statistics and the saved gradient out.
 # ---------------------------------------------------------------------------------------
@@ -287,10 +267,10 @@ def _logit_loss_op(
     input), the (6 or 1, M) statistics, and d(loss)/d(input) when compute_grad."""
     M, C = input.shape
     _check_target_values(target, C, ignore_index)
-    backend = _backend.resolve("cross_entropy", input, "cross_entropy")
+    kernel = registry.resolve("cross_entropy", input)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     scalars = _scalars(target, weight, ignore_index, reduction, C, acc, kind)
-    loss, stats, grad = IMPLEMENTATIONS[backend](
+    loss, stats, grad = kernel.fn(
         input, target, weight, scalars, kind, ignore_index, label_smoothing, z_loss, softcap,
         compute_stats, compute_grad, None)
     return _reduce(loss, scalars, reduction), stats, grad

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spkern import _backend
+from spkern import registry
 
 PAIR_COLUMNS = ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
 
@@ -36,21 +36,13 @@ def pair_stats_reference(a: Tensor, b: Optional[Tensor]) -> Tensor:
     return out
 
 
-IMPLEMENTATIONS = {
-    "reference": pair_stats_reference,
-    "cpu": lambda a, b: _backend.compiled().pair_stats_cpu(a, b),
-    "triton": lambda a, b: _backend.triton_kernels("features").pair_stats(a, b),
-    "cuda": lambda a, b: _backend.compiled().pair_stats_cuda(a, b),
-}
-
-
 @torch.library.custom_op("spkern::pair_stats", mutates_args=())
 def _pair_stats_op(a: Tensor, b: Optional[Tensor]) -> Tensor:
     return _pair_stats_kernel(a, b)
 
 
 def _pair_stats_kernel(a: Tensor, b: Optional[Tensor]) -> Tensor:
-    return IMPLEMENTATIONS[_backend.resolve("pair_stats", a, "features")](a, b)
+    return registry.resolve("pair_stats", a).fn(a, b)
 
 
 @_pair_stats_op.register_fake
@@ -98,32 +90,6 @@ def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
 __all__ = ["PAIR_COLUMNS", "pair_stats", "pair_stats_reference"]
 
 
-def _paired_linear_torch(x, weight, weight0):
-    return (torch.nn.functional.linear(x, weight.to(x.dtype)).float(),
-            torch.nn.functional.linear(x, weight0.to(x.dtype)).float())
-
-
-def _paired_linear_cpu(x, weight, weight0):
-    # A probe of a few rows against a large weight: W x^T rather than x W^T, so that BLAS
-    # packs the small operand, x, and streams the weights (measured on AMD EPYC, torch 2.13
-    # CPU, 2 threads: 1.3-1.65x faster at 16 rows and widths 1024-2048, 1.1x at 64 rows;
-    # slower for 256 rows or widths of 256). Both products take the same path, so they
-    # round alike.
-    if x.shape[0] > 64 or weight.numel() < (1 << 19):
-        return _paired_linear_torch(x, weight, weight0)
-    x = x.contiguous()
-    return ((weight.to(x.dtype) @ x.t()).t().float().contiguous(),
-            (weight0.to(x.dtype) @ x.t()).t().float().contiguous())
-
-
-PAIRED_IMPLEMENTATIONS = {
-    "reference": lambda x, w, w0: tuple(t.float() for t in (x.double() @ w.double().t(), x.double() @ w0.double().t())),
-    "cpu": _paired_linear_cpu,  # two BLAS products: blocking makes one pass over x pointless on CPU
-    "cuda": _paired_linear_torch,
-    "triton": lambda x, w, w0: _backend.triton_kernels("features").paired_linear(x, w, w0),
-}
-
-
 def paired_linear(x: Tensor, weight: Tensor, weight0: Tensor):
     """``(x W^T, x W0^T)`` in float32, for the refined coordinate check of a Linear layer
     (bias-free): their difference is the effective update ``(W - W0) x`` and
@@ -148,8 +114,7 @@ def paired_linear(x: Tensor, weight: Tensor, weight0: Tensor):
         raise ValueError("x, weight and weight0 must be on one device")
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, x.shape[-1])
-    backend = _backend.resolve("paired_linear", x2, "features")
-    y, z = PAIRED_IMPLEMENTATIONS[backend](x2, weight.detach(), weight0.detach())
+    y, z = registry.resolve("paired_linear", x2).fn(x2, weight.detach(), weight0.detach())
     return y.reshape(*lead, -1), z.reshape(*lead, -1)
 
 

@@ -23,11 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spkern import _backend
+from spkern import registry
 from spkern.cross_entropy import (
     refuse_double_backward,
     CROSS_ENTROPY,
-    IMPLEMENTATIONS,
     _MSE_KINDS,
     _check_target_values,
     check_options,
@@ -85,8 +84,7 @@ def _chunked(x, weight, target, bias, class_weight, kind, ignore_index, label_sm
     N, D = x.shape
     V = weight.shape[0]
     _check_target_values(target, V, ignore_index)
-    backend = _backend.resolve("linear_cross_entropy", x, "cross_entropy")
-    kernel = IMPLEMENTATIONS[backend]
+    kernel = registry.resolve("cross_entropy", x).fn
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scalars = _scalars(target, class_weight, ignore_index,
                        reduction if row_scale is None else "sum", V, acc, kind)

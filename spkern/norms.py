@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from spkern import _backend
+from spkern import registry
 
 # ---------------------------------------------------------------------------------------
 # multi-tensor pair norms
@@ -38,34 +38,13 @@ def multi_tensor_norms_reference(a, b):
     return torch.stack(rows).float() if rows else torch.zeros(0, 4, device=device)
 
 
-def _cpu_norms(a, b):
-    return _backend.compiled().multi_tensor_norms_cpu(a, b)
-
-
-def _triton_norms(a, b):
-    return _backend.triton_kernels("norms").multi_tensor_norms(a, b)
-
-
-def _cuda_norms(a, b):
-    return _backend.compiled().multi_tensor_norms_cuda(a, b)
-
-
-NORM_IMPLEMENTATIONS = {
-    "reference": multi_tensor_norms_reference,
-    "cpu": _cpu_norms,
-    "triton": _triton_norms,
-    "cuda": _cuda_norms,
-}
-
-
 @torch.library.custom_op("spkern::multi_tensor_norms", mutates_args=())
 def _multi_tensor_norms_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
     if not a:
         return torch.zeros(0, 4)
     # one backend for the whole list: the first tensor the kernels cannot take decides
-    probe = next((t for t in list(a) + list(b) if t.dtype not in _backend.KERNEL_DTYPES), a[0])
-    backend = _backend.resolve("multi_tensor_norms", probe, "norms")
-    return NORM_IMPLEMENTATIONS[backend](list(a), list(b))
+    probe = next((t for t in list(a) + list(b) if t.dtype not in registry.KERNEL_DTYPES), a[0])
+    return registry.resolve("multi_tensor_norms", probe).fn(list(a), list(b))
 
 
 @_multi_tensor_norms_op.register_fake
@@ -161,29 +140,8 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             raise ValueError(f"minus is on device {minus.device} but matrix is on device {matrix.device}")
         B = minus.detach().reshape(fan_out, fan_in)
     v, n_iter = start_vector(fan_in, A.device, state, iters)
-    fused = _fused_gram(A, B)
-    if fused is not None:
-        return power_iteration(fused, v, n_iter, fan_in / fan_out)
-
-    A = A.float()  # (no copy for float32)
-    B = B.float() if B is not None else None
-
-    def gram(x):  # (A - B)^T (A - B) x, as two matrix-vector products with each
-        y = A @ x - B @ x if B is not None else A @ x
-        return A.t() @ y - B.t() @ y if B is not None else A.t() @ y
-
+    gram = registry.resolve("spectral_norm", A, B).fn(A, B)
     return power_iteration(gram, v, n_iter, fan_in / fan_out)
-
-
-def _fused_gram(A: Tensor, B: Optional[Tensor]):
-    """x -> (A - B)^T (A - B) x by the C++ kernel, one pass over A and B (CPU), or None."""
-    C = _backend.compiled()
-    if (C is None or A.device.type != "cpu" or _backend.requested_backend(A.device) == "reference"
-            or A.dtype not in _backend.KERNEL_DTYPES or (B is not None and B.dtype not in _backend.KERNEL_DTYPES)):
-        return None
-    A = A.contiguous()
-    B = B.contiguous() if B is not None else None
-    return lambda x: C.gram_matvec_cpu(A, B, x)
 
 
 def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[int]):

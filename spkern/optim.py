@@ -47,12 +47,26 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
-from spkern import _backend
+from spkern import registry
 from spkern.norms import SpectralNorm, multi_tensor_norms, power_iteration, start_vector
 
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def layout_reason(params, grads):
+    """Why the fused steps cannot take these parameters and gradients, or None: they take
+    contiguous parameters of one float dtype and device, gradients of that dtype."""
+    dtype, device = params[0].dtype, params[0].device
+    for p, g in zip(params, grads):
+        if p.dtype != dtype or g.dtype != dtype or dtype not in _FUSED_DTYPES:
+            return "parameters or gradients of mixed or unsupported dtypes"
+        if not p.is_contiguous():
+            return "a non-contiguous parameter"
+        if p.device != device:
+            return "parameters on more than one device"
+    return None
 
 
 class _NormStats:
@@ -166,23 +180,13 @@ class _NormStats:
             if not math.isfinite(lr):
                 raise ValueError(f"learning rate must be finite, got {lr}")
 
-    def _fused_backend(self, params, grads):
-        """The backend whose fused step takes these parameters ("cpu", "triton"), or None
-        for torch's own step."""
-        dtype = params[0].dtype
-        for p, g in zip(params, grads):
-            if g.is_sparse:
-                raise ValueError("spkern.optim does not take sparse gradients")
-            if p.dtype != dtype or g.dtype != dtype or dtype not in _FUSED_DTYPES \
-                    or not p.is_contiguous() or p.device != params[0].device:
-                return None
-        name = _backend.resolve("optim", params[0], "optim")
-        return name if name in ("cpu", "triton") else None
-
-    def _fused(self, backend, name):
-        if backend == "cpu":
-            return getattr(_backend.compiled(), f"{name}_cpu")
-        return getattr(_backend.triton_kernels("optim"), name)
+    def _fused_kernel(self, op, params, grads):
+        """The registered fused step ``op`` that takes these parameters, or None for
+        torch's own step."""
+        if any(g.is_sparse for g in grads):
+            raise ValueError("spkern.optim does not take sparse gradients")
+        kernel = registry.resolve(op, params[0], params, grads)
+        return kernel.fn if kernel is not None else None
 
     def _inits(self, params):
         """The initial weights to measure drift against at this step (or [])."""
@@ -308,8 +312,8 @@ class SGD(_NormStats, torch.optim.SGD):
         loss = self._begin_step(closure)
         for group, params, grads in self._groups_with_grads():
             momentum = group["momentum"]
-            backend = self._fused_backend(params, grads)
-            if backend:
+            fused = self._fused_kernel("sgd_step", params, grads)
+            if fused is not None:
                 bufs, fresh = [], []
                 if momentum != 0:
                     for p in params:
@@ -320,7 +324,7 @@ class SGD(_NormStats, torch.optim.SGD):
                         bufs.append(state["momentum_buffer"])
                 inits = self._inits(params)
                 sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
-                self._fused(backend, "sgd_step")(
+                fused(
                     [p.data for p in params], [g.contiguous() for g in grads], bufs, fresh, inits, sums,
                     group["lr"], momentum, group["dampening"], group["weight_decay"],
                     group["nesterov"], group["maximize"])
@@ -396,15 +400,15 @@ class AdamW(_NormStats, torch.optim.AdamW):
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
-            backend = self._fused_backend(params, grads)
-            if backend:
+            fused = self._fused_kernel("adamw_step", params, grads)
+            if fused is not None:
                 steps = []
                 for s in states:
                     s["step"] += 1
                     steps.append(float(s["step"]))  # a CPU scalar: no device sync
                 inits = self._inits(params)
                 sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
-                self._fused(backend, "adamw_step")(
+                fused(
                     [p.data for p in params], [g.contiguous() for g in grads],
                     [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps, inits, sums,

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 import spkern
-from spkern import _backend
+from spkern import registry
 
 
 def available_backends():
     """Backends that can run on this machine's CPU tensors (Triton through its interpreter)."""
     probe = torch.empty(0)
     return [name for name in ("reference", "cpu", "triton")
-            if _backend.unavailable_reason(name, probe, "cross_entropy") is None]
+            if registry.reason("cross_entropy", name, probe) is None]
 
 
 BACKENDS = available_backends()

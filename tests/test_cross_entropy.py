@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import spkern
-from spkern import _backend
-from spkern.cross_entropy import IMPLEMENTATIONS, cross_entropy_reference
+from spkern import registry
+from spkern.cross_entropy import cross_entropy_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Loss and gradient tolerances per input dtype (outputs are rounded to the input dtype).
@@ -325,7 +325,7 @@ def test_kernel_contract_matches_reference(backend, dtype):
     w = torch.rand(4099) + 0.5
     scalars = torch.tensor([0.25, float(w.sum())])
     args = (x, target, w, scalars, 0, -100, 0.1, 1e-3, 7.0, True, True, None)
-    got = IMPLEMENTATIONS[backend](*args)
+    got = registry.kernels()[("cross_entropy", backend)].fn(*args)
     ref = cross_entropy_reference(*args)
     for a, b, name in zip(got, ref, ("loss", "stats", "grad")):
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -334,11 +334,11 @@ def test_kernel_contract_matches_reference(backend, dtype):
 
 
 def test_triton_kernel_never_reads_out_of_range_targets():
-    reason = _backend.unavailable_reason("triton", torch.empty(0), "cross_entropy")
+    reason = registry.reason("cross_entropy", "triton", torch.empty(0))
     if reason:
         pytest.skip(reason)
     # Without the Python check (as on a GPU), a bad target yields NaN for its row only.
-    kernels = _backend.triton_kernels("cross_entropy")
+    kernels = registry.triton_kernels("cross_entropy")
     x, target = make_inputs((4, 70), torch.float32)
     target[2] = 1000
     loss, _, grad = kernels.cross_entropy_fwd(x, target, None, torch.tensor([1.0, 70.0]), 0, -100,
@@ -365,7 +365,7 @@ def test_gradcheck_float64(shape):
 @pytest.mark.slow
 def test_int64_indexing_cpu():
     """rows x vocab above 2**31 elements: the last rows must be right (no int32 wrap)."""
-    if _backend.compiled() is None:
+    if registry.compiled() is None:
         pytest.skip("spkern._C not built")
     rows, C = 2049, 1 << 20 | 1
     assert rows * C > 2**31

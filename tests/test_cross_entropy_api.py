@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spkern
-from spkern import _backend
+from spkern import registry
 
 
 def _inputs(N=6, C=10):
@@ -69,7 +69,7 @@ def test_target_equal_to_custom_ignore_index_is_fine(backend):
 
 
 def test_compiled_kernel_checks_targets_itself():
-    C_ext = _backend.compiled()
+    C_ext = registry.compiled()
     if C_ext is None:
         pytest.skip("spkern._C not built")
     x, t = _inputs()
@@ -126,13 +126,13 @@ def test_module_extras_and_repr():
 
 def test_use_backend_and_environment(monkeypatch):
     x, t = _inputs()
-    assert _backend.requested_backend(x.device) == "cpu"
+    assert registry.requested_backend(x.device) == "cpu"
     with spkern.use_backend("reference"):
-        assert _backend.requested_backend(x.device) == "reference"
+        assert registry.requested_backend(x.device) == "reference"
     monkeypatch.setenv("SPKERN_BACKEND", "reference")
-    assert _backend.requested_backend(x.device) == "reference"
+    assert registry.requested_backend(x.device) == "reference"
     with spkern.use_backend("cpu"):  # the context manager wins over the environment
-        assert _backend.requested_backend(x.device) == "cpu"
+        assert registry.requested_backend(x.device) == "cpu"
     monkeypatch.setenv("SPKERN_BACKEND", "fast")
     with pytest.raises(ValueError, match="SPKERN_BACKEND"):
         spkern.cross_entropy(x, t)
@@ -142,7 +142,7 @@ def test_use_backend_and_environment(monkeypatch):
 
 
 def test_fallback_warns_once():
-    _backend._warn_once.cache_clear()
+    registry._warn_once.cache_clear()
     x, t = _inputs()
     with spkern.use_backend("cuda"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -155,7 +155,7 @@ def test_fallback_warns_once():
 
 
 def test_float64_runs_on_the_reference():
-    _backend._warn_once.cache_clear()
+    registry._warn_once.cache_clear()
     x, t = _inputs()
     with pytest.warns(RuntimeWarning, match="float64"):
         loss = spkern.cross_entropy(x.double(), t)
@@ -166,8 +166,8 @@ def test_float64_runs_on_the_reference():
 def test_extension_is_built():
     # The package is installed with its extension (pip install -e .); a missing build
     # would silently test the reference twice.
-    assert _backend.compiled() is not None
-    assert _backend.compiled().compiled_isa() in ("avx512", "avx2", "default")
+    assert registry.compiled() is not None
+    assert registry.compiled().compiled_isa() in ("avx512", "avx2", "default")
 
 
 # ---------------------------------------------------------------------------------------

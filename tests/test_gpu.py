@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import spkern
-from spkern import _backend
-from spkern.cross_entropy import CROSS_ENTROPY, IMPLEMENTATIONS, MSE_LOGITS, MSE_PROBS, cross_entropy_reference
+from spkern import registry
+from spkern.cross_entropy import CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS, cross_entropy_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,7 +18,7 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16:
 
 
 def _backend_or_skip(name):
-    reason = _backend.unavailable_reason(name, torch.empty(0, device="cuda"), "cross_entropy")
+    reason = registry.reason("cross_entropy", name, torch.empty(0, device="cuda"))
     if reason:
         pytest.skip(reason)
 
@@ -44,7 +44,7 @@ def test_kernel_against_reference(backend, dtype, C, kind, options):
     eps, z, cap = (0.1, 1e-3, 20.0) if options != "plain" else (0.0, 0.0, 0.0)
     scalars = torch.tensor([0.125, float(w.sum()) if w is not None else float(C)], device="cuda")
     args = (x, target, w, scalars, kind, -100, eps, z, cap, True, True, None)
-    got = IMPLEMENTATIONS[backend](*args)
+    got = registry.kernels()[("cross_entropy", backend)].fn(*args)
     ref = cross_entropy_reference(*args)
     rtol, atol = TOL[dtype]
     for a, b, name in zip(got, ref, ("loss", "stats", "grad")):
