@@ -2,6 +2,7 @@
 // built with CUDA (SPKERN_WITH_CUDA).
 #include <torch/extension.h>
 
+#include "constants.h"
 #include "spkern.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -9,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_fwd_cpu", &spkern::cpu::cross_entropy_fwd,
         "fused cross-entropy forward (+grad) with logit statistics, CPU");
   m.def("multi_tensor_norms_cpu", &spkern::cpu::multi_tensor_norms,
-        "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CPU tensors");
+        "per-tensor ||a||^2, ||b||^2, ||a-b||^2, <a,b> over lists of CPU tensors");
   m.def("pair_stats_cpu", &spkern::cpu::pair_stats,
         "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CPU tensors",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
@@ -18,13 +19,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU");
   m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU");
   m.def("compiled_isa", &spkern::cpu::compiled_isa);
+  m.def("constants", [] {  // csrc/constants.h, for the test that Python agrees
+    pybind11::dict d;
+    d["CROSS_ENTROPY"] = int(spkern::Kind::kCrossEntropy);
+    d["MSE_LOGITS"] = int(spkern::Kind::kMseLogits);
+    d["MSE_PROBS"] = int(spkern::Kind::kMseProbs);
+    d["A_SQ"] = int(spkern::kASq);
+    d["B_SQ"] = int(spkern::kBSq);
+    d["DIFF_SQ"] = int(spkern::kDiffSq);
+    d["DOT"] = int(spkern::kDot);
+    d["ZEROS"] = int(spkern::kZeros);
+    d["NORM_COLUMNS"] = spkern::kNormColumns;
+    d["PAIR_COLUMNS"] = spkern::kPairColumns;
+    return d;
+  });
   m.def("release_cached_buffer", &spkern::cpu::release_cached_buffer,
         "free the large CPU buffer kept for reuse");
 #ifdef SPKERN_WITH_CUDA
   m.def("cross_entropy_fwd_cuda", &spkern::cuda::cross_entropy_fwd,
         "fused cross-entropy forward (+grad) with logit statistics, CUDA");
   m.def("multi_tensor_norms_cuda", &spkern::cuda::multi_tensor_norms,
-        "per-tensor ||a-b||^2, ||a||^2, ||b||^2, <a,b> over lists of CUDA tensors");
+        "per-tensor ||a||^2, ||b||^2, ||a-b||^2, <a,b> over lists of CUDA tensors");
   m.def("pair_stats_cuda", &spkern::cuda::pair_stats,
         "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CUDA tensors",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none());

@@ -8,6 +8,8 @@
 
 #include <vector>
 
+#include "constants.h"
+
 namespace spkern {
 
 // Fused loss over (rows, classes) logits with per-row logit statistics. kind: 0 cross-entropy,
@@ -29,7 +31,8 @@ namespace cpu {
 LogitLossFwd cross_entropy_fwd;
 
 // For tensors a_i and (optionally, else b_i = 0) b_i of equal sizes: a (T, 4) float32
-// tensor of ||a_i - b_i||^2, ||a_i||^2, ||b_i||^2, <a_i, b_i>. csrc/cpu/norms.cpp.
+// tensor of ||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i> (the columns of Sum in
+// constants.h). csrc/cpu/norms.cpp.
 at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b);
 
 // Statistics of activation pairs a (current), b (reference, optional: else 0) of shape
@@ -84,14 +87,15 @@ std::vector<at::Tensor> check_and_allocate(const char* where, const at::Tensor& 
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, where,
               ": logits must be float32, bfloat16 or float16");
-  TORCH_CHECK(kind >= 0 && kind <= 2, where, ": unknown kind ", kind);
+  TORCH_CHECK(kind >= int64_t(Kind::kCrossEntropy) && kind <= int64_t(Kind::kMseProbs), where,
+              ": unknown kind ", kind);
   const int64_t M = logits.size(0), C = logits.size(1);
   TORCH_CHECK(target.device() == logits.device(), where, ": target must be on the logits' device");
   if (target.is_floating_point()) {
     TORCH_CHECK(target.sizes() == logits.sizes() && target.stride(1) == 1 &&
                     target.scalar_type() == dtype,
                 where, ": probability target must match logits");
-    TORCH_CHECK(kind == 0, where, ": squared errors take class indices");
+    TORCH_CHECK(kind == int64_t(Kind::kCrossEntropy), where, ": squared errors take class indices");
   } else {
     TORCH_CHECK(target.dim() == 1 && target.size(0) == M && target.scalar_type() == at::kLong &&
                     target.is_contiguous(),

@@ -12,6 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spkern.constants import Kind
+
+# the loss kinds, from spkern.constants (the kernel's KIND is one of them)
+CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS = (tl.constexpr(int(k)) for k in Kind)
+
 
 @triton.jit
 def _tanh(u):
@@ -31,7 +36,7 @@ def _cross_entropy_fwd_kernel(
     STATS, stride_s,  # (6 or 1, M) float32
     G, stride_g,  # (M, C) gradient, input dtype
     C, ignore_index, eps, z, cap,
-    KIND: tl.constexpr,  # 0 cross-entropy, 1 squared error of logits, 2 of probabilities
+    KIND: tl.constexpr,  # CROSS_ENTROPY, MSE_LOGITS (squared error of logits) or MSE_PROBS
     HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, HAS_CAP: tl.constexpr,
     SMOOTH: tl.constexpr, STATS_ON: tl.constexpr, GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -54,7 +59,7 @@ def _cross_entropy_fwd_kernel(
     m = -float("inf")  # running max of the softcapped logits
     s = 0.0  # sum exp(x' - m)
     t = 0.0  # sum exp(x' - m) * x'
-    s2 = 0.0  # sum exp(x' - m)^2 (KIND 2)
+    s2 = 0.0  # sum exp(x' - m)^2 (MSE_PROBS)
     sq = 0.0
     raw_max = -float("inf")
     arg = tl.zeros((), tl.int64)
@@ -85,7 +90,7 @@ def _cross_entropy_fwd_kernel(
         e = tl.where(mask, tl.exp(xc - m_ref), 0.0)
         alpha = tl.exp(m - m_ref)
         s = s * alpha + tl.sum(e)
-        if KIND == 2:
+        if KIND == MSE_PROBS:
             s2 = s2 * alpha * alpha + tl.sum(e * e)
         # x' clamped to max - 128 so that a -inf logit adds 0, not 0 * -inf = NaN
         t = t * alpha + tl.sum(e * tl.maximum(xcz, m_ref - 128.0))
@@ -126,9 +131,9 @@ def _cross_entropy_fwd_kernel(
         a_coef = (1.0 - eps) * wy + 2.0 * z * lse
         if SMOOTH:  # only then: w_sum is NaN when a class weight is, and that class's rows alone turn NaN
             a_coef += eps_c * w_sum
-        if KIND == 1:
+        if KIND == MSE_LOGITS:
             loss = sq - 2.0 * tl.load(x_row + y_safe).to(tl.float32) + 1.0
-        if KIND == 2:
+        if KIND == MSE_PROBS:
             py = tl.exp(xy - lse)
             p2 = s2 / (s * s)
             loss = p2 - 2.0 * py + 1.0
@@ -164,9 +169,9 @@ def _cross_entropy_fwd_kernel(
         a = tl.where(valid, a_coef * scale, 0.0)
         b = tl.where(valid, scale, 0.0)
         b_y = tl.where(valid, (1.0 - eps) * wy * scale, 0.0)
-        if KIND == 1:
+        if KIND == MSE_LOGITS:
             b_y = tl.where(valid, 2.0 * scale, 0.0)
-        if KIND == 2:
+        if KIND == MSE_PROBS:
             b_y = tl.where(valid, 2.0 * scale * py, 0.0)
         for start in range(0, C, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -176,9 +181,9 @@ def _cross_entropy_fwd_kernel(
                 xc = cap * _tanh(x / cap)
             else:
                 xc = x
-            if KIND == 0:
+            if KIND == CROSS_ENTROPY:
                 g = tl.exp(xc - lse) * a
-            elif KIND == 1:
+            elif KIND == MSE_LOGITS:
                 g = 2.0 * b * x
             else:
                 pc = tl.exp(xc - lse)
@@ -196,7 +201,7 @@ def _cross_entropy_fwd_kernel(
                 if SMOOTH:
                     g -= eps_c * w * b
                 g = tl.where(offs == y, g - b_y, g)
-            if HAS_CAP and KIND == 0:
+            if HAS_CAP and KIND == CROSS_ENTROPY:
                 u = xc / cap
                 g = g * (1.0 - u * u)
             # ignored rows get exact zeros, as in PyTorch

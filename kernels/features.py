@@ -10,6 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spkern.constants import Sum
+
+A_SQ, B_SQ, DIFF_SQ, DOT, ZEROS = (tl.constexpr(int(c)) for c in Sum)
+NCOL = tl.constexpr(len(Sum))
+
 
 @triton.jit
 def _pair_stats_kernel(A, B, OUT, rows, n, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
@@ -66,12 +71,12 @@ def _pair_stats_kernel(A, B, OUT, rows, n, HAS_B: tl.constexpr, BLOCK_R: tl.cons
         s_ab = tl.where(again, ab64, s_ab)
     if not HAS_B:
         s_dd = s_aa
-    o = OUT + r * 5
-    tl.store(o, s_aa, mask=rmask)
-    tl.store(o + 1, s_bb, mask=rmask)
-    tl.store(o + 2, s_dd, mask=rmask)
-    tl.store(o + 3, s_ab, mask=rmask)
-    tl.store(o + 4, s_zz.to(tl.float64), mask=rmask)
+    o = OUT + r * NCOL
+    tl.store(o + A_SQ, s_aa, mask=rmask)
+    tl.store(o + B_SQ, s_bb, mask=rmask)
+    tl.store(o + DIFF_SQ, s_dd, mask=rmask)
+    tl.store(o + DOT, s_ab, mask=rmask)
+    tl.store(o + ZEROS, s_zz.to(tl.float64), mask=rmask)
 
 
 def pair_stats(a, b=None):

@@ -1,4 +1,5 @@
-"""Multi-tensor pair norms, Triton: per tensor ||a - b||^2, ||a||^2, ||b||^2, <a, b>.
+"""Multi-tensor pair norms, Triton: per tensor ||a||^2, ||b||^2, ||a - b||^2, <a, b> (the
+columns of spkern.constants.Sum).
 
 Tensors are read through a table of pointers, so that one launch covers every tensor of
 a (dtype of a, dtype of b) group: each program sums one chunk of one tensor, then one
@@ -9,7 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spkern.constants import Sum
+from spkern.kernels.chunks import TL_DTYPE as _TL, WorkTable
+
 CHUNK = 1 << 16
+A_SQ, B_SQ, DIFF_SQ, DOT = (tl.constexpr(int(c)) for c in (Sum.A_SQ, Sum.B_SQ, Sum.DIFF_SQ, Sum.DOT))
 
 
 @triton.jit
@@ -41,10 +46,10 @@ def _chunk_kernel(
             bb += y * y
             ab += x * y
     sa = tl.sum(aa)
-    tl.store(PARTIAL + 4 * w, tl.sum(dd) if HAS_B else sa)
-    tl.store(PARTIAL + 4 * w + 1, sa)
-    tl.store(PARTIAL + 4 * w + 2, tl.sum(bb))
-    tl.store(PARTIAL + 4 * w + 3, tl.sum(ab))
+    tl.store(PARTIAL + 4 * w + DIFF_SQ, tl.sum(dd) if HAS_B else sa)
+    tl.store(PARTIAL + 4 * w + A_SQ, sa)
+    tl.store(PARTIAL + 4 * w + B_SQ, tl.sum(bb))
+    tl.store(PARTIAL + 4 * w + DOT, tl.sum(ab))
 
 
 @triton.jit
@@ -61,9 +66,6 @@ def _reduce_kernel(PARTIAL, FIRST, LAST, OUT, OUT_ROWS):
         tl.store(OUT + 4 * row + k, acc)
 
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
 def multi_tensor_norms(a, b):
     """Same contract as spkern._C.multi_tensor_norms_cpu; a and b on one device."""
     T = len(a)
@@ -74,24 +76,14 @@ def multi_tensor_norms(a, b):
         if x.numel():
             groups.setdefault((x.dtype, b[i].dtype if b else None), []).append(i)
     for (a_dtype, b_dtype), idx in groups.items():
-        work_t, work_s, work_e, first, last = [], [], [], [], []
-        for j, i in enumerate(idx):
-            first.append(len(work_t))
-            for s in range(0, a[i].numel(), CHUNK):
-                work_t.append(j)
-                work_s.append(s)
-                work_e.append(min(s + CHUNK, a[i].numel()))
-            last.append(len(work_t))
-
-        def table(values):
-            return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-        a_ptrs = table([a[i].data_ptr() for i in idx])
-        b_ptrs = table([b[i].data_ptr() for i in idx]) if b else a_ptrs
-        partial = torch.empty(len(work_t), 4, device=device, dtype=torch.float32)
-        _chunk_kernel[(len(work_t),)](
-            a_ptrs, b_ptrs, table(work_t), table(work_s), table(work_e), partial,
+        plan = WorkTable([a[i].numel() for i in idx], CHUNK, device, rows=idx)
+        a_ptrs = plan.pointers([a[i] for i in idx])
+        b_ptrs = plan.pointers([b[i] for i in idx]) if b else a_ptrs
+        partial = torch.empty(plan.n_work, 4, device=device, dtype=torch.float32)
+        _chunk_kernel[(plan.n_work,)](
+            a_ptrs, b_ptrs, *plan.work, partial,
             A_TY=_TL[a_dtype], B_TY=_TL[b_dtype or a_dtype], HAS_B=b is not None and len(b) > 0,
             BLOCK=1024)
-        _reduce_kernel[(len(idx),)](partial, table(first), table(last), out, table(idx))
+        first, last, rows = plan.ranges
+        _reduce_kernel[(len(idx),)](partial, first, last, out, rows)
     return out

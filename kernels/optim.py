@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from spkern.kernels.chunks import TL_DTYPE as _TL, WorkTable
 from spkern.kernels.norms import _reduce_kernel
 
 
@@ -104,37 +105,20 @@ def _adamw_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, VMAX_PTRS, W0_PTRS, NEG_STEP, 
     _sums(PARTIAL, w, pn, p0, g, W0_PTRS, t, offs, mask, HAS_W0, W0_TY)
 
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK = 2048
 
 
-class _Plan:
+class _Plan(WorkTable):
     """Device tables of one launch: pointers, chunks of BLOCK elements, chunk ranges."""
 
     def __init__(self, params, init):
-        self.device = params[0].device
-        work_t, work_s, work_e, first, last = [], [], [], [], []
-        for i, p in enumerate(params):
-            first.append(len(work_t))
-            for s in range(0, p.numel(), BLOCK):
-                work_t.append(i)
-                work_s.append(s)
-                work_e.append(min(s + BLOCK, p.numel()))
-            last.append(len(work_t))
-        self.n_work, self.n_params = len(work_t), len(params)
-        self.work = [self.table(work_t), self.table(work_s), self.table(work_e)]
-        self.ranges = [self.table(first), self.table(last), self.table(list(range(len(params))))]
+        super().__init__([p.numel() for p in params], BLOCK, params[0].device)
+        self.n_params = len(params)
         self.w0 = self.pointers(init)
         self.dtype = params[0].dtype if params else torch.float32
         self.meta = dict(HAS_W0=bool(init), W0_TY=_TL[init[0].dtype] if init else tl.float32,
                          P_TY=_TL[self.dtype], BLOCK=BLOCK)
         self.partial = torch.empty(max(self.n_work, 1), 4, device=self.device, dtype=torch.float32)
-
-    def table(self, values, dtype=torch.int64):
-        return torch.tensor(values or [0], dtype=dtype).to(self.device, non_blocking=True)
-
-    def pointers(self, tensors):
-        return self.table([t.data_ptr() for t in tensors])
 
     def add_scalar(self, x):
         """x as torch's add(x, y, alpha) and add(x, scalar) take it: rounded to the dtype."""

@@ -11,6 +11,7 @@ from spkern.registry import BACKENDS, empty_cache, use_backend
 from spkern.cross_entropy import LogitStats, cross_entropy, mse_onehot_loss
 from spkern.linear_loss import linear_cross_entropy, linear_mse_onehot_loss
 from spkern.modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from spkern.constants import Sum
 from spkern.features import pair_stats
 from spkern.norms import SpectralNorm, multi_tensor_norms, spectral_norm
 from spkern.tracker import Tracker
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LogitStats", "cross_entropy",
            "SpectralNorm", "empty_cache", "linear_cross_entropy", "linear_mse_onehot_loss",
-           "mse_onehot_loss", "multi_tensor_norms", "optim", "pair_stats", "spectral_norm", "Tracker",
+           "mse_onehot_loss", "multi_tensor_norms", "optim", "pair_stats", "spectral_norm", "Sum", "Tracker",
            "use_backend"]

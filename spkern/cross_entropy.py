@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from spkern import registry
+from spkern.constants import Kind
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -154,7 +155,7 @@ def _check_target_values(target, C, ignore_index):
 # same for all.
 # ---------------------------------------------------------------------------------------
 
-CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS = 0, 1, 2
+CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS = (int(k) for k in Kind)  # spkern.constants
 
 
 def cross_entropy_reference(logits, target, weight, scalars, kind, ignore_index, label_smoothing,

@@ -24,16 +24,16 @@ from torch import Tensor
 
 from spkern import registry
 
-PAIR_COLUMNS = ("a_sq", "b_sq", "diff_sq", "dot", "zeros")
+from spkern.constants import PAIR_COLUMNS, Sum  # one definition of the columns
 
 
 def pair_stats_reference(a: Tensor, b: Optional[Tensor]) -> Tensor:
     """Float64 reference of the (rows, 5) per-row statistics."""
     x = a.double()
     y = b.double() if b is not None else torch.zeros_like(x)
-    out = torch.stack([x.square().sum(1), y.square().sum(1), (x - y).square().sum(1), (x * y).sum(1),
-                       (x == 0).sum(1).double()], 1)
-    return out
+    cols = {Sum.A_SQ: x.square().sum(1), Sum.B_SQ: y.square().sum(1), Sum.DIFF_SQ: (x - y).square().sum(1),
+            Sum.DOT: (x * y).sum(1), Sum.ZEROS: (x == 0).sum(1).double()}
+    return torch.stack([cols[c] for c in Sum], 1)
 
 
 @torch.library.custom_op("spkern::pair_stats", mutates_args=())

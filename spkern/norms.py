@@ -24,16 +24,19 @@ from spkern import registry
 # multi-tensor pair norms
 # ---------------------------------------------------------------------------------------
 
-NORM_COLUMNS = ("diff_sq", "a_sq", "b_sq", "dot")  # ||a - b||^2, ||a||^2, ||b||^2, <a, b>
+from spkern.constants import NORM_COLUMNS, Sum  # ||a||^2, ||b||^2, ||a - b||^2, <a, b>
 
 
 def multi_tensor_norms_reference(a, b):
-    """Float64 reference: (T, 4) rows of ||a-b||^2, ||a||^2, ||b||^2, <a,b> (b = 0 if empty)."""
+    """Float64 reference: (T, 4) rows of ||a||^2, ||b||^2, ||a-b||^2, <a,b> (b = 0 if empty)."""
     rows = []
     for i, x in enumerate(a):
         x = x.double().reshape(-1)
         y = b[i].double().reshape(-1) if b else torch.zeros_like(x)
-        rows.append(torch.stack([(x - y).square().sum(), x.square().sum(), y.square().sum(), x.dot(y)]))
+        row = [None] * len(NORM_COLUMNS)
+        row[Sum.A_SQ], row[Sum.B_SQ] = x.square().sum(), y.square().sum()
+        row[Sum.DIFF_SQ], row[Sum.DOT] = (x - y).square().sum(), x.dot(y)
+        rows.append(torch.stack(row))
     device = a[0].device if a else torch.device("cpu")
     return torch.stack(rows).float() if rows else torch.zeros(0, 4, device=device)
 
@@ -54,8 +57,9 @@ def _(a, b):
 
 def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None) -> Tensor:
     """Per-tensor squared norms of many tensors (for example all parameters of a model)
-    in one pass: a float32 tensor of shape ``(len(a), 4)`` on their device, with columns
-    ``||a_i - b_i||^2``, ``||a_i||^2``, ``||b_i||^2``, ``<a_i, b_i>`` (``b_i = 0`` when
+    in one pass: a float32 tensor of shape ``(len(a), 4)`` on their device, with the
+    columns of :data:`NORM_COLUMNS` (read them by name, ``out[:, spkern.Sum.DIFF_SQ]``):
+    ``||a_i||^2``, ``||b_i||^2``, ``||a_i - b_i||^2``, ``<a_i, b_i>`` (``b_i = 0`` when
     ``b`` is None). Nothing is read back to the host.
 
     ``a_i`` and ``b_i`` must have the same number of elements and may differ in dtype

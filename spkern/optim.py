@@ -48,6 +48,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from spkern import registry
+from spkern.constants import Sum
 from spkern.norms import SpectralNorm, multi_tensor_norms, power_iteration, start_vector
 
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
@@ -206,9 +207,9 @@ class _NormStats:
         torch_step()
         inits = self._inits(params)
         moved = multi_tensor_norms(params, before)  # ||W_{t+1} - W_t||^2, ||W_{t+1}||^2, ...
-        sums = torch.stack([moved[:, 0], moved[:, 1],
-                            multi_tensor_norms(grads)[:, 1],
-                            multi_tensor_norms(params, inits)[:, 0] if inits
+        sums = torch.stack([moved[:, Sum.DIFF_SQ], moved[:, Sum.A_SQ],
+                            multi_tensor_norms(grads)[:, Sum.A_SQ],
+                            multi_tensor_norms(params, inits)[:, Sum.DIFF_SQ] if inits
                             else torch.zeros(len(params), device=params[0].device)], 1)
         return sums, bool(inits)
 

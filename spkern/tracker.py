@@ -116,6 +116,7 @@ from torch import Tensor, nn
 
 from torch.overrides import TorchFunctionMode
 
+from spkern.constants import Sum
 from spkern.features import pair_stats, paired_linear
 from spkern.norms import multi_tensor_norms, spectral_norm
 from spkern.optim import _NormStats
@@ -570,23 +571,23 @@ class Tracker:
         n = h.numel()
         if ref is not None and ref["h"].shape == h.shape:
             s = pair_stats(h, ref["h"].to(h.dtype))
-            v[f"{name}/change_rms"] = self._rms(s[2], n)
+            v[f"{name}/change_rms"] = self._rms(s[Sum.DIFF_SQ], n)
         else:
             s = pair_stats(h)
-        v[f"{name}/act_rms"] = self._rms(s[0], n)
-        v[f"{name}/zero_frac"] = _Ratio(s[4], n)
+        v[f"{name}/act_rms"] = self._rms(s[Sum.A_SQ], n)
+        v[f"{name}/zero_frac"] = _Ratio(s[Sum.ZEROS], n)
         if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
             return
         x = x.detach()
         sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if self.row_l2 else (
             pair_stats(x, ref["x"].to(x.dtype)), None)
         nx = x.numel()
-        v[f"{name}/input_rms"] = self._rms(sx[0], nx)
-        v[f"{name}/input_change_rms"] = self._rms(sx[2], nx)
-        v[f"{name}/input_zero_frac"] = _Ratio(sx[4], nx)
+        v[f"{name}/input_rms"] = self._rms(sx[Sum.A_SQ], nx)
+        v[f"{name}/input_change_rms"] = self._rms(sx[Sum.DIFF_SQ], nx)
+        v[f"{name}/input_zero_frac"] = _Ratio(sx[Sum.ZEROS], nx)
         if self.row_l2:
-            v[f"{name}/input_row_l2"] = _Ratio(rows[:, 0].sqrt().sum(), rows.shape[0])
-            v[f"{name}/input_change_row_l2"] = _Ratio(rows[:, 2].sqrt().sum(), rows.shape[0])
+            v[f"{name}/input_row_l2"] = _Ratio(rows[:, Sum.A_SQ].sqrt().sum(), rows.shape[0])
+            v[f"{name}/input_change_row_l2"] = _Ratio(rows[:, Sum.DIFF_SQ].sqrt().sum(), rows.shape[0])
         if not self.rcc:
             return
         w0 = self._lin_w0[name]
@@ -601,10 +602,10 @@ class Tracker:
         prop = pair_stats(z, ref["z"], per_row=self.row_l2)
         if self.row_l2:
             (eff, eff_rows), (prop, prop_rows) = eff, prop
-        eff, prop = eff[2], prop[2]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
+        eff, prop = eff[Sum.DIFF_SQ], prop[Sum.DIFF_SQ]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
         if self.row_l2:
-            v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, 2].sqrt().sum(), eff_rows.shape[0])
-            v[f"{name}/prop_row_l2"] = _Ratio(prop_rows[:, 2].sqrt().sum(), prop_rows.shape[0])
+            v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, Sum.DIFF_SQ].sqrt().sum(), eff_rows.shape[0])
+            v[f"{name}/prop_row_l2"] = _Ratio(prop_rows[:, Sum.DIFF_SQ].sqrt().sum(), prop_rows.shape[0])
         nz = z.numel()
         v[f"{name}/eff_rms"] = self._rms(eff, nz)
         v[f"{name}/prop_rms"] = self._rms(prop, nz)
@@ -620,8 +621,8 @@ class Tracker:
             r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
             self._op_state[name] = r.state
             v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
-            v[f"{name}/eff_align"] = _Ratio(eff, sx[0], True, 1 / r.op.clamp_min(tiny))
-        v[f"{name}/prop_align"] = _Ratio(prop, sx[2], True, 1 / self._op_w0[name].clamp_min(tiny))
+            v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, 1 / r.op.clamp_min(tiny))
+        v[f"{name}/prop_align"] = _Ratio(prop, sx[Sum.DIFF_SQ], True, 1 / self._op_w0[name].clamp_min(tiny))
 
     def _pre_step(self, optimizer, args, kwargs):
         self._sync_params()
@@ -654,19 +655,19 @@ class Tracker:
         drift = multi_tensor_norms(params, [self._w0[n] for n, _ in self.params])
         grads = [p.grad for p in params]
         has_grad = all(g is not None for g in grads)
-        gsq = multi_tensor_norms(grads)[:, 1] if has_grad and not isinstance(self.optimizer, _NormStats) else None
+        gsq = multi_tensor_norms(grads)[:, Sum.A_SQ] if has_grad and not isinstance(self.optimizer, _NormStats) else None
         moved = multi_tensor_norms(params, self._before) if self._before is not None else None
         self._before = None
         for i, (n, p) in enumerate(self.params):
-            v[f"{n}/drift_rms"] = self._rms(drift[i, 0], numel[i])
+            v[f"{n}/drift_rms"] = self._rms(drift[i, Sum.DIFF_SQ], numel[i])
             if isinstance(self.optimizer, _NormStats):
                 continue
-            v[f"{n}/weight_rms"] = self._rms(drift[i, 1], numel[i])
+            v[f"{n}/weight_rms"] = self._rms(drift[i, Sum.A_SQ], numel[i])
             if gsq is not None:
                 v[f"{n}/grad_rms"] = self._rms(gsq[i], numel[i])
             if moved is not None:
-                v[f"{n}/update_rms"] = self._rms(moved[i, 0], numel[i])
-                v[f"{n}/relative_update"] = _Ratio(moved[i, 0], moved[i, 1], True)
+                v[f"{n}/update_rms"] = self._rms(moved[i, Sum.DIFF_SQ], numel[i])
+                v[f"{n}/relative_update"] = _Ratio(moved[i, Sum.DIFF_SQ], moved[i, Sum.A_SQ], True)
 
     def step(self):
         """Counts an optimizer step and measures when it is the ``every``-th. Called by the
@@ -705,10 +706,10 @@ class Tracker:
         out = out.detach()
         if ref is not None and ref.shape == out.shape:
             s = pair_stats(out, ref.to(out.dtype))
-            self._cur[f"{self.output_key}/change_rms"] = self._rms(s[2], out.numel())
+            self._cur[f"{self.output_key}/change_rms"] = self._rms(s[Sum.DIFF_SQ], out.numel())
         else:
             s = pair_stats(out)
-        self._cur[f"{self.output_key}/rms"] = self._rms(s[0], out.numel())
+        self._cur[f"{self.output_key}/rms"] = self._rms(s[Sum.A_SQ], out.numel())
         self._cur[f"{self.output_key}/max_abs"] = _Max(out.abs().amax().float())
 
     def _finish(self):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import spkern
+from spkern.constants import Sum
 from spkern.norms import multi_tensor_norms_reference
 
 
@@ -35,8 +36,9 @@ def test_multi_tensor_norms(backend, dtypes):
     torch.testing.assert_close(out.double(), ref.double(), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(x, y) for x, y in zip(a, before))
     if b is None:
-        torch.testing.assert_close(out[:, 0], out[:, 1])
-        assert torch.equal(out[:, 2:], torch.zeros_like(out[:, 2:]))
+        torch.testing.assert_close(out[:, Sum.DIFF_SQ], out[:, Sum.A_SQ])
+        rest = out[:, [Sum.B_SQ, Sum.DOT]]
+        assert torch.equal(rest, torch.zeros_like(rest))
 
 
 def test_multi_tensor_norms_of_model_parameters(backend):
@@ -48,7 +50,7 @@ def test_multi_tensor_norms_of_model_parameters(backend):
     out = spkern.multi_tensor_norms(list(model.parameters()), init)
     for i, (p, p0) in enumerate(zip(model.parameters(), init)):
         d = (p.double() - p0.double()).norm() ** 2
-        torch.testing.assert_close(out[i, 0].double(), d, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out[i, Sum.DIFF_SQ].double(), d, rtol=1e-5, atol=1e-7)
     assert not out.requires_grad
 
 

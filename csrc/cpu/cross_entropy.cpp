@@ -9,6 +9,7 @@
 
 #include "../spkern.h"
 #include "convert.h"
+#include "../constants.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -125,11 +126,8 @@ void release_cached_buffer() {
 
 namespace {
 
-// Which loss the rows kernel computes (the statistics are the same for all).
-enum Kind : int64_t { kCrossEntropy = 0, kMseLogits = 1, kMseProbs = 2 };
-
 struct Params {
-  int64_t kind;
+  Kind kind;  // which loss (csrc/constants.h); the statistics are the same for all
   int64_t C;
   int64_t ignore_index;
   float eps;       // label smoothing
@@ -239,8 +237,8 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     // ---- pass 2 ------------------------------------------------------------
     fVec vs(0.f), vt(0.f), vs2(0.f);
     float ss = 0.f, stt = 0.f, ss2 = 0.f;
-    const bool keep_e = p.grad && p.kind != kMseLogits;
-    const bool sum_e2 = p.kind == kMseProbs;
+    const bool keep_e = p.grad && p.kind != Kind::kMseLogits;
+    const bool sum_e2 = p.kind == Kind::kMseProbs;
     const fVec vm(mc);
     // e * x' with x' clamped to max - 128: a -inf logit then adds 0 * finite instead of
     // 0 * -inf = NaN (exp(-128) is 0 in float32), and nothing else changes.
@@ -277,9 +275,9 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
 
     // ---- loss and statistics -------------------------------------------------
     double wy = 0.0, tw = 0.0;
-    if (p.kind == kMseLogits) {
+    if (p.kind == Kind::kMseLogits) {
       loss[i] = valid ? float(double(sq) - 2.0 * x[y] + 1.0) : 0.f;
-    } else if (p.kind == kMseProbs) {
+    } else if (p.kind == Kind::kMseProbs) {
       loss[i] = valid ? float(s2 - 2.0 * py + 1.0) : 0.f;
     } else if (p.prob) {
       tw = double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), vtw)) + stw;
@@ -327,7 +325,7 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
       for (int64_t k = 0; k < C; ++k) g[k] = scalar_t(0);
       continue;
     }
-    if (p.kind != kCrossEntropy) {
+    if (p.kind != Kind::kCrossEntropy) {
       // d/dx_c of sum_c (x_c - [c = y])^2 = 2 x_c - 2 [c = y]; of sum_c (p_c - [c = y])^2
       // = 2 p_c (p_c - K) - 2 p_y [c = y], K = sum_k p_k^2 - p_y
       const float two_scale = 2.f * p.scale;
@@ -335,7 +333,7 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
       const fVec v2s(two_scale), vinv_s(inv_s), vK(K);
       c = 0;
       for (; c + V <= C; c += V) {
-        if (p.kind == kMseLogits) {
+        if (p.kind == Kind::kMseLogits) {
           (fVec::loadu(x + c) * v2s).store(gf + c);
         } else {
           fVec pc = fVec::loadu(e_out + c) * vinv_s;
@@ -343,14 +341,14 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
         }
       }
       for (; c < C; ++c) {
-        if (p.kind == kMseLogits) {
+        if (p.kind == Kind::kMseLogits) {
           gf[c] = x[c] * two_scale;
         } else {
           const float pc = e_out[c] * inv_s;
           gf[c] = two_scale * pc * (pc - K);
         }
       }
-      gf[y] -= two_scale * (p.kind == kMseLogits ? 1.f : float(py));
+      gf[y] -= two_scale * (p.kind == Kind::kMseLogits ? 1.f : float(py));
       if constexpr (!is_float) store_row(gf, g, C);
       continue;
     }
@@ -431,7 +429,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   const float* w = weight.has_value() && weight->defined() ? weight->data_ptr<float>() : nullptr;
   const float* sc = scalars.data_ptr<float>();
 
-  Params p{kind, C, ignore_index, float(label_smoothing), float(z_loss), float(softcap), prob,
+  Params p{static_cast<Kind>(kind), C, ignore_index, float(label_smoothing), float(z_loss), float(softcap), prob,
            compute_stats, compute_grad, w, sc[1], sc[0]};
   // Enough rows per task that a task is worth a thread hand-off.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1));

@@ -1,5 +1,6 @@
 // Multi-tensor pair norms, CPU: for tensors a_i (and b_i), one call returns per tensor
-// ||a - b||^2, ||a||^2, ||b||^2 and <a, b> in float32 (b = 0 when not given).
+// ||a||^2, ||b||^2, ||a - b||^2 and <a, b> in float32, in the columns of Sum
+// (csrc/constants.h; b = 0 when not given).
 //
 // The work is cut into chunks of kChunk elements across all tensors, so that one large
 // tensor and many small ones both keep every thread busy; each chunk's partial sums are
@@ -7,6 +8,7 @@
 
 #include "../spkern.h"
 #include "convert.h"
+#include "../constants.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -24,7 +26,7 @@ using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 1 << 16;
 constexpr int64_t kTile = 1024;  // elements converted to float at a time
 
-// Sums over [begin, end) of one tensor: {||a-b||^2, ||a||^2, ||b||^2, <a,b>}.
+// Sums over [begin, end) of one tensor, by column (Sum).
 template <typename A, typename B>
 std::array<double, 4> chunk_sums(const A* a, const B* b, int64_t begin, int64_t end) {
   alignas(64) float abuf[kTile], bbuf[kTile];
@@ -58,14 +60,14 @@ std::array<double, 4> chunk_sums(const A* a, const B* b, int64_t begin, int64_t 
     auto total = [](fVec& v, float s) {
       return double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v)) + s;
     };
-    out[1] += total(aa, saa);
+    out[kASq] += total(aa, saa);
     if (y) {
-      out[0] += total(dd, sdd);
-      out[2] += total(bb, sbb);
-      out[3] += total(ab, sab);
+      out[kDiffSq] += total(dd, sdd);
+      out[kBSq] += total(bb, sbb);
+      out[kDot] += total(ab, sab);
     }
   }
-  if (!b) out[0] = out[1];
+  if (!b) out[kDiffSq] = out[kASq];
   return out;
 }
 

@@ -5,6 +5,7 @@
 
 #include "../spkern.h"
 #include "convert.h"
+#include "../constants.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -21,9 +22,9 @@ using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kTile = 1024;
 
 template <typename T>
-std::array<double, 5> row_sums(const T* a, const T* b, int64_t n) {
+std::array<double, kPairColumns> row_sums(const T* a, const T* b, int64_t n) {
   alignas(64) float abuf[kTile], bbuf[kTile];
-  std::array<double, 5> out{0, 0, 0, 0, 0};
+  std::array<double, kPairColumns> out{0, 0, 0, 0, 0};  // by column: Sum
   const fVec zero(0.f), one(1.f);
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t m = std::min(kTile, n - t0);
@@ -56,29 +57,30 @@ std::array<double, 5> row_sums(const T* a, const T* b, int64_t n) {
     auto total = [](const fVec& v, float s) {
       return double(at::vec::vec_reduce_all<float>(std::plus<fVec>(), v)) + s;
     };
-    out[0] += total(aa, saa);
-    out[4] += total(zz, szz);
+    out[kASq] += total(aa, saa);
+    out[kZeros] += total(zz, szz);
     if (y) {
-      out[1] += total(bb, sbb);
-      out[2] += total(dd, sdd);
-      out[3] += total(ab, sab);
+      out[kBSq] += total(bb, sbb);
+      out[kDiffSq] += total(dd, sdd);
+      out[kDot] += total(ab, sab);
     }
   }
   // A float partial sum that overflowed (entries beyond ~1e18) or squares that underflowed
   // (entries below ~1e-15): the row again in double. Rare, so the fast path stays float.
-  const bool tiny = (out[0] < 1e-30 && out[4] < double(n)) || (b && out[1] < 1e-30 && out[1] > 0.0);
-  if (tiny || !std::isfinite(out[0] + out[1] + out[2]) || !std::isfinite(out[3])) {
-    double r[4] = {0, 0, 0, 0};
+  const bool tiny = (out[kASq] < 1e-30 && out[kZeros] < double(n)) ||
+                    (b && out[kBSq] < 1e-30 && out[kBSq] > 0.0);
+  if (tiny || !std::isfinite(out[kASq] + out[kBSq] + out[kDiffSq]) || !std::isfinite(out[kDot])) {
+    double r[kNormColumns] = {0, 0, 0, 0};
     for (int64_t i = 0; i < n; ++i) {
       const double xv = static_cast<float>(a[i]), yv = b ? static_cast<float>(b[i]) : 0.0;
-      r[0] += xv * xv;
-      r[1] += yv * yv;
-      r[2] += (xv - yv) * (xv - yv);
-      r[3] += xv * yv;
+      r[kASq] += xv * xv;
+      r[kBSq] += yv * yv;
+      r[kDiffSq] += (xv - yv) * (xv - yv);
+      r[kDot] += xv * yv;
     }
-    for (int k = 0; k < 4; ++k) out[k] = r[k];
+    for (int k = 0; k < kNormColumns; ++k) out[k] = r[k];
   }
-  if (!b) out[2] = out[0];  // b = 0
+  if (!b) out[kDiffSq] = out[kASq];  // b = 0
   return out;
 }
 
@@ -91,7 +93,7 @@ void all_rows(const at::Tensor& a, const at::Tensor* b, at::Tensor& out) {
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const auto s = row_sums<T>(pa + r * n, pb ? pb + r * n : nullptr, n);
-      for (int k = 0; k < 5; ++k) o[5 * r + k] = s[k];
+      for (int k = 0; k < kPairColumns; ++k) o[kPairColumns * r + k] = s[k];
     }
   });
 }
@@ -109,7 +111,7 @@ at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
     TORCH_CHECK(pb->sizes() == a.sizes() && pb->is_contiguous() && pb->scalar_type() == dtype &&
                     pb->device().is_cpu(),
                 "spkern cpu pair_stats: b must be a contiguous CPU tensor of a's shape and dtype");
-  at::Tensor out = at::empty({a.size(0), 5}, a.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({a.size(0), kPairColumns}, a.options().dtype(at::kDouble));
   switch (dtype) {
     case at::kBFloat16: all_rows<at::BFloat16>(a, pb, out); break;
     case at::kHalf: all_rows<at::Half>(a, pb, out); break;

@@ -4,14 +4,12 @@
 
 #include <cstdint>
 
+#include "../constants.h"  // Kind
+
 namespace spkern {
 namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// Which loss: cross-entropy, squared error of the logits or of the softmax probabilities
-// against one-hot targets (the statistics are the same for all).
-enum class Kind : int { kCrossEntropy = 0, kMseLogits = 1, kMseProbs = 2 };
 
 struct CrossEntropyArgs {
   const void* logits;     // (rows, C), dtype, unit stride over classes

@@ -29,18 +29,18 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(MultiNormArgs a) {
   const int64_t t = a.work_t[w];
   const void* x = reinterpret_cast<const void*>(a.a_ptrs[t]);
   const void* y = a.b_ptrs ? reinterpret_cast<const void*>(a.b_ptrs[t]) : nullptr;
-  float s[4] = {0.f, 0.f, 0.f, 0.f};  // ||a-b||^2, ||a||^2, ||b||^2, <a,b>
+  float s[kNormColumns] = {0.f, 0.f, 0.f, 0.f};  // by column: Sum (csrc/constants.h)
   for (int64_t i = a.work_start[w] + threadIdx.x; i < a.work_end[w]; i += kThreads) {
     const float xv = load_as_float(x, i, a.a_dtype);
-    s[1] += xv * xv;
+    s[kASq] += xv * xv;
     if (y) {
       const float yv = load_as_float(y, i, a.b_dtype), d = xv - yv;
-      s[0] += d * d;
-      s[2] += yv * yv;
-      s[3] += xv * yv;
+      s[kDiffSq] += d * d;
+      s[kBSq] += yv * yv;
+      s[kDot] += xv * yv;
     }
   }
-  if (!y) s[0] = s[1];
+  if (!y) s[kDiffSq] = s[kASq];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int k = 0; k < 4; ++k) {
     float v = s[k];

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "../constants.h"  // Sum
+
 #include "cross_entropy.h"  // DType
 
 namespace spkern {

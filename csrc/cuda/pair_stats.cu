@@ -23,44 +23,44 @@ __global__ void __launch_bounds__(kWarps * 32) pair_stats_kernel(const T* a, con
   if (r >= rows) return;
   const T* x = a + r * n;
   const T* y = b ? b + r * n : nullptr;
-  float s[5] = {0.f, 0.f, 0.f, 0.f, 0.f};  // ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a)
+  float s[kPairColumns] = {0.f, 0.f, 0.f, 0.f, 0.f};  // by column: Sum (csrc/constants.h)
   for (int64_t i = lane; i < n; i += 32) {
     const float xv = to_float(x[i]);
-    s[0] = fmaf(xv, xv, s[0]);
-    s[4] += xv == 0.f ? 1.f : 0.f;
+    s[kASq] = fmaf(xv, xv, s[kASq]);
+    s[kZeros] += xv == 0.f ? 1.f : 0.f;
     if (y) {
       const float yv = to_float(y[i]), d = xv - yv;
-      s[1] = fmaf(yv, yv, s[1]);
-      s[2] = fmaf(d, d, s[2]);
-      s[3] = fmaf(xv, yv, s[3]);
+      s[kBSq] = fmaf(yv, yv, s[kBSq]);
+      s[kDiffSq] = fmaf(d, d, s[kDiffSq]);
+      s[kDot] = fmaf(xv, yv, s[kDot]);
     }
   }
-  if (!y) s[2] = s[0];
-  double d[5];
-  for (int k = 0; k < 5; ++k) {
+  if (!y) s[kDiffSq] = s[kASq];
+  double d[kPairColumns];
+  for (int k = 0; k < kPairColumns; ++k) {
     for (int off = 16; off > 0; off >>= 1) s[k] += __shfl_down_sync(0xffffffffu, s[k], off);
     d[k] = __shfl_sync(0xffffffffu, s[k], 0);  // the row's sums, on every lane
   }
   // A float sum that overflowed (entries beyond ~1e18) or squares that underflowed
   // (entries below ~1e-15): the row again in double (rare; the fast path stays float).
-  const bool again = !isfinite(d[0] + d[1] + d[2]) || !isfinite(d[3]) ||
-                     (d[0] < 1e-30 && d[4] < double(n)) || (y && d[1] < 1e-30 && d[1] > 0.0);
+  const bool again = !isfinite(d[kASq] + d[kBSq] + d[kDiffSq]) || !isfinite(d[kDot]) ||
+                     (d[kASq] < 1e-30 && d[kZeros] < double(n)) || (y && d[kBSq] < 1e-30 && d[kBSq] > 0.0);
   if (again) {  // the same on every lane of the warp
-    double r2[4] = {0.0, 0.0, 0.0, 0.0};
+    double r2[kNormColumns] = {0.0, 0.0, 0.0, 0.0};
     for (int64_t i = lane; i < n; i += 32) {
       const double xv = to_float(x[i]), yv = y ? double(to_float(y[i])) : 0.0;
-      r2[0] += xv * xv;
-      r2[1] += yv * yv;
-      r2[2] += (xv - yv) * (xv - yv);
-      r2[3] += xv * yv;
+      r2[kASq] += xv * xv;
+      r2[kBSq] += yv * yv;
+      r2[kDiffSq] += (xv - yv) * (xv - yv);
+      r2[kDot] += xv * yv;
     }
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kNormColumns; ++k) {
       for (int off = 16; off > 0; off >>= 1) r2[k] += __shfl_down_sync(0xffffffffu, r2[k], off);
       d[k] = r2[k];
     }
   }
   if (lane == 0)
-    for (int k = 0; k < 5; ++k) out[5 * r + k] = d[k];
+    for (int k = 0; k < kPairColumns; ++k) out[kPairColumns * r + k] = d[k];
 }
 
 template <typename T>
