@@ -7,6 +7,7 @@
 // reduced per tensor afterwards in float64, in a fixed order (deterministic).
 
 #include "../spkern.h"
+#include "chunks.h"
 #include "convert.h"
 #include "../constants.h"
 
@@ -96,10 +97,7 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
     return t.device().is_cpu() && t.is_contiguous() &&
            (d == at::kFloat || d == at::kBFloat16 || d == at::kHalf);
   };
-  struct Work {
-    int64_t tensor, begin, end;
-  };
-  std::vector<Work> work;
+  std::vector<int64_t> sizes;
   for (int64_t i = 0; i < T; ++i) {
     TORCH_CHECK(ok(a[i]), "spkern cpu multi_tensor_norms: a[", i,
                 "] must be a contiguous CPU tensor of float32, bfloat16 or float16");
@@ -109,26 +107,22 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
       TORCH_CHECK(b[i].numel() == a[i].numel(), "spkern cpu multi_tensor_norms: b[", i,
                   "] has ", b[i].numel(), " elements, a[", i, "] has ", a[i].numel());
     }
-    for (int64_t s = 0; s < a[i].numel(); s += kChunk)
-      work.push_back({i, s, std::min(s + kChunk, a[i].numel())});
+    sizes.push_back(a[i].numel());
   }
-  std::vector<std::array<double, 4>> partial(work.size());
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < hi; ++w) {
-      const at::Tensor& x = a[work[w].tensor];
-      const at::Tensor* y = b.empty() ? nullptr : &b[work[w].tensor];
-      switch (x.scalar_type()) {
-        case at::kBFloat16: partial[w] = dispatch_a<at::BFloat16>(x, y, work[w].begin, work[w].end); break;
-        case at::kHalf: partial[w] = dispatch_a<at::Half>(x, y, work[w].begin, work[w].end); break;
-        default: partial[w] = dispatch_a<float>(x, y, work[w].begin, work[w].end); break;
-      }
+  const auto total = chunked_sums(sizes, kChunk, [&](int64_t t, int64_t begin, int64_t end) {
+    const at::Tensor& x = a[t];
+    const at::Tensor* y = b.empty() ? nullptr : &b[t];
+    switch (x.scalar_type()) {
+      case at::kBFloat16: return dispatch_a<at::BFloat16>(x, y, begin, end);
+      case at::kHalf: return dispatch_a<at::Half>(x, y, begin, end);
+      default: return dispatch_a<float>(x, y, begin, end);
     }
   });
-  at::Tensor out = at::zeros({T, 4}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (size_t w = 0; w < work.size(); ++w)
-    for (int k = 0; k < 4; ++k) o[work[w].tensor * 4 + k] += partial[w][k];
-  return out.to(at::kFloat);
+  at::Tensor out = at::empty({T, kNormColumns}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int k = 0; k < kNormColumns; ++k) o[t * kNormColumns + k] = static_cast<float>(total[t][k]);
+  return out;
 }
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 // keep every thread busy); chunk sums are reduced per parameter in a fixed order.
 
 #include "../spkern.h"
+#include "chunks.h"
 #include "convert.h"
 
 #include <ATen/Parallel.h>
@@ -30,25 +31,13 @@ using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kTile = 1024;  // elements per flush of the float partial sums
 
-struct Work {
-  int64_t param, begin, end;
-};
-
 // Runs body(param index, begin, end) -> {update^2, weight^2, grad^2, drift^2} over chunks
 // of every parameter in parallel, and writes the per-parameter sums into stats (P, 4).
 template <typename Body>
 void chunked(const std::vector<at::Tensor>& params, at::Tensor& stats, Body body) {
-  std::vector<Work> work;
-  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i)
-    for (int64_t s = 0; s < params[i].numel(); s += kChunk)
-      work.push_back({i, s, std::min(s + kChunk, params[i].numel())});
-  std::vector<std::array<double, 4>> partial(work.size());
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t w = lo; w < hi; ++w) partial[w] = body(work[w].param, work[w].begin, work[w].end);
-  });
-  std::vector<std::array<double, 4>> total(params.size(), {0, 0, 0, 0});
-  for (size_t w = 0; w < work.size(); ++w)
-    for (int k = 0; k < 4; ++k) total[work[w].param][k] += partial[w][k];
+  std::vector<int64_t> sizes;
+  for (const auto& p : params) sizes.push_back(p.numel());
+  const auto total = chunked_sums(sizes, kChunk, body);
   float* out = stats.data_ptr<float>();
   for (size_t i = 0; i < params.size(); ++i)
     for (int k = 0; k < 4; ++k) out[4 * i + k] = static_cast<float>(total[i][k]);
