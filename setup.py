@@ -82,7 +82,7 @@ def main():
         version="0.1.0",
         description="Fused kernels that make width-scaling measurements (logit, update and "
         "feature-change statistics) nearly free",
-        packages=["spkern", "spkern.backends", "spkern.kernels", "spkern.train"],
+        packages=["spkern", "spkern.backends", "spkern.kernels", "spkern.monitor", "spkern.train"],
         package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
         python_requires=">=3.10",
         install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn"],

@@ -14,7 +14,7 @@ from spkern.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 from spkern.constants import Sum
 from spkern.features import pair_stats
 from spkern.norms import SpectralNorm, multi_tensor_norms, spectral_norm
-from spkern.tracker import Tracker
+from spkern.monitor import Tracker
 
 __version__ = "0.1.0"
 

@@ -278,6 +278,35 @@ class _NormStats:
         v, n_iter = start_vector(fan_in, p.device, state, iters)
         return power_iteration(gram, v, n_iter, fan_in / fan_out)
 
+    # -- the tracker's protocol (spkern.monitor.params.StepStats) ------------------------
+
+    def stepped_parameters(self):
+        """Every parameter this optimizer steps."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def last_step_stats(self):
+        """{parameter: {update_rms, weight_rms, grad_rms, relative_update, and drift_rms
+        when it is measured at every step}} of the last step (device scalars)."""
+        stats, out = self.norm_stats(), {}
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                st = stats.get(names[j] if names else p)
+                if st is None:
+                    continue
+                out[p] = {k: st[k] for k in ("update_rms", "weight_rms", "grad_rms", "relative_update")}
+                if "drift_rms" in st and self.drift_every == 1:
+                    out[p]["drift_rms"] = st["drift_rms"]
+        return out
+
+    def offer_initial_weights(self, weights):
+        """Takes ``weights`` ({parameter: W_0}, a tracker's copies) as the initial weights
+        to measure the drift against inside the step, when this optimizer keeps none and
+        they cover every parameter it steps (no second copy of W_0 is then kept)."""
+        params = self.stepped_parameters()
+        if not self.initial_weights and params and all(p in weights for p in params):
+            self.initial_weights = {p: weights[p] for p in params}
+
     def norm_stats_floats(self):
         """:meth:`norm_stats` as Python floats, read from the device in one transfer."""
         stats = self.norm_stats()

@@ -103,78 +103,23 @@ rank (parameter statistics, operator norms) are averaged.
 """
 
 import contextlib
-import json
-import math
-import os
 import re
 import warnings
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch.overrides import TorchFunctionMode
-
 from spkern.constants import Sum
 from spkern.features import pair_stats, paired_linear
+from spkern.monitor.capture import as_args, first_tensor, own_pass
+from spkern.monitor.log import MetricsLog
+from spkern.monitor.params import STEP_KEYS, step_stats_of
+from spkern.monitor.values import _Max, _Ratio, reduce, rms
 from spkern.norms import multi_tensor_norms, spectral_norm
-from spkern.optim import _NormStats
 
 DEFAULT_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm)
-
-
-class _LinearCapture(TorchFunctionMode):
-    """Inside a tracker pass, ``F.linear`` on a tracked weight runs ``linear(name, x,
-    weight, bias)`` instead: the tracker's products without editing any module (an
-    instance-patched forward, accelerate's hooks or an adapter still run as they are)."""
-
-    def __init__(self, names, linear):
-        super().__init__()
-        self.names, self.linear = names, linear  # id(weight) -> module name
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.names.get(id(weight))
-            if name is not None:
-                x = args[0] if args else kwargs["input"]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return self.linear(name, x, weight, bias)
-        return func(*args, **kwargs)
-
-
-def _first_tensor(out):
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    return None
-
-
-def _world_size():
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _as_args(probe):
-    return tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
-
-
-class _Ratio(NamedTuple):
-    """A metric as ``(num / den) ** (1/2 if root) * scale``: num and den are sums over the
-    measured rows, which under torch.distributed are summed over the ranks before the
-    ratio is taken (a value the same on every rank is given with den=1: its mean)."""
-    num: Tensor
-    den: Union[Tensor, float]
-    root: bool = False
-    scale: Optional[Tensor] = None  # the same on every rank
-
-
-class _Max(NamedTuple):
-    """A metric that is the largest over the ranks."""
-    value: Tensor
 
 
 class Tracker:
@@ -264,7 +209,6 @@ class Tracker:
         self._ref = {}  # module name -> dict of reference tensors
         self._w0 = {}
         self._op_state = {}
-        self._before = None
         self._paired = {}  # Linear name -> (W_t x_t, W_0 x_t) of the current probe pass
         self._probe = None
         self._ref_out = None
@@ -272,6 +216,13 @@ class Tracker:
         if self._ref_model is not None:
             self._hooks += [dict(self._ref_model.named_modules())[n].register_forward_hook(self._hook(n))
                             for n in self.names]
+        # parameter statistics: the optimizer's own (spkern.optim) or an adapter's
+        self._source = None
+        if optimizer is not None:
+            self._source = step_stats_of(optimizer, lambda: [p for _, p in self.params],
+                                         lambda: (self.steps + 1) % self.every == 0)
+            if getattr(self._source, "hook", None) is not None:
+                self._hooks.append(self._source.hook)
         self._init_params()
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -290,16 +241,7 @@ class Tracker:
             self.set_probe(probe)
         else:
             self._hooks.append(model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
-        self._jsonl = self._writer = None
-        if log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._writer = SummaryWriter(log_dir)
-            except ImportError:
-                warnings.warn("tensorboard is not installed: the tracker writes metrics.jsonl only",
-                              RuntimeWarning, stacklevel=2)
+        self._log = MetricsLog(log_dir) if log_dir is not None else None
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -338,23 +280,23 @@ class Tracker:
                     out.append((f"{n}.{pn}" if n else pn, p))
         return out
 
+    def _stepped(self):
+        """The parameters the optimizer steps, as ids (None: not known, or no optimizer)."""
+        stepped = self._source.stepped_parameters() if self._source is not None else None
+        return None if stepped is None else {id(p) for p in stepped}
+
     def _init_params(self):
         self.params = self._params()
-        fused = isinstance(self.optimizer, _NormStats)
-        if fused:
-            in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            self.params = [(n, p) for n, p in self.params if id(p) in in_opt]
+        stepped = self._stepped()
+        if stepped is not None:  # the optimizer's own statistics cover the parameters it steps
+            self.params = [(n, p) for n, p in self.params if id(p) in stepped]
         ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
         for n, p in self.params:
             self._w0[n] = self._initial_weight(n, p, ref_params)
-        self._opt_params = self._optimizer_param_count()
-        if fused and not self.optimizer.initial_weights and self._ref_model is None and self.every == 1:
-            # the fused step measures the drift against the tracker's copies: no second pass
-            by_param = {p: self._w0[n] for n, p in self.params}
-            self.optimizer.initial_weights = {p: by_param[p] for g in self.optimizer.param_groups
-                                              for p in g["params"] if p in by_param}
-            if len(self.optimizer.initial_weights) != sum(len(g["params"]) for g in self.optimizer.param_groups):
-                self.optimizer.initial_weights = {}  # the optimizer also has untracked parameters
+        self._stepped_count = len(stepped) if stepped is not None else None
+        if self._source is not None and self._ref_model is None and self.every == 1:
+            # a fused step may measure the drift against the tracker's copies: no second pass
+            self._source.offer_initial_weights({p: self._w0[n] for n, p in self.params})
         # the initial weight of each tracked Linear layer, for the RCC
         self._lin_w0 = {}
         for n in self.names:
@@ -368,38 +310,32 @@ class Tracker:
                 else:
                     self._lin_w0[n] = m.weight.detach().clone()
 
-    def _initial_weight(self, n, p, ref_params, known=None):
-        """W_0 of parameter ``n``: the reference model's, ``known`` (a copy the optimizer
-        already keeps), or the parameter's value now."""
+    def _initial_weight(self, n, p, ref_params):
+        """W_0 of parameter ``n``: the reference model's, or the parameter's value now."""
         if ref_params is not None:
             w0 = ref_params.get(n)
             if w0 is None or w0.shape != p.shape:
                 raise ValueError(f"reference has no parameter {n!r} of shape {tuple(p.shape)}")
             w0 = w0.detach()
         else:
-            w0 = known if known is not None else p.detach().clone()
+            w0 = p.detach().clone()
         return w0.to(self.reference_dtype or p.dtype)
 
-    def _optimizer_param_count(self):
-        return sum(len(g["params"]) for g in self.optimizer.param_groups) if self.optimizer is not None else 0
-
     def _sync_params(self):
-        """A fused optimizer whose parameter groups grew (``add_param_group``) after the
-        tracker was made: the new parameters of tracked modules are tracked from their first
-        step on, against their value then (or the optimizer's own W_0 copy, or the
-        reference model's). A torch optimizer needs nothing: every parameter of the tracked
-        modules is tracked whichever optimizer steps it."""
-        count = self._optimizer_param_count()
-        if count == self._opt_params or not isinstance(self.optimizer, _NormStats):
+        """An optimizer whose parameter groups grew (``add_param_group``) after the tracker
+        was made: the new parameters of tracked modules are tracked from their first step
+        on, against their value then (or the reference model's). Where the optimizer's
+        parameters are not known (a torch optimizer) every parameter of the tracked modules
+        is tracked already."""
+        stepped = self._stepped()
+        if stepped is None or len(stepped) == self._stepped_count:
             return
-        self._opt_params = count
+        self._stepped_count = len(stepped)
         have = {id(p) for _, p in self.params}
-        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
-        known = self.optimizer.initial_weights or {}
         for n, p in self._params():
-            if id(p) in in_opt and id(p) not in have:
-                self._w0[n] = self._initial_weight(n, p, ref_params, known.get(p))
+            if id(p) in stepped and id(p) not in have:
+                self._w0[n] = self._initial_weight(n, p, ref_params)
                 self.params.append((n, p))
 
     def set_probe(self, probe):
@@ -407,7 +343,7 @@ class Tracker:
         training step when ``reference="init"``)."""
         if self._batch:
             raise RuntimeError("this tracker measures on the training batch (probe='batch'): it takes no probe")
-        args = _as_args(probe)
+        args = as_args(probe)
         if not all(isinstance(a, Tensor) for a in args):
             raise TypeError("probe must be a Tensor or a tuple of Tensors")
         if self._ref_model is None and self.steps > 0:
@@ -416,7 +352,7 @@ class Tracker:
         self._probe = tuple(a.detach() for a in args)
         self._ref = {}
         try:
-            self._ref_out = _first_tensor(self._forward("reference"))
+            self._ref_out = first_tensor(self._forward("reference"))
         except Exception as e:  # a probe of the wrong shape, dtype or device, say
             shapes = ", ".join(f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in self._probe)
             self._probe = None
@@ -460,7 +396,7 @@ class Tracker:
         with self._pass(model, "reference", self.model.training, weights, self._reference_linear if self.rcc else None,
                         restore_buffers=state is None):
             out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
-        self._ref_out = _first_tensor(out)
+        self._ref_out = first_tensor(out)
         self._capture = "current"
         return None
 
@@ -468,7 +404,7 @@ class Tracker:
         if self._capture != "current":  # (registered with probe="batch" only)
             return None
         self._capture = None
-        self._output_stats(_first_tensor(output), self._ref_out)
+        self._output_stats(first_tensor(output), self._ref_out)
         self._ref, self._ref_out = {}, None  # free the reference activations
         return None
 
@@ -497,33 +433,16 @@ class Tracker:
 
     @contextlib.contextmanager
     def _pass(self, model, which, training, weights=None, linear=None, restore_buffers=False):
-        """A pass of the tracker's own: hooks capture ``which``, every module of ``model``
-        is in ``training`` mode, without gradients, and ``F.linear`` on the tracked weights
-        ``weights`` ({name: tensor}) runs ``linear(name, x, weight, bias)``. No module is
-        edited: each keeps its own mode (restored one by one) and its forward, and the
-        random number generators are restored, so that the training run with the tracker
-        is the run without it; with ``restore_buffers`` (a training-mode pass on a model's
-        own buffers) the buffers are restored too."""
-        modes = [(m, m.training) for m in model.modules()]
-        devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
-        buffers = [(b, b.clone()) for b in model.buffers()] if restore_buffers else []
+        """A pass of the tracker's own (:func:`spkern.monitor.capture.own_pass`) whose
+        activations the hooks capture as ``which``."""
         self._capture = which
         try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                stack.enter_context(torch.no_grad())
-                if linear is not None:
-                    stack.enter_context(_LinearCapture({id(w): n for n, w in weights.items()}, linear))
-                model.train(training)
+            with own_pass(model, training, weights, linear, restore_buffers):
                 yield
         finally:
             self._capture = None
             self._paired.clear()
             self._zref.clear()
-            for m, mode in modes:
-                m.training = mode
-            for b, saved in buffers:
-                b.copy_(saved)
 
     def _paired_linear(self, name, x, weight, bias):
         y, z = paired_linear(x, weight, self._lin_w0[name])  # W_t x_t, W_0 x_t from one pass over x_t
@@ -537,7 +456,7 @@ class Tracker:
         def hook(module, args, output):
             if self._capture is None:
                 return
-            h = _first_tensor(output)
+            h = first_tensor(output)
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if h is None or not h.is_floating_point():
                 return
@@ -560,10 +479,6 @@ class Tracker:
                 self._measure(name, module, x, h.detach())
         return hook
 
-    @staticmethod
-    def _rms(sq, numel):
-        return _Ratio(sq, numel, True)
-
     def _measure(self, name, module, x, h):
         x_in = x  # the module's own input: the one the paired product of this call was of
         ref = self._ref.get(name)
@@ -571,10 +486,10 @@ class Tracker:
         n = h.numel()
         if ref is not None and ref["h"].shape == h.shape:
             s = pair_stats(h, ref["h"].to(h.dtype))
-            v[f"{name}/change_rms"] = self._rms(s[Sum.DIFF_SQ], n)
+            v[f"{name}/change_rms"] = rms(s[Sum.DIFF_SQ], n)
         else:
             s = pair_stats(h)
-        v[f"{name}/act_rms"] = self._rms(s[Sum.A_SQ], n)
+        v[f"{name}/act_rms"] = rms(s[Sum.A_SQ], n)
         v[f"{name}/zero_frac"] = _Ratio(s[Sum.ZEROS], n)
         if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
             return
@@ -582,8 +497,8 @@ class Tracker:
         sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if self.row_l2 else (
             pair_stats(x, ref["x"].to(x.dtype)), None)
         nx = x.numel()
-        v[f"{name}/input_rms"] = self._rms(sx[Sum.A_SQ], nx)
-        v[f"{name}/input_change_rms"] = self._rms(sx[Sum.DIFF_SQ], nx)
+        v[f"{name}/input_rms"] = rms(sx[Sum.A_SQ], nx)
+        v[f"{name}/input_change_rms"] = rms(sx[Sum.DIFF_SQ], nx)
         v[f"{name}/input_zero_frac"] = _Ratio(sx[Sum.ZEROS], nx)
         if self.row_l2:
             v[f"{name}/input_row_l2"] = _Ratio(rows[:, Sum.A_SQ].sqrt().sum(), rows.shape[0])
@@ -607,8 +522,8 @@ class Tracker:
             v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, Sum.DIFF_SQ].sqrt().sum(), eff_rows.shape[0])
             v[f"{name}/prop_row_l2"] = _Ratio(prop_rows[:, Sum.DIFF_SQ].sqrt().sum(), prop_rows.shape[0])
         nz = z.numel()
-        v[f"{name}/eff_rms"] = self._rms(eff, nz)
-        v[f"{name}/prop_rms"] = self._rms(prop, nz)
+        v[f"{name}/eff_rms"] = rms(eff, nz)
+        v[f"{name}/prop_rms"] = rms(prop, nz)
         if not self.op_norms:
             return
         tiny = torch.finfo(torch.float32).tiny
@@ -626,48 +541,27 @@ class Tracker:
 
     def _pre_step(self, optimizer, args, kwargs):
         self._sync_params()
-        # a torch optimizer: keep W_t of the step about to be measured
-        if isinstance(optimizer, _NormStats) or (self.steps + 1) % self.every != 0:
-            return
-        self._before = [p.detach().clone() for _, p in self.params]
 
     def _param_stats(self):
+        """The parameter statistics: the step's from the optimizer (its own or an adapter's),
+        then what they lack (drift, weights, gradients) measured here, in one call each."""
         v = self._cur
-        if isinstance(self.optimizer, _NormStats):
-            stats = self.optimizer.norm_stats()
-            by_id = {}
-            for key, st in stats.items():
-                by_id[key if isinstance(key, str) else id(key)] = st
-            names = {id(p): n for g in self.optimizer.param_groups
-                     for p, n in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))}
-            for n, p in self.params:
-                st = by_id.get(names.get(id(p))) or by_id.get(id(p))
-                if st is None:
-                    continue
-                for k in ("update_rms", "weight_rms", "grad_rms", "relative_update"):
-                    v[f"{n}/{k}"] = _Ratio(st[k], 1.0)
-                if "drift_rms" in st and self.optimizer.drift_every == 1:
-                    v[f"{n}/drift_rms"] = _Ratio(st["drift_rms"], 1.0)
-            if all(f"{n}/drift_rms" in v for n, _ in self.params):
-                return
-        params = [p for _, p in self.params]
-        numel = [max(p.numel(), 1) for p in params]
-        drift = multi_tensor_norms(params, [self._w0[n] for n, _ in self.params])
-        grads = [p.grad for p in params]
-        has_grad = all(g is not None for g in grads)
-        gsq = multi_tensor_norms(grads)[:, Sum.A_SQ] if has_grad and not isinstance(self.optimizer, _NormStats) else None
-        moved = multi_tensor_norms(params, self._before) if self._before is not None else None
-        self._before = None
-        for i, (n, p) in enumerate(self.params):
-            v[f"{n}/drift_rms"] = self._rms(drift[i, Sum.DIFF_SQ], numel[i])
-            if isinstance(self.optimizer, _NormStats):
-                continue
-            v[f"{n}/weight_rms"] = self._rms(drift[i, Sum.A_SQ], numel[i])
-            if gsq is not None:
-                v[f"{n}/grad_rms"] = self._rms(gsq[i], numel[i])
-            if moved is not None:
-                v[f"{n}/update_rms"] = self._rms(moved[i, Sum.DIFF_SQ], numel[i])
-                v[f"{n}/relative_update"] = _Ratio(moved[i, Sum.DIFF_SQ], moved[i, Sum.A_SQ], True)
+        stats = self._source.last_step_stats() if self._source is not None else {}
+        for n, p in self.params:
+            for k, value in stats.get(p, {}).items():
+                if k in STEP_KEYS or k == "drift_rms":
+                    v[f"{n}/{k}"] = _Ratio(value, 1.0)
+        lacking = [(n, p) for n, p in self.params if f"{n}/drift_rms" not in v or f"{n}/weight_rms" not in v]
+        if lacking:
+            drift = multi_tensor_norms([p for _, p in lacking], [self._w0[n] for n, _ in lacking])
+            for i, (n, p) in enumerate(lacking):
+                v.setdefault(f"{n}/drift_rms", rms(drift[i, Sum.DIFF_SQ], max(p.numel(), 1)))
+                v.setdefault(f"{n}/weight_rms", rms(drift[i, Sum.A_SQ], max(p.numel(), 1)))
+        lacking = [(n, p) for n, p in self.params if f"{n}/grad_rms" not in v]
+        if lacking and all(p.grad is not None for _, p in lacking):
+            gsq = multi_tensor_norms([p.grad for _, p in lacking])[:, Sum.A_SQ]
+            for i, (n, p) in enumerate(lacking):
+                v[f"{n}/grad_rms"] = rms(gsq[i], max(p.numel(), 1))
 
     def step(self):
         """Counts an optimizer step and measures when it is the ``every``-th. Called by the
@@ -697,7 +591,7 @@ class Tracker:
         if self._probe is None:
             raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
         self._cur = {}
-        self._output_stats(_first_tensor(self._forward("current")), self._ref_out)
+        self._output_stats(first_tensor(self._forward("current")), self._ref_out)
         self._finish()
 
     def _output_stats(self, out, ref):
@@ -706,10 +600,10 @@ class Tracker:
         out = out.detach()
         if ref is not None and ref.shape == out.shape:
             s = pair_stats(out, ref.to(out.dtype))
-            self._cur[f"{self.output_key}/change_rms"] = self._rms(s[Sum.DIFF_SQ], out.numel())
+            self._cur[f"{self.output_key}/change_rms"] = rms(s[Sum.DIFF_SQ], out.numel())
         else:
             s = pair_stats(out)
-        self._cur[f"{self.output_key}/rms"] = self._rms(s[Sum.A_SQ], out.numel())
+        self._cur[f"{self.output_key}/rms"] = rms(s[Sum.A_SQ], out.numel())
         self._cur[f"{self.output_key}/max_abs"] = _Max(out.abs().amax().float())
 
     def _finish(self):
@@ -719,7 +613,7 @@ class Tracker:
         self._values, self._cur = {**self._cur, **keep}, {}
         self.measurements += 1
         self._floats = None
-        if self._jsonl is not None and self.measurements % self.log_every == 0:
+        if self._log is not None and self.measurements % self.log_every == 0:
             self.write()
 
     def record_loss(self, loss: Tensor, stats=None, **values):
@@ -746,81 +640,22 @@ class Tracker:
         before the ratios and square roots are taken, so the values are those of one
         process measuring all the ranks' rows; every rank must call it at the same steps."""
         if self._floats is None:
-            self._floats = self._reduce(self._values)
+            self._floats = reduce(self._values)
         return {"step": self.steps, **self._floats}
-
-    @staticmethod
-    def _reduce(values):
-        if not values:
-            return {}
-        ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
-        maxes = [k for k, v in values.items() if isinstance(v, _Max)]
-        first = next(iter(values.values()))
-        device = (first.num if isinstance(first, _Ratio) else first.value).device
-
-        # float64: a sum of squares of activations beyond ~1e19 does not fit in float32
-        def stack(items):  # device scalars (or numbers) -> one float64 vector
-            return torch.stack([x.detach().reshape(()).to(device, torch.float64) if isinstance(x, Tensor)
-                                else torch.tensor(float(x), device=device, dtype=torch.float64) for x in items])
-
-        def with_tensors(items, default):
-            # numbers in one tensor, then the few device scalars put in their places
-            out = torch.tensor([default if isinstance(x, Tensor) else float(x) for x in items], device=device,
-                               dtype=torch.float64)
-            at = [i for i, x in enumerate(items) if isinstance(x, Tensor)]
-            if at:
-                out[torch.tensor(at, device=device)] = stack([items[i] for i in at])
-            return out
-        top = stack([values[k].value for k in maxes]) if maxes else None
-        num = den = None
-        if ratios:
-            num = stack([values[k].num for k in ratios])
-            den = with_tensors([values[k].den for k in ratios], 1.0)
-        if _world_size() > 1:  # every rank calls metrics() at the same steps with the same names
-            if ratios:
-                both = torch.cat([num, den])
-                torch.distributed.all_reduce(both)
-                num, den = both.split(len(ratios))
-            if top is not None:
-                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-        out = []
-        if ratios:
-            val = num / den.clamp_min(torch.finfo(torch.float64).tiny)
-            root = torch.tensor([values[k].root for k in ratios], device=device)
-            val = torch.where(root, val.clamp_min(0).sqrt(), val)
-            scales = [values[k].scale for k in ratios]
-            if any(x is not None for x in scales):
-                val = val * with_tensors([1.0 if x is None else x for x in scales], 1.0)
-            out.append(val)
-        if top is not None:
-            out.append(top)
-        got = dict(zip(ratios + maxes, torch.cat(out).tolist()))
-        return {k: got[k] for k in values}
 
     def write(self):
         """Appends the latest measurement to metrics.jsonl and TensorBoard."""
-        m = self.metrics()
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                          for k, v in m.items()}) + "\n")
-            self._jsonl.flush()
-        if self._writer is not None:
-            for k, v in m.items():
-                if k != "step":
-                    self._writer.add_scalar(k, v, m["step"])
-            self._writer.flush()
+        if self._log is not None:
+            self._log.write(self.metrics())
 
     def close(self):
         """Removes the hooks and closes the log files."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self):
         return self
