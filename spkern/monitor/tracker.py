@@ -84,11 +84,13 @@ Linear layer computes W_t x_t and W_0 x_t together (:func:`spkern.features.paire
 one pass over x_t on GPU, both products rounded alike), so the RCC costs one extra
 product with W_0 per layer, plus the fused statistics.
 
-Parameter statistics come from :mod:`spkern.optim` when the optimizer is one of its
-optimizers (fused into the step, no copies); for another torch optimizer the tracker
-copies the tracked parameters before each measured step (a step pre-hook) and uses
-:func:`spkern.multi_tensor_norms`; without an optimizer :meth:`step` measures weights,
-drift and gradients only.
+Parameter statistics are read through one protocol, :class:`spkern.monitor.StepStats`:
+:mod:`spkern.optim`'s optimizers implement it (fused into the step, no copies); for any
+other torch optimizer the adapter :class:`spkern.monitor.TorchStepStats` copies the
+tracked parameters before each measured step (a step pre-hook) and uses
+:func:`spkern.multi_tensor_norms`; what a step's statistics lack (the drift, say) the
+tracker measures itself; without an optimizer :meth:`step` measures weights, drift and
+gradients only.
 
 :meth:`metrics` returns the latest measurement as a flat dict of floats with one host
 transfer. With ``log_dir`` each measurement (every ``log_every`` measurements) is
@@ -104,7 +106,6 @@ rank (parameter statistics, operator norms) are averaged.
 
 import contextlib
 import re
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -113,9 +114,10 @@ from torch import Tensor, nn
 
 from spkern.constants import Sum
 from spkern.features import pair_stats, paired_linear
-from spkern.monitor.capture import as_args, first_tensor, own_pass
+from spkern.monitor.capture import first_tensor, own_pass
 from spkern.monitor.log import MetricsLog
 from spkern.monitor.params import STEP_KEYS, step_stats_of
+from spkern.monitor.probes import FixedProbe, TrainingBatch
 from spkern.monitor.values import _Max, _Ratio, reduce, rms
 from spkern.norms import multi_tensor_norms, spectral_norm
 
@@ -155,9 +157,10 @@ class Tracker:
             the previous measurement's vector, so that the estimate keeps converging as
             W_t moves slowly (the first measurement runs 50 from a cold start).
 
-    With ``every=1`` and an :mod:`spkern.optim` optimizer that keeps no initial weights,
-    the tracker gives it its copies of W_0, so that the drift is measured inside the fused
-    step; otherwise the tracker measures the drift itself when it measures.
+    With ``every=1`` the tracker offers the optimizer its copies of W_0
+    (``offer_initial_weights``): an :mod:`spkern.optim` optimizer that keeps none takes
+    them and measures the drift inside its fused step; otherwise the tracker measures the
+    drift itself when it measures.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
@@ -197,12 +200,10 @@ class Tracker:
                 raise ValueError(f"reference has no module named {missing[0]!r}")
         if isinstance(probe, str) and probe != "batch":
             raise ValueError(f"probe must be a Tensor, a tuple of Tensors, 'batch' or None, got {probe!r}")
-        self._batch = isinstance(probe, str)
         self.steps = 0  # optimizer steps seen
         self.measurements = 0
         self._values = {}  # name -> _Ratio or _Max of the latest measurement (device tensors)
         self._cur = {}  # the measurement being taken
-        self._batch_step = -1  # probe="batch": the step count when a training forward was measured
         self._zref = {}  # probe="batch": Linear name -> W_0 x_0 of the reference pass
         self._floats = None
         self._capture = None  # during a probe pass: "reference" or "current"
@@ -210,8 +211,6 @@ class Tracker:
         self._w0 = {}
         self._op_state = {}
         self._paired = {}  # Linear name -> (W_t x_t, W_0 x_t) of the current probe pass
-        self._probe = None
-        self._ref_out = None
         self._hooks = [self.modules[n].register_forward_hook(self._hook(n)) for n in self.names]
         if self._ref_model is not None:
             self._hooks += [dict(self._ref_model.named_modules())[n].register_forward_hook(self._hook(n))
@@ -227,20 +226,10 @@ class Tracker:
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
-        if self._batch:
-            self._init_state = None
-            if self._ref_model is None:  # the reference pass runs the model on these tensors
-                self._init_state = self._initial_state()
-                self._init_buffers = {n for n, _ in self.model.named_buffers()}
-                first_name = {id(p): n for n, p in self.model.named_parameters()}  # tied weights: one name
-                self._lin_keys = {n: first_name[id(w)] for n, w in self._linear_weights(self.model).items()}
-            self._init_op_w0()
-            self._hooks.append(model.register_forward_pre_hook(self._batch_pre, with_kwargs=True))
-            self._hooks.append(model.register_forward_hook(self._batch_post, always_call=True))
-        elif probe is not None:
-            self.set_probe(probe)
-        else:
-            self._hooks.append(model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
+        on_batch = isinstance(probe, str)  # "batch" (checked above)
+        self._prober = TrainingBatch(self) if on_batch else FixedProbe(self, probe)
+        if probe is not None and not on_batch:
+            self._prober.set(probe)
         self._log = MetricsLog(log_dir) if log_dir is not None else None
 
     # -- setup ---------------------------------------------------------------------------
@@ -341,23 +330,19 @@ class Tracker:
     def set_probe(self, probe):
         """Sets the probe batch and measures the reference activations on it (before any
         training step when ``reference="init"``)."""
-        if self._batch:
-            raise RuntimeError("this tracker measures on the training batch (probe='batch'): it takes no probe")
-        args = as_args(probe)
-        if not all(isinstance(a, Tensor) for a in args):
-            raise TypeError("probe must be a Tensor or a tuple of Tensors")
-        if self._ref_model is None and self.steps > 0:
-            raise RuntimeError("the probe must be set before the first optimizer step when reference='init' "
-                               "(the reference activations are the model's at initialisation)")
-        self._probe = tuple(a.detach() for a in args)
-        self._ref = {}
-        try:
-            self._ref_out = first_tensor(self._forward("reference"))
-        except Exception as e:  # a probe of the wrong shape, dtype or device, say
-            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in self._probe)
-            self._probe = None
-            raise ValueError(f"the model cannot run on the probe ({shapes}): {type(e).__name__}: {e}") from e
-        self._init_op_w0()
+        self._prober.set(probe)
+
+    @property
+    def _batch(self):  # probe="batch"
+        return self._prober.on_training_batch
+
+    @property
+    def _probe(self):  # the fixed probe's inputs (None: none yet)
+        return self._prober.probe
+
+    @property
+    def _init_state(self):  # probe="batch": the model's parameters and buffers at initialisation
+        return self._prober.init_state
 
     def _init_op_w0(self):
         self._op_w0 = {}
@@ -365,71 +350,10 @@ class Tracker:
             for n, w0 in self._lin_w0.items():
                 self._op_w0[n] = spectral_norm(w0).op
 
-    def _initial_state(self):
-        """probe="batch", reference="init": every parameter and buffer of the model at
-        initialisation, for the reference pass (tracked parameters share the W_0 copies)."""
-        tracked = {id(p): self._w0[n] for n, p in self.params}
-        state = {}
-        for n, p in self.model.named_parameters():
-            w0 = tracked.get(id(p))
-            state[n] = (w0 if w0 is not None else p.detach().clone(), p.dtype)
-        for n, b in self.model.named_buffers():
-            state[n] = (b.detach().clone(), b.dtype)
-        return state
-
-    def _batch_pre(self, module, args, kwargs):
-        """probe="batch": before the first forward with gradients of a step to be measured,
-        run the reference model on the same batch; the forward then measures itself."""
-        if (self._capture is not None or not torch.is_grad_enabled() or self._batch_step == self.steps
-                or (self.steps + 1) % self.every != 0):
-            return None
-        self._batch_step = self.steps
-        self._cur, self._ref = {}, {}
-        model = self._ref_model if self._ref_model is not None else self.model
-        if self._ref_model is not None:
-            state, weights = None, self._linear_weights(model)
-        else:  # the model's own forward with its initial parameters; buffers copied, so that a
-            # pass in training mode (BatchNorm's running statistics) leaves the saved ones as they are
-            state = {n: t.clone() if n in self._init_buffers else t if t.dtype == dt else t.to(dt)
-                     for n, (t, dt) in self._init_state.items()}
-            weights = {n: state[key] for n, key in self._lin_keys.items()}
-        with self._pass(model, "reference", self.model.training, weights, self._reference_linear if self.rcc else None,
-                        restore_buffers=state is None):
-            out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
-        self._ref_out = first_tensor(out)
-        self._capture = "current"
-        return None
-
-    def _batch_post(self, module, args, output):
-        if self._capture != "current":  # (registered with probe="batch" only)
-            return None
-        self._capture = None
-        self._output_stats(first_tensor(output), self._ref_out)
-        self._ref, self._ref_out = {}, None  # free the reference activations
-        return None
-
     def _linear_weights(self, model):
         """{name: weight} of the tracked Linear layers of ``model`` (tracked or reference)."""
         named = dict(model.named_modules())
         return {n: named[n].weight for n in self._lin_w0}
-
-    def _reference_linear(self, name, x, weight, bias):
-        z = F.linear(x, weight)  # W_0 x_0, kept (in the reference pass the weight is W_0)
-        self._zref[name] = z
-        return z + bias if bias is not None else z
-
-    def _first_batch(self, module, args, kwargs):
-        if self._probe is None and args and all(isinstance(a, Tensor) for a in args) and self._capture is None:
-            self.set_probe(tuple(a[: self.probe_rows] for a in args))
-        return None
-
-    def _forward(self, which):
-        model = self._ref_model if (which == "reference" and self._ref_model is not None) else self.model
-        # on the current model, tracked Linear layers compute W_t x_t and W_0 x_t together
-        paired = which == "current" and self.rcc
-        with self._pass(model, which, False, self._linear_weights(model) if paired else None,
-                        self._paired_linear if paired else None):
-            return model(*self._probe)
 
     @contextlib.contextmanager
     def _pass(self, model, which, training, weights=None, linear=None, restore_buffers=False):
@@ -569,30 +493,11 @@ class Tracker:
         self.steps += 1
         if self.steps % self.every != 0:
             return False
-        if self._batch:
-            if self._batch_step != self.steps - 1:
-                warnings.warn("spkern.Tracker(probe='batch'): the model ran no forward with gradients before "
-                              "this step: only the parameters were measured", RuntimeWarning, stacklevel=2)
-                self._cur = {}
-            self._finish()
-            return True
-        if self._probe is None:
-            warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run): "
-                          "nothing measured at this step", RuntimeWarning, stacklevel=2)
-            return False
-        self.measure()
-        return True
+        return self._prober.measure_step()
 
     def measure(self):
         """Measures now on the probe (whatever the step count)."""
-        if self._batch:
-            raise RuntimeError("with probe='batch' the tracker measures during the training forward of every "
-                               "`every`-th step; measure() needs a probe batch")
-        if self._probe is None:
-            raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
-        self._cur = {}
-        self._output_stats(first_tensor(self._forward("current")), self._ref_out)
-        self._finish()
+        self._prober.measure()
 
     def _output_stats(self, out, ref):
         if out is None or not out.is_floating_point():

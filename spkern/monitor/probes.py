@@ -1,0 +1,173 @@
+"""The tracker's probes: on which inputs activations are measured.
+
+:class:`FixedProbe`  a fixed batch, given or the first one the model sees; the tracker
+                     runs it after every ``every``-th step (and once at the start, for the
+                     reference activations)
+:class:`TrainingBatch`  ``probe="batch"``: the training batch of every ``every``-th step,
+                     measured in its own forward, against a reference pass on the same
+                     inputs just before it
+
+Each probe is given the tracker and uses its hooks, passes and statistics; the tracker
+asks it to measure at a step (:meth:`measure_step`) or now (:meth:`measure`).
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spkern.monitor.capture import as_args, first_tensor
+
+
+class FixedProbe:
+    """A fixed probe batch: ``probe`` (a tensor or a tuple of positional arguments; the
+    tracker then calls :meth:`set`), or None for the first ``probe_rows`` rows of the
+    first batch the model sees."""
+
+    on_training_batch = False
+
+    def __init__(self, tracker, probe):
+        self.t = tracker
+        self.probe = None
+        self.ref_out = None
+        if probe is None:
+            tracker._hooks.append(tracker.model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
+
+    def set(self, probe):
+        t = self.t
+        args = as_args(probe)
+        if not all(isinstance(a, Tensor) for a in args):
+            raise TypeError("probe must be a Tensor or a tuple of Tensors")
+        if t._ref_model is None and t.steps > 0:
+            raise RuntimeError("the probe must be set before the first optimizer step when reference='init' "
+                               "(the reference activations are the model's at initialisation)")
+        self.probe = tuple(a.detach() for a in args)
+        t._ref = {}
+        try:
+            self.ref_out = first_tensor(self.forward("reference"))
+        except Exception as e:  # a probe of the wrong shape, dtype or device, say
+            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in self.probe)
+            self.probe = None
+            raise ValueError(f"the model cannot run on the probe ({shapes}): {type(e).__name__}: {e}") from e
+        t._init_op_w0()
+
+    def _first_batch(self, module, args, kwargs):
+        if self.probe is None and args and all(isinstance(a, Tensor) for a in args) and self.t._capture is None:
+            self.set(tuple(a[: self.t.probe_rows] for a in args))
+        return None
+
+    def forward(self, which):
+        t = self.t
+        model = t._ref_model if (which == "reference" and t._ref_model is not None) else t.model
+        # on the current model, tracked Linear layers compute W_t x_t and W_0 x_t together
+        paired = which == "current" and t.rcc
+        with t._pass(model, which, False, t._linear_weights(model) if paired else None,
+                     t._paired_linear if paired else None):
+            return model(*self.probe)
+
+    def measure_step(self):
+        if self.probe is None:
+            warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run): "
+                          "nothing measured at this step", RuntimeWarning, stacklevel=3)
+            return False
+        self.measure()
+        return True
+
+    def measure(self):
+        t = self.t
+        if self.probe is None:
+            raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
+        t._cur = {}
+        t._output_stats(first_tensor(self.forward("current")), self.ref_out)
+        t._finish()
+
+
+class TrainingBatch:
+    """``probe="batch"``: before the first forward with gradients of every ``every``-th
+    step, the reference (the model with its initial parameters and buffers, through
+    ``torch.func.functional_call``, or the reference model) runs on the same inputs in the
+    model's mode; the training forward that follows is measured by the tracker's hooks."""
+
+    on_training_batch = True
+
+    def __init__(self, tracker):
+        t = self.t = tracker
+        self.measured_step = -1  # the step count when a training forward was measured
+        self.ref_out = None
+        self.init_state = None
+        if t._ref_model is None:  # the reference pass runs the model on these tensors
+            self.init_state = self._initial_state()
+            self.init_buffers = {n for n, _ in t.model.named_buffers()}
+            first_name = {id(p): n for n, p in t.model.named_parameters()}  # tied weights: one name
+            self.lin_keys = {n: first_name[id(w)] for n, w in t._linear_weights(t.model).items()}
+        t._init_op_w0()
+        t._hooks.append(t.model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        t._hooks.append(t.model.register_forward_hook(self._post, always_call=True))
+
+    probe = None
+
+    def set(self, probe):
+        raise RuntimeError("this tracker measures on the training batch (probe='batch'): it takes no probe")
+
+    def _initial_state(self):
+        """Every parameter and buffer of the model at initialisation, for the reference
+        pass (tracked parameters share the tracker's W_0 copies)."""
+        t = self.t
+        tracked = {id(p): t._w0[n] for n, p in t.params}
+        state = {}
+        for n, p in t.model.named_parameters():
+            w0 = tracked.get(id(p))
+            state[n] = (w0 if w0 is not None else p.detach().clone(), p.dtype)
+        for n, b in t.model.named_buffers():
+            state[n] = (b.detach().clone(), b.dtype)
+        return state
+
+    def _pre(self, module, args, kwargs):
+        t = self.t
+        if (t._capture is not None or not torch.is_grad_enabled() or self.measured_step == t.steps
+                or (t.steps + 1) % t.every != 0):
+            return None
+        self.measured_step = t.steps
+        t._cur, t._ref = {}, {}
+        model = t._ref_model if t._ref_model is not None else t.model
+        if t._ref_model is not None:
+            state, weights = None, t._linear_weights(model)
+        else:  # the model's own forward with its initial parameters; buffers copied, so that a
+            # pass in training mode (BatchNorm's running statistics) leaves the saved ones as they are
+            state = {n: b.clone() if n in self.init_buffers else b if b.dtype == dt else b.to(dt)
+                     for n, (b, dt) in self.init_state.items()}
+            weights = {n: state[key] for n, key in self.lin_keys.items()}
+        with t._pass(model, "reference", t.model.training, weights, self._reference_linear if t.rcc else None,
+                     restore_buffers=state is None):
+            out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
+        self.ref_out = first_tensor(out)
+        t._capture = "current"
+        return None
+
+    def _post(self, module, args, output):
+        t = self.t
+        if t._capture != "current":
+            return None
+        t._capture = None
+        t._output_stats(first_tensor(output), self.ref_out)
+        t._ref, self.ref_out = {}, None  # free the reference activations
+        return None
+
+    def _reference_linear(self, name, x, weight, bias):
+        z = F.linear(x, weight)  # W_0 x_0, kept (in the reference pass the weight is W_0)
+        self.t._zref[name] = z
+        return z + bias if bias is not None else z
+
+    def measure_step(self):
+        t = self.t
+        if self.measured_step != t.steps - 1:
+            warnings.warn("spkern.Tracker(probe='batch'): the model ran no forward with gradients before "
+                          "this step: only the parameters were measured", RuntimeWarning, stacklevel=3)
+            t._cur = {}
+        t._finish()
+        return True
+
+    def measure(self):
+        raise RuntimeError("with probe='batch' the tracker measures during the training forward of every "
+                           "`every`-th step; measure() needs a probe batch")
