@@ -71,8 +71,67 @@ def _choices(text, allowed, name):
     return values
 
 
+# Run options, generated from the run-config dataclasses (their defaults are the
+# options' defaults; the swept fields are given as lists: --widths, --lrs, ...).
+SWEPT_AS_LISTS = ("width", "lr", "loss", "optim", "param", "seed")
+_BOUNDS = {"momentum": dict(low=0), "weight_decay": dict(low=0), "clip": dict(low=0), "min_lr_frac": dict(low=0),
+           "diverge_loss": dict(above=0)}
+MLP_HELP = dict(depth="hidden layers", base_width="width at which every layer trains at lr",
+                bias="Linear layers with biases", momentum="SGD momentum", dtype="bfloat16: autocast",
+                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged")
+GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (global)",
+                grad_accum="micro-batches per step", weight_decay="AdamW, on matrices",
+                clip="gradient clipping norm (0: off)", qk_norm="no LayerNorm on queries and keys",
+                momentum="SGD momentum", min_lr_frac="the cosine decay ends at this fraction of lr",
+                eval_batches="validation batches of the final score", dtype="bfloat16: autocast",
+                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged")
+
+
+def _config_options(p, cls, helps, overrides=None, choices=None, skip=(), swept=SWEPT_AS_LISTS):
+    """An option for each field of the run config ``cls`` but ``swept`` (what a sweep varies):
+    ``--name`` (``--no-name`` for a flag that is on by default), typed and defaulted by
+    the field (or ``overrides``), numbers checked as the config checks them."""
+    from dataclasses import fields
+
+    overrides, choices = overrides or {}, choices or {}
+    for f in fields(cls):
+        if f.name in swept or f.name in skip:
+            continue
+        flag, default, h = "--" + f.name.replace("_", "-"), overrides.get(f.name, f.default), helps.get(f.name)
+        if not isinstance(f.default, bool):
+            h = f"{h} (default: {default})" if h else f"default: {default}"
+        if isinstance(f.default, bool):
+            if default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
+            else:
+                p.add_argument(flag, action="store_true", help=h)
+        elif isinstance(f.default, int):
+            p.add_argument(flag, type=int, default=default, help=h)
+        elif isinstance(f.default, float):
+            p.add_argument(flag, type=_number(**_BOUNDS.get(f.name, {})), default=default, help=h)
+        else:
+            p.add_argument(flag, default=default, choices=choices.get(f.name), help=h)
+
+
+def _config_from(args, cls, **given):
+    """The run config ``cls`` of a sweep's options (its swept fields at their defaults)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in SWEPT_AS_LISTS}
+    return cls(**{**values, **given})
+
+
+def _positive_ints(cls):
+    """The int fields of ``cls`` that must be >= 1 (all but warmup and the swept ones)."""
+    from dataclasses import fields
+
+    return tuple(f.name for f in fields(cls) if isinstance(f.default, int) and not isinstance(f.default, bool)
+                 and f.name not in SWEPT_AS_LISTS + ("warmup",))
+
+
 def _add_mlp_options(p, defaults):
     from spkern.data import DATASETS
+    from spkern.train.mlp import DTYPES, RunConfig
 
     p.add_argument("--data", default=defaults.get("data", "digits"), choices=DATASETS,
                    help="dataset (mnist and cifar10 are read from --data-root)")
@@ -84,17 +143,9 @@ def _add_mlp_options(p, defaults):
     p.add_argument("--optim", default=defaults.get("optim", "sgd"), help="sgd, adam or both")
     p.add_argument("--param", default=defaults.get("param", "sp"), help="sp, mup, ntp, sp-full-align (comma list)")
     p.add_argument("--seeds", default=defaults.get("seeds", "2"), help="number of seeds (runs use seeds 0..N-1)")
-    p.add_argument("--epochs", type=int, default=defaults.get("epochs", 10))
-    p.add_argument("--depth", type=int, default=defaults.get("depth", 2), help="hidden layers")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--base-width", type=int, default=64, help="width at which every layer trains at lr")
-    p.add_argument("--bias", action="store_true", help="Linear layers with biases")
-    p.add_argument("--momentum", type=_number(low=0), default=0.0, help="SGD momentum")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--track-every", type=int, default=10, help="steps between tracker measurements")
-    p.add_argument("--diverge-loss", type=_number(above=0), default=100.0,
-                   help="a loss above this counts as diverged")
+    _config_options(p, RunConfig, MLP_HELP, defaults, choices={"data": DATASETS, "dtype": DTYPES},
+                    skip=("data",))
     p.add_argument("--stable-threshold", type=_number(), default=None,
                    help="accuracy a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, defaults.get("grid", "full"), defaults.get("grid_below"))
@@ -187,10 +238,8 @@ def sweep_mlp(args):
     from spkern.data import load
     from spkern.train.mlp import LOSSES, RunConfig
 
-    lrs, widths, seeds, device = _grid_args(args, ("epochs", "depth", "batch_size", "base_width", "track_every"))
-    base = RunConfig(data=args.data, depth=args.depth, epochs=args.epochs, batch_size=args.batch_size,
-                     base_width=args.base_width, bias=args.bias, momentum=args.momentum, dtype=args.dtype,
-                     track_every=args.track_every, diverge_loss=args.diverge_loss)
+    lrs, widths, seeds, device = _grid_args(args, _positive_ints(RunConfig))
+    base = _config_from(args, RunConfig)
     try:
         configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
                              optim=_choices(args.optim, param.OPTIMIZERS, "optim"),
@@ -205,11 +254,13 @@ def sweep_mlp(args):
     return _run_sweep("mlp", args, configs, data, device)
 
 
-GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim="adam", param="sp", seeds="1",
-                    steps=150, depth=2, context=128, batch_size=16)
+# the GPT sweep's grid; its run options are GPTRunConfig's defaults
+GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim="adam", param="sp", seeds="1")
 
 
 def _add_gpt_options(p):
+    from spkern.train.gpt import DTYPES, GPTRunConfig
+
     d = GPT_DEFAULTS
     p.add_argument("--data", default="pydoc", help="pydoc (CPython's documentation, bytes), bytes:PATH (any text "
                                                    "file) or shards:DIR (nanoGPT / modded-nanogpt uint16 shards)")
@@ -219,22 +270,8 @@ def _add_gpt_options(p):
     p.add_argument("--optim", default=d["optim"], help="adam (AdamW), sgd or both")
     p.add_argument("--param", default=d["param"], help="sp, mup (comma list)")
     p.add_argument("--seeds", default=d["seeds"], help="number of seeds (runs use seeds 0..N-1)")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--depth", type=int, default=d["depth"], help="transformer blocks")
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--context", type=int, default=d["context"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per step (global)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--weight-decay", type=_number(low=0), default=0.1, help="AdamW, on matrices")
-    p.add_argument("--clip", type=_number(low=0), default=1.0, help="gradient clipping norm (0: off)")
-    p.add_argument("--no-qk-norm", action="store_true", help="no LayerNorm on queries and keys")
-    p.add_argument("--base-width", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--track-every", type=int, default=25, help="steps between tracker measurements")
-    p.add_argument("--diverge-loss", type=_number(above=0), default=100.0,
-                   help="a loss above this counts as diverged")
+    _config_options(p, GPTRunConfig, GPT_HELP, d, choices={"dtype": DTYPES}, skip=("data",))
     p.add_argument("--stable-threshold", type=_number(), default=None,
                    help="score a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, "full")
@@ -249,13 +286,8 @@ def sweep_gpt(args):
     from spkern.text import load_tokens
     from spkern.train.gpt import LOSSES, GPTRunConfig
 
-    lrs, widths, seeds, device = _grid_args(args, ("steps", "depth", "head_dim", "context", "batch_size",
-                                                   "grad_accum", "base_width", "track_every"))
-    base = GPTRunConfig(data=args.data, depth=args.depth, head_dim=args.head_dim, context=args.context,
-                        qk_norm=not args.no_qk_norm, base_width=args.base_width, steps=args.steps,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum, warmup=args.warmup,
-                        weight_decay=args.weight_decay, clip=args.clip, dtype=args.dtype,
-                        track_every=args.track_every, diverge_loss=args.diverge_loss)
+    lrs, widths, seeds, device = _grid_args(args, _positive_ints(GPTRunConfig))
+    base = _config_from(args, GPTRunConfig)
     try:
         configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
                              optim=_choices(args.optim, ("sgd", "adam"), "optim"),

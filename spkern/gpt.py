@@ -6,7 +6,8 @@ through ``F.scaled_dot_product_attention`` with heads of ``head_dim`` (the numbe
 grows with the width), optional LayerNorm on queries and keys per head (qk-LayerNorm); a
 GELU MLP of 4 x width; learned positions; a final LayerNorm and an untied head.
 
-Parameterizations (``lr_l = lr * (width / base_width) ** -c_l`` as in :mod:`spkern.param`):
+Parameterizations (``lr_l = lr * (width / base_width) ** -c_l``, the exponents c by role
+from the one table of :mod:`spkern.param`; the initialisation is the GPT's own):
 
 =====  =================================================  ===============  ===============
 name   init std                                           SGD c            Adam c
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import spkern
+from spkern import param as P
 
-GPT_PARAMS = ("sp", "mup")
-_C = {"sp": {"sgd": (0, 0, 0), "adam": (0, 0, 0)}, "mup": {"sgd": (-1, 0, 1), "adam": (0, 1, 1)}}
+GPT_PARAMS = ("sp", "mup")  # their learning-rate exponents by role: spkern.param's table
 
 
 @dataclass
@@ -172,14 +173,14 @@ class GPT(nn.Module):
         matrices only), named for spkern.optim and the tracker."""
         if optim not in ("sgd", "adam"):
             raise ValueError(f"optim must be 'sgd' or 'adam', got {optim!r}")
-        c = dict(zip(("input", "hidden", "output"), _C[self.cfg.param][optim]))
+        param = P.get(self.cfg.param)
         groups = {}
         for name, p in self.named_parameters():
             role = self.role(name)
             decay = weight_decay if p.dim() >= 2 and role != "input" else 0.0
             key = (role, decay)
             g = groups.setdefault(key, {"params": [], "param_names": [], "role": role, "weight_decay": decay,
-                                        "lr": lr * (self.cfg.width / self.cfg.base_width) ** -c[role]})
+                                        "lr": param.lr(lr, optim, role, self.cfg.width, self.cfg.base_width)})
             g["params"].append(p)
             g["param_names"].append(name)
         return list(groups.values())

@@ -79,6 +79,7 @@ def register(op: str, backend: str, check: Optional[Callable] = None):
 
     def deco(fn):
         _KERNELS[(op, backend)] = Kernel(op, backend, fn, check)
+        _order.cache_clear()
         return fn
     return deco
 
@@ -132,6 +133,7 @@ def reason(op: str, backend: str, tensor, *call) -> Optional[str]:
     return kernel.check(tensor, *call) if kernel.check is not None else None
 
 
+@functools.cache
 def _order(op, device_type):
     order = ORDER.get(device_type, ("reference",))
     return tuple(b for b in order if (op, b) in _KERNELS) or order[-1:]
@@ -156,6 +158,9 @@ def resolve(op: str, tensor, *call) -> Optional[Kernel]:
     asked = _asked()
     order = _order(op, tensor.device.type)
     first = asked or order[0]
+    kernel = _KERNELS.get((op, first))  # the common case: the first choice runs
+    if kernel is not None and (kernel.check is None or kernel.check(tensor, *call) is None):
+        return kernel
     why = None
     for name in (first,) + tuple(b for b in order if b != first):
         if name == "reference" and (op, name) not in _KERNELS:

@@ -322,3 +322,27 @@ def test_report_never_picks_a_diverged_rate(tmp_path):
     assert "| CE SGD sp | 128 | n/a | n/a | none |" in md
     assert "Left out of the fits" in md and "CE SGD sp at width 128" in md
     assert "+49" not in md
+
+
+def test_run_options_and_their_defaults_come_from_the_run_configs():
+    # one source of every default: the options of `spkern sweep mlp|gpt` and of
+    # `python -m spkern.train.gpt` are generated from the run-config dataclasses
+    import argparse
+    from dataclasses import fields
+
+    from spkern import cli
+    from spkern.train.gpt import GPTRunConfig
+    from spkern.train.mlp import RunConfig
+
+    for add, cls in ((lambda p: cli._add_mlp_options(p, {}), RunConfig), (cli._add_gpt_options, GPTRunConfig)):
+        p = argparse.ArgumentParser()
+        add(p)
+        args = p.parse_args([])
+        assert cli._config_from(args, cls) == cls()
+        for f in fields(cls):
+            if f.name not in cli.SWEPT_AS_LISTS:
+                assert getattr(args, f.name) == f.default, f.name
+    p = argparse.ArgumentParser()
+    cli._config_options(p, GPTRunConfig, cli.GPT_HELP, swept=())
+    args = p.parse_args(["--no-qk-norm", "--steps", "7"])
+    assert GPTRunConfig(**vars(args)) == GPTRunConfig(qk_norm=False, steps=7)

@@ -32,6 +32,7 @@ from spkern.gpt import GPT, GPT_PARAMS, GPTConfig
 from spkern.train.mlp import _json_safe, check_number
 
 LOSSES = ("ce", "mse")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -51,13 +52,13 @@ class GPTRunConfig:
     momentum: float = 0.9
     warmup: int = 20
     min_lr_frac: float = 0.1
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 16
     grad_accum: int = 1
     clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"
-    track_every: int = 20
+    track_every: int = 25
     eval_batches: int = 8
     diverge_loss: float = 100.0
 
@@ -66,8 +67,8 @@ class GPTRunConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"optim must be 'sgd' or 'adam', got {self.optim!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self.model_config().check()  # width, depth, head_dim, context, base_width, param
         for name in ("steps", "batch_size", "grad_accum", "track_every", "eval_batches"):
             v = getattr(self, name)
@@ -228,12 +229,10 @@ def main(argv=None):
     """One run from the command line (``torchrun`` for several processes)."""
     parser = argparse.ArgumentParser(prog="python -m spkern.train.gpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(GPTRunConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(name, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default)
+    from spkern.cli import GPT_HELP, _config_options
+
+    _config_options(parser, GPTRunConfig, GPT_HELP, choices={"loss": LOSSES, "optim": ("sgd", "adam"),
+                                                              "dtype": DTYPES}, swept=())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write the result as JSON here (rank 0)")
     args = parser.parse_args(argv)
