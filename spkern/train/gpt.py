@@ -29,6 +29,7 @@ import torch
 
 import spkern
 from spkern.gpt import GPT, GPT_PARAMS, GPTConfig
+from spkern.train import loop
 from spkern.train.mlp import _json_safe, check_number
 
 LOSSES = ("ce", "mse")
@@ -153,14 +154,12 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     ddp = DDP(model) if world > 1 else model
     sampler = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    history, diverged_at, start = [], None, time.perf_counter()
     lo, hi = rank * (micro // world), (rank + 1) * (micro // world)
-    if progress is not None:
-        progress.reset(total=cfg.steps)
-    step = 0
-    for step in range(cfg.steps):
+    factors = []
+
+    def train_step(step, _):
         f = lr_factor(step, cfg)
+        factors.append(f)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * f
         opt.zero_grad(set_to_none=True)
@@ -182,25 +181,23 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         means = _mean_over_ranks(torch.cat([loss_sum.reshape(1), stat_sums]) / cfg.grad_accum)
         tracker.record_loss(means[0], **dict(zip(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy"),
                                                   means[1:])))
-        bad = ~torch.isfinite(means[0]) | (means[0] > cfg.diverge_loss)
-        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
-        if progress is not None:
-            progress.update(1)
-        if (step + 1) % cfg.track_every == 0 or step + 1 == cfg.steps:
-            fb = int(first_bad.item())
-            if fb >= 0:
-                diverged_at = fb
-                break
-            m = tracker.metrics()
-            history.append({"step": step + 1, "lr_factor": f,
-                            **{k: v for k, v in m.items() if k.startswith(("train/", "final_hidden/"))
-                               or k.endswith(("/change_rms", "/eff_rms", "/prop_rms"))}})
+        return means[0]
+
+    def history_row(step, m):
+        return {"step": step, "lr_factor": factors[-1],
+                **{k: v for k, v in m.items() if k.startswith(("train/", "final_hidden/"))
+                   or k.endswith(("/change_rms", "/eff_rms", "/prop_rms"))}}
+
+    start = time.perf_counter()
+    history, step, diverged_at = loop.run(range(cfg.steps), cfg.steps, train_step, tracker,
+                                          track_every=cfg.track_every, diverge_loss=cfg.diverge_loss,
+                                          device=device, history_row=history_row, progress=progress)
     tracker.close()
     result = {"config": asdict(cfg), "task": "gpt", "status": "diverged" if diverged_at is not None else "ok",
-              "diverged_step": diverged_at, "steps": step + 1, "device": str(device), "processes": world,
+              "diverged_step": diverged_at, "steps": step, "device": str(device), "processes": world,
               "seconds": time.perf_counter() - start, "history": history,
               "score_name": "minus validation cross-entropy", "chance_score": -math.log(tokens.vocab)}
     if diverged_at is None:
@@ -209,7 +206,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         result["score"] = -result["val_ce"]
         result["final_metrics"] = dict(history[-1]) if history else {}
         if not math.isfinite(result["val_ce"]):
-            result["status"], result["diverged_step"] = "diverged", step + 1
+            result["status"], result["diverged_step"] = "diverged", step
     return _json_safe(result)
 
 

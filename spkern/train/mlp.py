@@ -22,6 +22,7 @@ import torch
 import spkern
 from spkern import param as P
 from spkern.data import Dataset
+from spkern.train import loop
 
 LOSSES = ("ce", "mse")
 DTYPES = ("float32", "bfloat16")
@@ -116,49 +117,40 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
     tracker = spkern.Tracker(model, opt, probe=data.x_train[:256], every=cfg.track_every)
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if progress is not None:
-        progress.reset(total=total_steps)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    layers = [f"layers.{i}" for i in range(cfg.depth + 1)]
+
+    def batches():  # a fresh order each epoch
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=g).to(device)
+            for b in range(steps_per_epoch):
+                yield order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+
+    def train_step(step, idx):
+        with autocast:
+            out = model(data.x_train[idx])
+        loss, stats = _loss(cfg, out.float(), data.y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tracker.record_loss(loss, stats)
+        opt.step()
+        return loss
+
+    def history_row(step, m):
+        row = {"step": step, **{k: m.get(k) for k in HISTORY_KEYS}}
+        for layer in layers:
+            for k in LAYER_KEYS:
+                row[f"{layer}/{k}"] = m.get(f"{layer}/{k}")
+        return row
+
+    start = time.perf_counter()
     # A diverged run stops at its first bad loss where reading the flag costs nothing (CPU);
     # on a GPU it is read at the measurements only, so that steps do not wait for the host.
-    check_every_step = device.type == "cpu"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    history, step, diverged_at = [], 0, None
-    start = time.perf_counter()
-    layers = [f"layers.{i}" for i in range(cfg.depth + 1)]
-    for _epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=g).to(device)
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            with autocast:
-                out = model(data.x_train[idx])
-            loss, stats = _loss(cfg, out.float(), data.y_train[idx])
-            bad = ~torch.isfinite(loss) | (loss > cfg.diverge_loss)
-            first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            tracker.record_loss(loss, stats)
-            opt.step()
-            step += 1
-            if progress is not None:
-                progress.update(1)
-            measure = step % cfg.track_every == 0 or step == total_steps
-            if measure or check_every_step:
-                fb = int(first_bad.item())
-                if fb >= 0:
-                    diverged_at = fb
-                    break
-            if measure:
-                m = tracker.metrics()
-                row = {"step": step, **{k: m.get(k) for k in HISTORY_KEYS}}
-                for layer in layers:
-                    for k in LAYER_KEYS:
-                        row[f"{layer}/{k}"] = m.get(f"{layer}/{k}")
-                history.append(row)
-        if diverged_at is not None:
-            break
+    history, step, diverged_at = loop.run(
+        batches(), cfg.epochs * steps_per_epoch, train_step, tracker, track_every=cfg.track_every,
+        diverge_loss=cfg.diverge_loss, device=device, history_row=history_row,
+        check_every_step=device.type == "cpu", progress=progress)
     tracker.close()
     result = {"config": asdict(cfg), "status": "diverged" if diverged_at is not None else "ok",
               "diverged_step": diverged_at, "steps": step, "device": str(device), "n_classes": data.n_classes,

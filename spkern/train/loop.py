@@ -1,0 +1,36 @@
+"""The training loop both trainers use: steps, divergence, measurements, progress.
+
+A trainer gives the loop its steps (an iterable, one item per optimizer step) and a
+``train_step(step, item)`` that runs the forward, backward and optimizer step and returns
+the step's training loss (a device scalar; the tracker has it already). The loop keeps
+the first step whose loss was NaN, infinite or above ``diverge_loss`` in a device flag,
+reads it at every measurement (and after every step where ``check_every_step``: on CPU,
+where reading costs nothing, a diverged run stops at its first bad loss) and stops there;
+at every ``track_every``-th step and the last it appends ``history_row(step, metrics)``.
+"""
+
+import torch
+
+
+def run(items, total, train_step, tracker, *, track_every, diverge_loss, device, history_row,
+        check_every_step=False, progress=None):
+    """Runs the steps; returns (history, steps done, the diverged step or None)."""
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    history, done = [], 0
+    if progress is not None:
+        progress.reset(total=total)
+    for item in items:
+        loss = train_step(done, item)
+        bad = ~torch.isfinite(loss) | (loss > diverge_loss)
+        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, done), first_bad)
+        done += 1
+        if progress is not None:
+            progress.update(1)
+        measure = done % track_every == 0 or done == total
+        if measure or check_every_step:
+            fb = int(first_bad.item())
+            if fb >= 0:
+                return history, done, fb
+        if measure:
+            history.append(history_row(done, tracker.metrics()))
+    return history, done, None
