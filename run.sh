@@ -60,9 +60,11 @@ except ImportError:
   if [ "$(cat "$stamps/extension" 2>/dev/null)" != "$want" ] || [[ $torch_and_ext == *missing ]]; then
     say "building the C++ extension (from scratch: about two minutes on 2 cores; after a change: seconds)"
     local log=$stamps/build.log
-    if ! "$py" -m pip show -q spkern >/dev/null 2>&1; then
+    # the editable install (package list, the spkern command) again whenever setup.py changed
+    if ! "$py" -m pip show -q spkern >/dev/null 2>&1 || [ "$(cat "$stamps/install" 2>/dev/null)" != "$(fingerprint setup.py)" ]; then
       SPKERN_SKIP_EXTENSION=1 "$py" -m pip install -qq --no-build-isolation --no-deps -e . >"$log" 2>&1 \
         || { cat "$log" >&2; say "the build failed (log: $log)"; exit 1; }
+      fingerprint setup.py > "$stamps/install"
     fi
     "$py" setup.py -q build_ext --inplace >"$log" 2>&1 \
       || { cat "$log" >&2; say "the build failed (log: $log)"; exit 1; }

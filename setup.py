@@ -82,7 +82,8 @@ def main():
         version="0.1.0",
         description="Fused kernels that make width-scaling measurements (logit, update and "
         "feature-change statistics) nearly free",
-        packages=["spkern", "spkern.backends", "spkern.kernels", "spkern.monitor", "spkern.train"],
+        packages=["spkern", "spkern.backends", "spkern.experiments", "spkern.experiments.train", "spkern.kernels",
+                  "spkern.monitor"],
         package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
         python_requires=">=3.10",
         install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn"],
@@ -91,7 +92,7 @@ def main():
             "mnist1d": ["mnist1d"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
-        entry_points={"console_scripts": ["spkern = spkern.cli:run"]},
+        entry_points={"console_scripts": ["spkern = spkern.experiments.cli:run"]},
         ext_modules=[] if os.environ.get("SPKERN_SKIP_EXTENSION") == "1" else extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

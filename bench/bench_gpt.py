@@ -1,5 +1,5 @@
 """GPT training-step benchmark: tokens per second and peak memory of one AdamW step of
-the compact GPT (spkern.gpt; depth 2, context 128, batch 8, GPT-2's padded vocabulary of
+the compact GPT (spkern.experiments.gpt; depth 2, context 128, batch 8, GPT-2's padded vocabulary of
 50304 on random tokens) with spkern's fused head loss, fused optimizer and tracker, against
 the same model with eager logits, F.cross_entropy, torch.optim.AdamW and no tracker, all
 in the same run.
@@ -26,7 +26,7 @@ def run_one(impl, width, device, repeats):
     import torch.nn.functional as F
 
     import spkern
-    from spkern.gpt import GPT, GPTConfig
+    from spkern.experiments.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab=VOCAB, width=width, depth=DEPTH, context=CONTEXT)).to(device)

@@ -1,5 +1,5 @@
 """Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128,
-or with --model gpt the GPT of spkern.gpt: depth 2, context 64, batch 4, vocabulary 8192)
+or with --model gpt the GPT of spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary 8192)
 without tracking, with spkern.Tracker measuring every step (feature change, RCC effective
 and propagating updates with their alignments, per-parameter update, drift, weight and
 gradient norms, logit statistics), and, when installed, with torch-module-monitor
@@ -47,7 +47,7 @@ def build(model_kind, width, device):
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(1)
     if model_kind == "gpt":
-        from spkern.gpt import GPT, GPTConfig
+        from spkern.experiments.gpt import GPT, GPTConfig
 
         model = GPT(GPTConfig(vocab=GPT_VOCAB, width=width, depth=GPT_DEPTH, context=GPT_CONTEXT)).to(device)
         x = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), device=device, generator=g)
@@ -196,7 +196,7 @@ def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="model widths, e.g. 1024,2048")
     parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp",
-                        help="the MLP, or the GPT (spkern.gpt: depth 2, context 64, batch 4, vocabulary 8192)")
+                        help="the MLP, or the GPT (spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary 8192)")
     parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")

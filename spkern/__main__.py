@@ -1,5 +1,5 @@
 import sys
 
-from spkern.cli import run
+from spkern.experiments.cli import run
 
 sys.exit(run())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from spkern import cli
+from spkern.experiments import cli
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)

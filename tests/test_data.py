@@ -1,4 +1,4 @@
-"""spkern.data: the built-in datasets and the readers of MNIST and CIFAR-10 files, on tiny
+"""spkern.experiments.data: the built-in datasets and the readers of MNIST and CIFAR-10 files, on tiny
 files written here in the official formats."""
 
 import gzip
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spkern import data as D
+from spkern.experiments import data as D
 
 
 def _write_idx(path, array, gz=False):

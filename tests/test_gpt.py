@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import spkern
-from spkern import cli, sweep
-from spkern.gpt import GPT, GPTConfig
-from spkern.text import load_tokens, read_shard, write_modded_shard
-from spkern.train.gpt import GPTRunConfig, lr_factor, train
+from spkern.experiments import cli, sweep
+from spkern.experiments.gpt import GPT, GPTConfig
+from spkern.experiments.text import load_tokens, read_shard, write_modded_shard
+from spkern.experiments.train.gpt import GPTRunConfig, lr_factor, train
 
 TINY = dict(width=32, depth=1, context=16, batch_size=4, steps=6, track_every=3, warmup=2, eval_batches=2)
 
@@ -134,10 +134,10 @@ def test_two_processes_on_gloo_equal_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "-m", "spkern.train.gpt", *args, "--out", str(tmp_path / "two.json")],
+                          "-m", "spkern.experiments.train.gpt", *args, "--out", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, _what_failed(two)
-    one = subprocess.run([sys.executable, "-m", "spkern.train.gpt", *args, "--out", str(tmp_path / "one.json")],
+    one = subprocess.run([sys.executable, "-m", "spkern.experiments.train.gpt", *args, "--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, _what_failed(one)
     a, b = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
@@ -177,5 +177,5 @@ def test_bad_model_config():
     with pytest.raises(ValueError, match="exceeds the context"):
         GPT(GPTConfig(context=8, width=32))(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(SystemExit, match="batch_size"):
-        from spkern.train.gpt import main
+        from spkern.experiments.train.gpt import main
         main(["--batch-size", "5", "--grad-accum", "2"])

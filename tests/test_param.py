@@ -1,11 +1,11 @@
-"""spkern.param: init variances and per-layer learning rates against their formulas."""
+"""spkern.experiments.param: init variances and per-layer learning rates against their formulas."""
 
 import math
 
 import pytest
 import torch
 
-from spkern import param as P
+from spkern.experiments import param as P
 
 EXPECTED_C = {  # (sgd, adam) exponents for (input, hidden, output)
     "sp": ((0, 0, 0), (0, 0, 0)),

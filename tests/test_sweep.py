@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from spkern import cli, report, sweep
-from spkern.data import load
-from spkern.train.mlp import RunConfig, train
+from spkern.experiments import cli, report, sweep
+from spkern.experiments.data import load
+from spkern.experiments.train.mlp import RunConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_gpt_sweep_refuses_non_finite_options(tmp_path, capsys):
 
 
 def test_run_configs_refuse_non_finite_values():
-    from spkern.train.gpt import GPTRunConfig
+    from spkern.experiments.train.gpt import GPTRunConfig
 
     for bad in (dict(diverge_loss=math.inf), dict(momentum=math.nan), dict(momentum=-1.0), dict(lr=math.inf)):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -326,13 +326,13 @@ def test_report_never_picks_a_diverged_rate(tmp_path):
 
 def test_run_options_and_their_defaults_come_from_the_run_configs():
     # one source of every default: the options of `spkern sweep mlp|gpt` and of
-    # `python -m spkern.train.gpt` are generated from the run-config dataclasses
+    # `python -m spkern.experiments.train.gpt` are generated from the run-config dataclasses
     import argparse
     from dataclasses import fields
 
-    from spkern import cli
-    from spkern.train.gpt import GPTRunConfig
-    from spkern.train.mlp import RunConfig
+    from spkern.experiments import cli
+    from spkern.experiments.train.gpt import GPTRunConfig
+    from spkern.experiments.train.mlp import RunConfig
 
     for add, cls in ((lambda p: cli._add_mlp_options(p, {}), RunConfig), (cli._add_gpt_options, GPTRunConfig)):
         p = argparse.ArgumentParser()

@@ -1,6 +1,6 @@
 """One MLP training run with every statistic tracked by spkern's kernels.
 
-:func:`train` builds a ReLU MLP through :mod:`spkern.param`, trains it with
+:func:`train` builds a ReLU MLP through :mod:`spkern.experiments.param`, trains it with
 :mod:`spkern.optim` (SGD, or AdamW without weight decay for "adam") under
 ``spkern.cross_entropy`` ("ce") or ``spkern.mse_onehot_loss`` on the logits ("mse",
 summed over classes, averaged over the batch) and an :class:`spkern.Tracker`, and returns
@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 
 import spkern
-from spkern import param as P
-from spkern.data import Dataset
-from spkern.train import loop
+from spkern.experiments import param as P
+from spkern.experiments.data import Dataset
+from spkern.experiments.train import loop
 
 LOSSES = ("ce", "mse")
 DTYPES = ("float32", "bfloat16")

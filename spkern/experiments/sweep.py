@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from spkern.train.mlp import RunConfig
+from spkern.experiments.train.mlp import RunConfig
 
 RESULTS = "results.jsonl"
 
@@ -142,7 +142,7 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
     """The adaptive search over a grid of ``n`` rates from index ``start``: ``runs_at(i)``
     makes (or reads) the runs of every seed at grid rate i and returns their results.
     Returns {index: (mean score, mean training loss, any seed diverged)} of the rates run."""
-    from spkern.report import chance_score, lr_outcome, stable_threshold
+    from spkern.experiments.report import chance_score, lr_outcome, stable_threshold
 
     known: Dict[int, Tuple[float, float, bool]] = {}
     base = []  # the chance score, from the first results
@@ -173,7 +173,7 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
 def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
     """The index of the best rate of a search's outcomes (the report's choice), or None
     when every rate run had a diverged seed."""
-    from spkern.report import best_index
+    from spkern.experiments.report import best_index
 
     order = sorted(known)
     best = best_index(*([known[i][k] for i in order] for k in range(3)))
@@ -181,7 +181,7 @@ def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
 
 
 def _experiment(cfg) -> str:
-    from spkern.report import SWEPT  # what varies inside one experiment
+    from spkern.experiments.report import SWEPT  # what varies inside one experiment
 
     return _key({k: v for k, v in asdict(cfg).items() if k not in SWEPT})
 
@@ -193,9 +193,9 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
     :class:`SweepLocked` while another sweep writes to ``out``."""
     if train_fn is None:
         if configs and type(configs[0]).__name__ == "GPTRunConfig":
-            from spkern.train.gpt import train as train_fn
+            from spkern.experiments.train.gpt import train as train_fn
         else:
-            from spkern.train.mlp import train as train_fn
+            from spkern.experiments.train.mlp import train as train_fn
     os.makedirs(out, exist_ok=True)
     with _lock(out):
         return _run_locked(configs, out, data, device, progress, train_fn, adaptive)

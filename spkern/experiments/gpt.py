@@ -7,7 +7,7 @@ grows with the width), optional LayerNorm on queries and keys per head (qk-Layer
 GELU MLP of 4 x width; learned positions; a final LayerNorm and an untied head.
 
 Parameterizations (``lr_l = lr * (width / base_width) ** -c_l``, the exponents c by role
-from the one table of :mod:`spkern.param`; the initialisation is the GPT's own):
+from the one table of :mod:`spkern.experiments.param`; the initialisation is the GPT's own):
 
 =====  =================================================  ===============  ===============
 name   init std                                           SGD c            Adam c
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import spkern
-from spkern import param as P
+from spkern.experiments import param as P
 
-GPT_PARAMS = ("sp", "mup")  # their learning-rate exponents by role: spkern.param's table
+GPT_PARAMS = ("sp", "mup")  # their learning-rate exponents by role: spkern.experiments.param's table
 
 
 @dataclass

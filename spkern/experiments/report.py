@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from spkern.sweep import read_results
+from spkern.experiments.sweep import read_results
 
 SWEPT = ("width", "lr", "seed")  # what varies inside one experiment
 
@@ -300,7 +300,7 @@ def _lr_counts(rows):
 
 
 def _markdown(rows, exps, summaries, fits, figs):
-    from spkern.param import table_markdown
+    from spkern.experiments.param import table_markdown
 
     c0 = rows[0]["config"]
     n_div = sum(r["status"] != "ok" for r in rows)
@@ -368,7 +368,7 @@ def _markdown(rows, exps, summaries, fits, figs):
               "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
               "`diverge_loss`. All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
               "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "",
-              table_markdown() if task == "MLP" else "see the table in `spkern/gpt.py`.", ""]
+              table_markdown() if task == "MLP" else "see the table in `spkern/experiments/gpt.py`.", ""]
     return "\n".join(lines)
 
 

@@ -130,8 +130,8 @@ def _positive_ints(cls):
 
 
 def _add_mlp_options(p, defaults):
-    from spkern.data import DATASETS
-    from spkern.train.mlp import DTYPES, RunConfig
+    from spkern.experiments.data import DATASETS
+    from spkern.experiments.train.mlp import DTYPES, RunConfig
 
     p.add_argument("--data", default=defaults.get("data", "digits"), choices=DATASETS,
                    help="dataset (mnist and cifar10 are read from --data-root)")
@@ -154,12 +154,12 @@ def _add_mlp_options(p, defaults):
 
 
 def _add_grid_options(p, default, below=None):
-    from spkern.sweep import Adaptive
+    from spkern.experiments.sweep import Adaptive
 
     p.add_argument("--grid", default=default, choices=["full", "adaptive"],
                    help="full: every learning rate at every width; adaptive: per width, from the previous "
                         "width's optimum up to --grid-above unstable rates and down to --grid-below rates "
-                        "under the best (see spkern.sweep)")
+                        "under the best (see spkern.experiments.sweep)")
     p.add_argument("--grid-below", type=int, default=Adaptive.below if below is None else below,
                    help="adaptive grid: rates run below the best")
     p.add_argument("--grid-above", type=int, default=Adaptive.above,
@@ -167,7 +167,7 @@ def _add_grid_options(p, default, below=None):
 
 
 def _adaptive(args):
-    from spkern.sweep import Adaptive
+    from spkern.experiments.sweep import Adaptive
 
     if args.grid == "full":
         return None
@@ -192,7 +192,7 @@ def _device(text):
 
 def _grid_args(args, positive):
     """The learning rates, widths, seeds and device of a sweep's arguments, checked."""
-    from spkern import sweep
+    from spkern.experiments import sweep
 
     try:
         lrs = sweep.parse_lrs(args.lrs)
@@ -206,7 +206,7 @@ def _grid_args(args, positive):
 
 def _run_sweep(kind, args, configs, data, device):
     """Runs the configs not yet in args.out, then writes the report."""
-    from spkern import report, sweep
+    from spkern.experiments import report, sweep
 
     adaptive = _adaptive(args)
     _writable_folder(args.out)
@@ -234,9 +234,9 @@ def _writable_folder(out):
 
 
 def sweep_mlp(args):
-    from spkern import param, sweep
-    from spkern.data import load
-    from spkern.train.mlp import LOSSES, RunConfig
+    from spkern.experiments import param, sweep
+    from spkern.experiments.data import load
+    from spkern.experiments.train.mlp import LOSSES, RunConfig
 
     lrs, widths, seeds, device = _grid_args(args, _positive_ints(RunConfig))
     base = _config_from(args, RunConfig)
@@ -259,7 +259,7 @@ GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim
 
 
 def _add_gpt_options(p):
-    from spkern.train.gpt import DTYPES, GPTRunConfig
+    from spkern.experiments.train.gpt import DTYPES, GPTRunConfig
 
     d = GPT_DEFAULTS
     p.add_argument("--data", default="pydoc", help="pydoc (CPython's documentation, bytes), bytes:PATH (any text "
@@ -281,10 +281,10 @@ def _add_gpt_options(p):
 
 
 def sweep_gpt(args):
-    from spkern import sweep
-    from spkern.gpt import GPT_PARAMS
-    from spkern.text import load_tokens
-    from spkern.train.gpt import LOSSES, GPTRunConfig
+    from spkern.experiments import sweep
+    from spkern.experiments.gpt import GPT_PARAMS
+    from spkern.experiments.text import load_tokens
+    from spkern.experiments.train.gpt import LOSSES, GPTRunConfig
 
     lrs, widths, seeds, device = _grid_args(args, _positive_ints(GPTRunConfig))
     base = _config_from(args, GPTRunConfig)
@@ -347,9 +347,9 @@ def main(argv=None):
         return sweep_gpt(args)
     if args.command in ("demo", "sweep"):
         return sweep_mlp(args)
-    from spkern import report
+    from spkern.experiments import report
 
-    from spkern import sweep
+    from spkern.experiments import sweep
 
     try:
         print(f"report: {report.write(args.out, args.stable_threshold)}")

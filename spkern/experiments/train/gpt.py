@@ -1,8 +1,8 @@
 """GPT training runs: the fused head loss, the tracker, AdamW or SGD, one process or
 data-parallel (DDP) across several.
 
-    python -m spkern.train.gpt --width 128 --lr 3e-3 --steps 200 --out run.json
-    torchrun --nproc_per_node=2 -m spkern.train.gpt --width 128 --lr 3e-3 --out run.json
+    python -m spkern.experiments.train.gpt --width 128 --lr 3e-3 --steps 200 --out run.json
+    torchrun --nproc_per_node=2 -m spkern.experiments.train.gpt --width 128 --lr 3e-3 --out run.json
 
 Under ``torchrun`` each process trains on its slice of every global batch (the same
 global batch as one process would draw: all ranks share the sampler's seed), gradients
@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import spkern
-from spkern.gpt import GPT, GPT_PARAMS, GPTConfig
-from spkern.train import loop
-from spkern.train.mlp import _json_safe, check_number
+from spkern.experiments.gpt import GPT, GPT_PARAMS, GPTConfig
+from spkern.experiments.train import loop
+from spkern.experiments.train.mlp import _json_safe, check_number
 
 LOSSES = ("ce", "mse")
 DTYPES = ("float32", "bfloat16")
@@ -130,7 +130,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     """Trains one GPT run (in every process of a torch.distributed job)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from spkern.text import load_tokens
+    from spkern.experiments.text import load_tokens
 
     cfg.check()
     rank, world = _dist()
@@ -224,9 +224,9 @@ def _loss(ddp, model, x, y, kind):
 
 def main(argv=None):
     """One run from the command line (``torchrun`` for several processes)."""
-    parser = argparse.ArgumentParser(prog="python -m spkern.train.gpt", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m spkern.experiments.train.gpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from spkern.cli import GPT_HELP, _config_options
+    from spkern.experiments.cli import GPT_HELP, _config_options
 
     _config_options(parser, GPTRunConfig, GPT_HELP, choices={"loss": LOSSES, "optim": ("sgd", "adam"),
                                                               "dtype": DTYPES}, swept=())
@@ -237,7 +237,7 @@ def main(argv=None):
     try:
         cfg.check()
     except ValueError as e:
-        raise SystemExit(f"spkern.train.gpt: {e}") from None
+        raise SystemExit(f"spkern.experiments.train.gpt: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
     if device == "auto":

@@ -1,0 +1,1 @@
+"""Trainers: :mod:`spkern.experiments.train.mlp` (MLP width x learning-rate sweeps)."""

@@ -1,1 +1,0 @@
-"""Trainers: :mod:`spkern.train.mlp` (MLP width x learning-rate sweeps)."""
