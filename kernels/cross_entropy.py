@@ -245,3 +245,34 @@ def cross_entropy_fwd(logits, target, weight, scalars, kind, ignore_index, label
         BLOCK=_block_size(C), num_warps=_num_warps(_block_size(C)),
     )
     return loss, stats, grad
+
+
+# (C at which the launcher picks each block size: 16, 1024 and the looping 4096)
+_SHAPES = (10, 1000, 50257)
+_FLAG_SETS = (  # KIND, HAS_WEIGHT, PROB, HAS_CAP, SMOOTH, STATS_ON, GRAD: every flag on and off
+    (CROSS_ENTROPY, False, False, False, False, True, True),
+    (CROSS_ENTROPY, True, False, True, True, True, True),
+    (CROSS_ENTROPY, True, True, True, True, True, True),
+    (CROSS_ENTROPY, False, False, False, False, False, False),
+    (MSE_LOGITS, False, False, False, False, True, True),
+    (MSE_PROBS, False, False, True, False, True, True),
+)
+
+
+def compile_configs():
+    """Every launch configuration spkern.compile_check compiles: each dtype and block size
+    the launcher chooses, with every flag on and off (and all on together)."""
+    for dt in ("fp32", "bf16", "fp16"):
+        for C in _SHAPES:
+            block = _block_size(C)
+            for kind, weight, prob, cap, smooth, stats, grad in _FLAG_SETS:
+                sig = {"X": f"*{dt}", "stride_x": "i32", "T": f"*{dt}" if prob else "*i64", "stride_t": "i32",
+                       "Wt": "*fp32", "SCAL": "*fp32", "LOSS": "*fp32", "STATS": "*fp32", "stride_s": "i32",
+                       "G": f"*{dt}", "stride_g": "i32", "C": "i32", "ignore_index": "i32", "eps": "fp32",
+                       "z": "fp32", "cap": "fp32"}
+                const = dict(KIND=int(kind), HAS_WEIGHT=weight, PROB=prob, HAS_CAP=cap, SMOOTH=smooth,
+                             STATS_ON=stats, GRAD=grad, BLOCK=block)
+                label = f"{dt} C={C} kind={int(kind)}" + "".join(
+                    f" {n}" for n, on in (("weight", weight), ("prob", prob), ("cap", cap), ("smooth", smooth),
+                                          ("stats", stats), ("grad", grad)) if on)
+                yield _cross_entropy_fwd_kernel, sig, const, _num_warps(block), label

@@ -79,6 +79,12 @@ def _pair_stats_kernel(A, B, OUT, rows, n, HAS_B: tl.constexpr, BLOCK_R: tl.cons
     tl.store(o + ZEROS, s_zz.to(tl.float64), mask=rmask)
 
 
+def _pair_blocks(n):
+    """(rows, features) of a program's block for rows of n features."""
+    block_f = min(1024, triton.next_power_of_2(max(n, 1)))
+    return max(1, min(16, 4096 // block_f)), block_f
+
+
 def pair_stats(a, b=None):
     """Same contract as spkern._C.pair_stats_cpu: (rows, 5) float64 per-row statistics of
     contiguous (rows, features) a and b (same shape and dtype; None: b = 0)."""
@@ -86,8 +92,7 @@ def pair_stats(a, b=None):
     out = torch.empty(rows, 5, device=a.device, dtype=torch.float64)
     if rows == 0:
         return out
-    block_f = min(1024, triton.next_power_of_2(max(n, 1)))
-    block_r = max(1, min(16, 4096 // block_f))
+    block_r, block_f = _pair_blocks(n)
     _pair_stats_kernel[(triton.cdiv(rows, block_r),)](
         a, b if b is not None else a, out, rows, n, HAS_B=b is not None, BLOCK_R=block_r, BLOCK_F=block_f)
     return out
@@ -120,6 +125,10 @@ def _paired_linear_kernel(X, W, W0, Y, Z, M, N, K, sxm, sxk, swn, swk, s0n, s0k,
     tl.store(Z + offs, acc_z, mask=mask)
 
 
+def _paired_blocks(M):
+    return (16 if M <= 16 else 64), 64, 32
+
+
 def paired_linear(x, weight, weight0):
     """(x W^T, x W0^T) in float32 for x (M, K), W and W0 (N, K): one pass over x."""
     M, K = x.shape
@@ -128,9 +137,25 @@ def paired_linear(x, weight, weight0):
     z = torch.empty(M, N, device=x.device, dtype=torch.float32)
     if M == 0 or N == 0:
         return y, z
-    bm = 16 if M <= 16 else 64
-    bn, bk = 64, 32
+    bm, bn, bk = _paired_blocks(M)
     _paired_linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x, weight, weight0, y, z, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         weight0.stride(0), weight0.stride(1), BM=bm, BN=bn, BK=bk)
     return y, z
+
+
+def compile_configs():
+    """Every launch configuration spkern.compile_check compiles."""
+    for dt in ("fp32", "bf16", "fp16"):
+        for n in (8, 256, 4096):
+            block_r, block_f = _pair_blocks(n)
+            for has_b in (True, False):
+                sig = {"A": f"*{dt}", "B": f"*{dt}", "OUT": "*fp64", "rows": "i32", "n": "i32"}
+                yield (_pair_stats_kernel, sig, dict(HAS_B=has_b, BLOCK_R=block_r, BLOCK_F=block_f), 4,
+                       f"{dt} n={n}" + (" b" if has_b else ""))
+        for w0 in ("fp32", "bf16", "fp16"):
+            for M in (16, 256):
+                bm, bn, bk = _paired_blocks(M)
+                sig = {"X": f"*{dt}", "W": f"*{dt}", "W0": f"*{w0}", "Y": "*fp32", "Z": "*fp32",
+                       **{k: "i32" for k in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "s0n", "s0k")}}
+                yield _paired_linear_kernel, sig, dict(BM=bm, BN=bn, BK=bk), 4, f"{dt} W0 {w0} M={M}"

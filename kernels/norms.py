@@ -14,6 +14,7 @@ from spkern.constants import Sum
 from spkern.kernels.chunks import TL_DTYPE as _TL, WorkTable
 
 CHUNK = 1 << 16
+_CHUNK_BLOCK = 1024
 A_SQ, B_SQ, DIFF_SQ, DOT = (tl.constexpr(int(c)) for c in (Sum.A_SQ, Sum.B_SQ, Sum.DIFF_SQ, Sum.DOT))
 
 
@@ -83,7 +84,19 @@ def multi_tensor_norms(a, b):
         _chunk_kernel[(plan.n_work,)](
             a_ptrs, b_ptrs, *plan.work, partial,
             A_TY=_TL[a_dtype], B_TY=_TL[b_dtype or a_dtype], HAS_B=b is not None and len(b) > 0,
-            BLOCK=1024)
+            BLOCK=_CHUNK_BLOCK)
         first, last, rows = plan.ranges
         _reduce_kernel[(len(idx),)](partial, first, last, out, rows)
     return out
+
+
+def compile_configs():
+    """Every launch configuration spkern.compile_check compiles."""
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    sig = {n: "*i64" for n in ("A_PTRS", "B_PTRS", "WORK_T", "WORK_START", "WORK_END")} | {"PARTIAL": "*fp32"}
+    for a in names:
+        for b in (None, *names):
+            yield (_chunk_kernel, sig, dict(A_TY=a, B_TY=b or a, HAS_B=b is not None, BLOCK=_CHUNK_BLOCK), 4,
+                   f"a {names[a]}" + (f" b {names[b]}" if b is not None else ""))
+    yield (_reduce_kernel, {"PARTIAL": "*fp32", "FIRST": "*i64", "LAST": "*i64", "OUT": "*fp32", "OUT_ROWS": "*i64"},
+           {}, 4, "")

@@ -160,3 +160,24 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ini
             plan.partial, float(1 - lr * weight_decay), float(1 - beta1), float(beta2),
             float(1 - beta2), plan.add_scalar(eps), AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), **plan.meta)
     plan.finish(stats)
+
+
+def compile_configs():
+    """Every launch configuration spkern.compile_check compiles."""
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    work = {"WORK_T": "*i64", "WORK_S": "*i64", "WORK_E": "*i64", "PARTIAL": "*fp32"}
+    for p in names:
+        for w0 in (None, *names):
+            meta = dict(HAS_W0=w0 is not None, W0_TY=w0 or tl.float32, P_TY=p, BLOCK=BLOCK)
+            tag = f"{names[p]}" + (f" W0 {names[w0]}" if w0 is not None else "")
+            for mom, nesterov, maximize in ((False, False, False), (True, False, False), (True, True, True)):
+                sig = {n: "*i64" for n in ("P_PTRS", "G_PTRS", "BUF_PTRS", "W0_PTRS")} | {"FRESH": "*i32"} | work | {
+                    n: "fp32" for n in ("lr", "momentum", "damp1", "weight_decay", "momentum_mul")}
+                yield (_sgd_kernel, sig, dict(HAS_MOM=mom, NESTEROV=nesterov, MAXIMIZE=maximize, **meta), 4,
+                       f"sgd {tag}" + (" momentum" if mom else "") + (" nesterov maximize" if nesterov else ""))
+            for amsgrad, maximize in ((False, False), (True, True)):
+                sig = {n: "*i64" for n in ("P_PTRS", "G_PTRS", "M_PTRS", "V_PTRS", "VMAX_PTRS", "W0_PTRS")} | {
+                    "NEG_STEP": "*fp32", "BC2_SQRT": "*fp32"} | work | {
+                    n: "fp32" for n in ("decay", "w1", "beta2", "w2", "eps")}
+                yield (_adamw_kernel, sig, dict(AMSGRAD=amsgrad, MAXIMIZE=maximize, **meta), 4,
+                       f"adamw {tag}" + (" amsgrad maximize" if amsgrad else ""))

@@ -336,9 +336,14 @@ def main(argv=None):
     rep.add_argument("--stable-threshold", type=_number(), default=None)
     sub.add_parser("bench", help="run the benchmark suite (spkern bench --help)", add_help=False)
     sub.add_parser("info", help="versions, how spkern._C was built, and which backend runs each op here")
+    sub.add_parser("compile-check", help="compile every GPU kernel for sm_80 and sm_90 without a GPU "
+                                          "(spkern compile-check --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
+    if argv[:1] == ["compile-check"]:
+        from spkern import compile_check
+        return compile_check.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         from spkern import info
