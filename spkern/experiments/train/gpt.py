@@ -36,16 +36,19 @@ LOSSES = ("ce", "mse")
 DTYPES = ("float32", "bfloat16")
 
 
+_MODEL = GPTConfig()  # the model's fields take the model's own defaults
+
+
 @dataclass
 class GPTRunConfig:
     data: str = "pydoc"
-    width: int = 128
-    depth: int = 2
-    head_dim: int = 32
-    context: int = 128
-    qk_norm: bool = True
-    param: str = "sp"
-    base_width: int = 64
+    width: int = _MODEL.width
+    depth: int = _MODEL.depth
+    head_dim: int = _MODEL.head_dim
+    context: int = _MODEL.context
+    qk_norm: bool = _MODEL.qk_norm
+    param: str = _MODEL.param
+    base_width: int = _MODEL.base_width
     loss: str = "ce"
     optim: str = "adam"
     lr: float = 3e-3
