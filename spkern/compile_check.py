@@ -194,7 +194,10 @@ def main(argv=None):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     code = ("import sys, triton; from spkern.compile_check import _child; sys.exit(_child(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, *(sys.argv[1:] if argv is None else argv)], env=env).returncode
+    with tempfile.TemporaryDirectory(prefix="spkern-compile-check-") as cache:
+        env["TRITON_CACHE_DIR"] = cache  # a fresh cache: every kernel compiled, its time measured
+        return subprocess.run([sys.executable, "-c", code, *(sys.argv[1:] if argv is None else argv)],
+                              env=env).returncode
 
 
 if __name__ == "__main__":
