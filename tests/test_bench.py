@@ -154,3 +154,17 @@ def test_tracker_benchmark_on_the_gpt_and_a_subset(tmp_path, capsys):
     assert "spkern loss and optimizer only" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_tracker.main(["--impls", "nothing like it"])
+
+
+def test_gpu_run_dry_run_exercises_every_stage(tmp_path):
+    # the GPU run's plumbing on CPU: every stage runs under its cap, logs and stages.tsv land
+    # in the results folder as each finishes
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "--dry-run", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
+    names = [row[0] for row in rows]
+    assert names[:3] == ["device", "build", "gpu_tests"] and len(names) == 9
+    assert all(row[1] == "ok" for row in rows), rows
+    assert all((tmp_path / f"{n}.log").exists() for n in names)
