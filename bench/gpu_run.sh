@@ -3,6 +3,7 @@
 # whole device budget is 15 minutes, the machine's start included):
 #
 #   bash bench/gpu_run.sh [--dry-run] [results folder]     (default: $OUT, else bench/results)
+#   (the Python is $PYTHON, else python3)
 #
 # Stages run in order, correctness first, then the benchmarks fastest first; each has its
 # own time cap (seconds, below) and writes its log under the results folder as it

@@ -161,7 +161,7 @@ def test_gpu_run_dry_run_exercises_every_stage(tmp_path):
     # in the results folder as each finishes
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "--dry-run", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
     names = [row[0] for row in rows]
