@@ -38,8 +38,9 @@ def _versions():
 def text() -> str:
     """The report as text."""
     lines = ["spkern " + __import__("spkern").__version__, ""]
-    width = max(len(k) for k, _ in _versions())
-    lines += [f"{k:<{width}}  {v}" for k, v in _versions()]
+    versions = _versions()
+    width = max(len(k) for k, _ in versions)
+    lines += [f"{k:<{width}}  {v}" for k, v in versions]
     for device, rows in registry.table().items():
         lines += ["", f"ops on {device} tensors (float32), with no backend asked for:"]
         op_w = max(len(op) for op in rows)

@@ -81,7 +81,7 @@ class _NormStats:
         self.drift_every = drift_every
         self.drift_dtype = drift_dtype
         self.steps_taken = 0
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self.stepped_parameters()
         self.initial_weights = {}
         if initial_weights is not None:
             self.initial_weights = self._given_initial_weights(params, initial_weights, drift_dtype)
@@ -103,7 +103,7 @@ class _NormStats:
         indexes the state) and the step count, so that drift continues after a resume."""
         sd = super().state_dict()
         if self.initial_weights:
-            params = [p for group in self.param_groups for p in group["params"]]
+            params = self.stepped_parameters()
             sd["initial_weights"] = {i: self.initial_weights[p] for i, p in enumerate(params)
                                      if p in self.initial_weights}
         sd["steps_taken"] = self.steps_taken
@@ -119,7 +119,7 @@ class _NormStats:
         if steps is not None:
             self.steps_taken = int(steps)
         if initial is not None:
-            params = [p for group in self.param_groups for p in group["params"]]
+            params = self.stepped_parameters()
             for i, w0 in initial.items():
                 i = int(i)
                 if not 0 <= i < len(params) or w0.shape != params[i].shape:

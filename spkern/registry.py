@@ -139,12 +139,6 @@ def _order(op, device_type):
     return tuple(b for b in order if (op, b) in _KERNELS) or order[-1:]
 
 
-def default_backend(op: str, device) -> str:
-    """The backend ``op`` runs on ``device`` when none is asked for."""
-    _load_backends()
-    return _order(op, torch.device(device).type)[0]
-
-
 @functools.cache
 def _warn_once(op, name, why, chosen):
     warnings.warn(f"spkern.{op}: backend {name!r} cannot run here ({why}); using {chosen}",
@@ -155,16 +149,18 @@ def resolve(op: str, tensor, *call) -> Optional[Kernel]:
     """The kernel that runs ``op`` on ``tensor`` (its device and dtype) and ``call``; None
     when no backend has one for this call (the op then runs its plain PyTorch path)."""
     _load_backends()
-    asked = _asked()
     order = _order(op, tensor.device.type)
-    first = asked or order[0]
-    kernel = _KERNELS.get((op, first))  # the common case: the first choice runs
-    if kernel is not None and (kernel.check is None or kernel.check(tensor, *call) is None):
-        return kernel
-    why = None
-    for name in (first,) + tuple(b for b in order if b != first):
+    first = _asked() or order[0]
+    if first == "reference" and (op, first) not in _KERNELS:
+        return None  # the op's plain PyTorch path is its reference
+    why = reason(op, first, tensor, *call)
+    if why is None:  # the common case: the first choice runs
+        return _KERNELS[(op, first)]
+    for name in order:
+        if name == first:
+            continue
         if name == "reference" and (op, name) not in _KERNELS:
-            break  # the op's plain PyTorch path is its reference
+            break
         r = reason(op, name, tensor, *call)
         if r is None:
             if name != first:
@@ -174,12 +170,6 @@ def resolve(op: str, tensor, *call) -> Optional[Kernel]:
     if first != "reference":
         _warn_once(op, first, why, "plain PyTorch")
     return None
-
-
-def backend_of(op: str, tensor, *call) -> str:
-    """The name of the backend :func:`resolve` picks ("reference" for the plain path)."""
-    kernel = resolve(op, tensor, *call)
-    return kernel.backend if kernel is not None else "reference"
 
 
 @functools.cache

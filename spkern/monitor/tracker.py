@@ -316,10 +316,11 @@ class Tracker:
         on, against their value then (or the reference model's). Where the optimizer's
         parameters are not known (a torch optimizer) every parameter of the tracked modules
         is tracked already."""
-        stepped = self._stepped()
-        if stepped is None or len(stepped) == self._stepped_count:
+        stepped = self._source.stepped_parameters() if self._source is not None else None
+        if stepped is None or len(stepped) == self._stepped_count:  # (every step: a length, no set)
             return
         self._stepped_count = len(stepped)
+        stepped = {id(p) for p in stepped}
         have = {id(p) for _, p in self.params}
         ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
         for n, p in self._params():
