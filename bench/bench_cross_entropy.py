@@ -1,9 +1,11 @@
 """Cross-entropy benchmark: forward+backward time and peak memory of spkern against
-PyTorch eager and torch.compile of F.cross_entropy, all measured in the same run.
+PyTorch eager and torch.compile of F.cross_entropy, and on a GPU Liger Kernel and quack
+where installed (bench/peers.py), all measured in the same run.
 
     python bench/bench_cross_entropy.py                 # (4096, 32768) and (8192, 50257), float32
     python bench/bench_cross_entropy.py --quick         # one small shape, 3 repeats
-    python bench/bench_cross_entropy.py --device cuda   # on a GPU: adds the Triton and CUDA backends
+    python bench/bench_cross_entropy.py --device cuda   # on a GPU: adds the Triton and CUDA backends and
+                                                        # the peers; (8192, 50257) and (16384, 131072)
     python bench/bench_cross_entropy.py --loss mse      # squared error on one-hot targets instead
 
 Every step starts from x.grad = None, as a training step does; inputs rotate through
@@ -18,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import peers  # noqa: E402
 
 # name -> (spkern backend, or None for PyTorch; return_stats)
 IMPLS = {
@@ -30,6 +33,7 @@ CUDA_IMPLS = {
     "spkern triton +stats": ("triton", True),
     "spkern cuda +stats": ("cuda", True),
 }
+PEERS = peers.CROSS_ENTROPY  # cross-entropy only (--loss ce)
 
 
 def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
@@ -39,7 +43,14 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
 
     import spkern
 
-    backend, stats = {**IMPLS, **CUDA_IMPLS}[impl]
+    if impl in PEERS:
+        try:
+            peer_loss = peers.cross_entropy(impl, device)
+        except peers.Skip as e:
+            return {"skipped": str(e)}
+        backend, stats = "peer", False
+    else:
+        backend, stats = {**IMPLS, **CUDA_IMPLS}[impl]
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -60,21 +71,24 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
 
         def spkern_loss(x, target, return_stats):
             return spkern.cross_entropy(x, target, return_stats=return_stats)
-    if backend is None:
-        fn = torch_loss if impl == "torch eager" else torch.compile(torch_loss)
-
-        def step(s):
-            fn(*s).backward()
+    if backend == "peer":
+        loss_of = peer_loss
+    elif backend is None:
+        loss_of = torch_loss if impl == "torch eager" else torch.compile(torch_loss)
     else:
-        def step(s):
+        def loss_of(x, target):
             with spkern.use_backend(backend) if backend != "default" else contextlib.nullcontext():
-                out = spkern_loss(*s, stats)
-            (out[0] if stats else out).backward()
+                out = spkern_loss(x, target, stats)
+            return out[0] if stats else out
+
+    def step(s):
+        loss_of(*s).backward()
 
     def clear(s):
         s[0].grad = None
 
-    return harness.measure(step, device, repeats, before_each=clear, rotation=rotation)
+    error = harness.loss_error(loss_of, lambda x, t: torch_loss(x.double(), t), rotation.sets[0])
+    return {**harness.measure(step, device, repeats, before_each=clear, rotation=rotation), "loss_error": error}
 
 
 def main(argv=None):
@@ -85,16 +99,18 @@ def main(argv=None):
                         help="ce: cross-entropy; mse: squared error against one-hot targets (F.mse_loss of "
                              "F.one_hot for PyTorch, spkern.mse_onehot_loss)")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated subset of: " + ", ".join(list(IMPLS) + list(CUDA_IMPLS)))
+                        help="comma-separated subset of: " + ", ".join(list(IMPLS) + list(CUDA_IMPLS) + PEERS))
     args = harness.parse(parser, argv, run_one)
     if args is None:
         return 0
     import torch
 
-    shapes = harness.parse_shapes(args.shapes or ("1024x32768" if args.quick else "4096x32768,8192x50257"),
-                                  2, parser)
+    default_shapes = "8192x50257,16384x131072" if args.device == "cuda" else "4096x32768,8192x50257"
+    shapes = harness.parse_shapes(args.shapes or ("1024x32768" if args.quick else default_shapes), 2, parser)
     repeats = args.repeats or (3 if args.quick else 7)
     impls = list(IMPLS) + (list(CUDA_IMPLS) if args.device == "cuda" else [])
+    if args.loss == "ce":
+        impls += PEERS
     if args.impls:
         unknown = set(args.impls.split(",")) - set(impls)
         if unknown:
@@ -114,8 +130,9 @@ def main(argv=None):
         eager_ms = None
         for impl in impls:
             r = harness.run_isolated(__file__, [impl, rows, vocab, args.dtype, args.device, repeats, args.loss])
-            if "error" in r:
-                print(f"| {rows}x{vocab} | {impl} | failed: {r['error']} |")
+            if "error" in r or "skipped" in r:
+                what = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+                print(f"| {rows}x{vocab} | {impl} | {what} |")
                 continue
             if impl == "torch eager":
                 eager_ms = r["median_ms"]
@@ -125,6 +142,8 @@ def main(argv=None):
                      speedup_vs_eager=(eager_ms / r["median_ms"]) if eager_ms else None,
                      gb_per_s=gbs, fraction_of_copy_bandwidth=gbs * 1e9 / bandwidth)
             results.append(r)
+            if (r.get("loss_error") or 0) > harness.LOSS_TOLERANCE:
+                print(f"# {impl}: its loss is off by {r['loss_error']:.1e} (relative) from a float64 reference")
             speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
             print(f"| {rows}x{vocab} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
                   f"{speed} | {r['peak_extra_mb']:.0f} | {gbs:.1f} | {r['fraction_of_copy_bandwidth']:.0%} |",

@@ -1,10 +1,11 @@
 """Linear cross-entropy benchmark: forward+backward time and peak memory of
 spkern.linear_cross_entropy against the three matrix products alone (the floor), eager
-F.linear + F.cross_entropy, PyTorch's chunked F.linear_cross_entropy, and
-cut-cross-entropy (when installed; impl "torch_compile" on CPU, "cce" on GPU), all in
-the same run.
+F.linear + F.cross_entropy, its torch.compile, PyTorch's chunked F.linear_cross_entropy,
+and the peers where installed (bench/peers.py: cut-cross-entropy, impl "torch_compile" on
+CPU and "cce" on GPU; Liger Kernel and quack on GPU), all in the same run.
 
     python bench/bench_linear_cross_entropy.py            # (4096, 1024, 32768), (8192, 768, 50257)
+    python bench/bench_linear_cross_entropy.py --device cuda   # (8192, 768, 50257), (16384, 4096, 131072)
     python bench/bench_linear_cross_entropy.py --quick    # one small shape
     pip install cut-cross-entropy                         # optional peer
 
@@ -19,9 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import peers  # noqa: E402
 
-IMPLS = ["three matmuls", "torch eager", "torch chunked", "cut-cross-entropy", "Liger Kernel", "spkern",
-         "spkern +stats"]
+IMPLS = ["three matmuls", "torch eager", "torch.compile", "torch chunked", *peers.LINEAR_CROSS_ENTROPY,
+         "spkern", "spkern +stats"]
 
 
 def run_one(impl, N, D, V, dtype_name, device, repeats):
@@ -31,13 +33,11 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
 
     import spkern
 
-    if impl == "Liger Kernel":
-        if device != "cuda":
-            return {"skipped": "Liger Kernel runs on GPUs only"}
+    if impl in peers.LINEAR_CROSS_ENTROPY:
         try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        except ImportError:
-            return {"skipped": "liger-kernel is not installed"}
+            peer_loss = peers.linear_cross_entropy(impl, device)
+        except peers.Skip as e:
+            return {"skipped": str(e)}
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device=device).manual_seed(0)
     floor = impl == "three matmuls"
@@ -61,32 +61,28 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
                 x @ w.t()
                 dlogits @ w
                 dlogits.t() @ x
-    elif impl == "torch eager":
-        def step(s):
-            F.cross_entropy(F.linear(s[0], s[1]), s[2]).backward()
-    elif impl == "torch chunked":
-        options = torch.nn.LinearCrossEntropyOptions()
-
-        def step(s):
-            F.linear_cross_entropy(s[0], s[1], s[2], options=options).backward()
-    elif impl == "cut-cross-entropy":
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        kind = "cce" if device == "cuda" else "torch_compile"
-
-        def step(s):
-            cce(s[0], s[1], s[2], impl=kind).backward()
-    elif impl == "Liger Kernel":
-        liger = LigerFusedLinearCrossEntropyLoss()
-
-        def step(s):
-            liger(s[1], s[0], s[2]).backward()
     else:
-        stats = impl.endswith("+stats")
+        if impl == "torch eager":
+            def loss_of(x, w, t):
+                return F.cross_entropy(F.linear(x, w), t)
+        elif impl == "torch.compile":
+            loss_of = torch.compile(lambda x, w, t: F.cross_entropy(F.linear(x, w), t))
+        elif impl == "torch chunked":
+            options = torch.nn.LinearCrossEntropyOptions()
+
+            def loss_of(x, w, t):
+                return F.linear_cross_entropy(x, w, t, options=options)
+        elif impl in peers.LINEAR_CROSS_ENTROPY:
+            loss_of = peer_loss
+        else:
+            stats = impl.endswith("+stats")
+
+            def loss_of(x, w, t):
+                out = spkern.linear_cross_entropy(x, w, t, return_stats=stats)
+                return out[0] if stats else out
 
         def step(s):
-            out = spkern.linear_cross_entropy(s[0], s[1], s[2], return_stats=stats)
-            (out[0] if stats else out).backward()
+            loss_of(*s[:3]).backward()
 
     def clear(s):
         s[0].grad = None
@@ -95,6 +91,9 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
     r = harness.measure(step, device, repeats, warmup=1, before_each=clear, rotation=rotation)
     if floor:
         r["peak_extra_mb"] = None  # the stand-in gradient is not the method's memory
+    else:
+        r["loss_error"] = harness.loss_error(
+            loss_of, lambda x, w, t: F.cross_entropy(F.linear(x.double(), w.double()), t), rotation.sets[0][:3])
     return r
 
 
@@ -108,8 +107,8 @@ def main(argv=None):
         return 0
     import torch
 
-    shapes = harness.parse_shapes(
-        args.shapes or ("1024x512x16384" if args.quick else "4096x1024x32768,8192x768x50257"), 3, parser)
+    default_shapes = "8192x768x50257,16384x4096x131072" if args.device == "cuda" else "4096x1024x32768,8192x768x50257"
+    shapes = harness.parse_shapes(args.shapes or ("1024x512x16384" if args.quick else default_shapes), 3, parser)
     repeats = args.repeats or (3 if args.quick else 5)
     impls = IMPLS
     if args.impls:
@@ -117,12 +116,6 @@ def main(argv=None):
         if unknown:
             parser.error(f"--impls: unknown {sorted(unknown)}; choose from {IMPLS}")
         impls = [i for i in IMPLS if i in args.impls.split(",")]
-    try:
-        import cut_cross_entropy  # noqa: F401
-    except ImportError:
-        if "cut-cross-entropy" in impls:
-            print("# cut-cross-entropy is not installed: skipped (pip install cut-cross-entropy)")
-            impls = [i for i in impls if i != "cut-cross-entropy"]
 
     info = harness.machine_info(args.device)
     harness.print_header(f"linear cross-entropy forward+backward, {args.dtype}", info, args.device)
@@ -150,6 +143,8 @@ def main(argv=None):
                      extra_beyond_gradients_mb=extra,
                      extra_fraction_of_eager_logits=None if extra is None else extra / logits_mb)
             results.append(r)
+            if (r.get("loss_error") or 0) > harness.LOSS_TOLERANCE:
+                print(f"# {impl}: its loss is off by {r['loss_error']:.1e} (relative) from a float64 reference")
 
             def fmt(v, spec):
                 return "-" if v is None else format(v, spec)

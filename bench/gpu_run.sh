@@ -3,7 +3,8 @@
 # whole device budget is 15 minutes, the machine's start included):
 #
 #   bash bench/gpu_run.sh [--dry-run] [results folder]     (default: $OUT, else bench/results)
-#   (the Python is $PYTHON, else python3)
+#   (the Python is $PYTHON, else python3; the peers' wheels are in $PEER_WHEELS, else .whl:
+#   bash bench/peer_wheels.sh saves them, and the device call carries that folder)
 #
 # Stages run in order, correctness first, then the benchmarks fastest first; each has its
 # own time cap (seconds, below) and writes its log under the results folder as it
@@ -22,6 +23,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 device=cuda
+wheels=${PEER_WHEELS:-.whl}
 
 printf 'stage\tstatus\tseconds\n' > "$out/stages.tsv"
 total_start=$SECONDS
@@ -53,26 +55,54 @@ bench() {  # a benchmark script on the run's device (in a dry run: --help)
   "$py" "bench/$script" --device "$device" --out "$out" "$@"
 }
 
-export -f bench
+peers_found() {  # the peers the benchmarks will find, with their versions
+  "$py" -c 'import sys; sys.path.insert(0, "bench"); import peers; print("peers found:", peers.versions())'
+}
+
+install_peers() {  # SITE WHEEL...
+  local site=$1
+  shift
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$@" &&
+    PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" peers_found
+}
+
+export -f bench peers_found install_peers
 export dry py device out
 
 if [ $dry = 1 ]; then
   stage device 60 "$py" -c 'import torch; print("dry run on", torch.__version__, "cpu")'
-  stage build 60 "$py" -c 'import spkern._C as C; print("spkern._C (CPU build):", C.compiled_isa())'
-  stage gpu_tests 60 "$py" -c 'import spkern; print("spkern", spkern.__version__, "imports")'
 else
-  stage device 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  # the CUDA extension, built in place (16 cores: about 2 minutes from scratch)
-  stage build 180 env MAX_JOBS=16 "$py" setup.py -q build_ext --inplace
-  stage gpu_tests 110 "$py" -m pytest -q -x tests/test_gpu.py
+  stage device 10 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 fi
-# benchmarks, fastest first (caps guessed for --device cuda on an H200, no GPU has run them yet;
-# with the stages above 590 s: one device command, 12 minutes of budget with the start)
-stage bench_norms 30 bench bench_norms.py
-stage bench_optim 40 bench bench_optim.py
-stage bench_ce_float32 50 bench bench_cross_entropy.py
-stage bench_ce_bfloat16 50 bench bench_cross_entropy.py --dtype bfloat16
-stage bench_lce_bfloat16 60 bench bench_linear_cross_entropy.py --dtype bfloat16
-stage bench_tracker 50 bench bench_tracker.py --widths 2048,8192
+# the peers (Liger Kernel, cut-cross-entropy, quack), installed from their wheels for this run only
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  trap 'rm -rf "$site"' EXIT
+  stage peers 15 install_peers "$site" "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  printf 'peers\tskipped (no wheels in %s)\t0\n' "$wheels" >> "$out/stages.tsv"
+  echo "-- peers: no wheels in $wheels (bash bench/peer_wheels.sh saves them): the benchmarks skip them"
+fi
+if [ $dry = 1 ]; then
+  stage build 60 "$py" -c 'import spkern._C as C; print("spkern._C (CPU build):", C.compiled_isa())'
+  stage gpu_tests 60 bash -c '"$py" -c "import spkern; print(\"spkern\", spkern.__version__, \"imports\")" && peers_found'
+else
+  # the CUDA extension, built in place (16 cores)
+  stage build 150 env MAX_JOBS=16 "$py" setup.py -q build_ext --inplace
+  stage gpu_tests 100 "$py" -m pytest -q -x tests/test_gpu.py
+fi
+# benchmarks: the issue's targets first (cross-entropy and fused linear cross-entropy in
+# bfloat16 against the peers), then float32, the optimizer step, the norms, the tracker.
+# Caps are estimates for an H200 (no GPU has run them yet); the benchmarks print each row as
+# it is measured, so a stage cut at its cap still logs the rows it finished. With the stages
+# above: 590 s, one device command, about 12 minutes of budget with the machine's start.
+ce_impls="torch eager,torch.compile,Liger Kernel,quack,spkern,spkern triton +stats,spkern cuda +stats"
+stage bench_ce_bfloat16 90 bench bench_cross_entropy.py --dtype bfloat16 --impls "$ce_impls"
+stage bench_lce_bfloat16 80 bench bench_linear_cross_entropy.py --dtype bfloat16
+stage bench_ce_float32 60 bench bench_cross_entropy.py --impls "$ce_impls"
+stage bench_optim 30 bench bench_optim.py
+stage bench_norms 20 bench bench_norms.py
+stage bench_tracker 35 bench bench_tracker.py --widths 2048,8192
 echo "gpu_run.sh: done in $((SECONDS - total_start)) s; stages in $out/stages.tsv"
 cat "$out/stages.tsv"

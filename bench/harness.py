@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import peers  # (bench/ is on the path of every script that imports harness)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("runs", "bench")  # under the current directory, as `spkern demo` and `sweep` write
 
@@ -105,6 +107,24 @@ class Rotation:
     def info(self):
         return dict(rotated_sets=len(self.sets), rotated_mb=len(self.sets) * self.set_bytes / 2**20,
                     cache_mb=self.cache / 2**20, cold=self.cold)
+
+
+LOSS_TOLERANCE = 2e-2  # above this the benchmarks flag an implementation's loss (bfloat16 logits: ~1e-2)
+
+
+def loss_error(loss, reference, inputs):
+    """|loss - reference| / max(|reference|, 1) on one input set, each on its own copy of the
+    tensors (some peers write the gradient into their input), without gradients: the check
+    that every implementation timed computes the same loss."""
+    import torch
+
+    def copies():
+        return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+    with torch.no_grad():
+        ref = float(reference(*copies()))
+        got = float(loss(*copies()))
+    return abs(got - ref) / max(abs(ref), 1.0)
 
 
 def measure(step, device, repeats, warmup=2, before_each=None, rotation=None):
@@ -257,6 +277,7 @@ def machine_info(device):
     info["spkern_cpu_isa"] = ext.compiled_isa() if ext else None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    info["peers"] = peers.versions()
     try:
         info["commit"] = subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()

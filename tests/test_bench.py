@@ -156,15 +156,42 @@ def test_tracker_benchmark_on_the_gpt_and_a_subset(tmp_path, capsys):
         bench_tracker.main(["--impls", "nothing like it"])
 
 
-def test_gpu_run_dry_run_exercises_every_stage(tmp_path):
+def _fake_wheel(folder, dist, module, version):
+    # a minimal wheel pip installs offline: the module and its dist-info
+    import zipfile
+
+    info = f"{dist}-{version}.dist-info"
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{module}/__init__.py", "")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.mark.parametrize("with_wheels", [True, False])
+def test_gpu_run_dry_run_exercises_every_stage(tmp_path, with_wheels):
     # the GPU run's plumbing on CPU: every stage runs under its cap, logs and stages.tsv land
-    # in the results folder as each finishes
+    # in the results folder as each finishes; the peers install from their wheels, or are skipped
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "--dry-run", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    if with_wheels:
+        _fake_wheel(wheels, "liger_kernel", "liger_kernel", "0.0.1")
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", os.path.join(root, "bench", "gpu_run.sh"), "--dry-run", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHON": sys.executable, "PEER_WHEELS": str(wheels)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()[1:]]
+    rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()[1:]]
     names = [row[0] for row in rows]
-    assert names[:3] == ["device", "build", "gpu_tests"] and len(names) == 9
-    assert all(row[1] == "ok" for row in rows), rows
-    assert all((tmp_path / f"{n}.log").exists() for n in names)
+    assert names[:4] == ["device", "peers", "build", "gpu_tests"] and len(names) == 10
+    ran = [row for row in rows if with_wheels or row[0] != "peers"]
+    assert all(row[1] == "ok" for row in ran), rows
+    assert all((out / f"{row[0]}.log").exists() for row in ran)
+    found = (out / "gpu_tests.log").read_text()
+    if with_wheels:
+        assert "'liger-kernel': '0.0.1'" in found
+    else:
+        assert rows[1][1].startswith("skipped") and "liger-kernel" not in found
