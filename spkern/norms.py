@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from spkern import registry
+from spkern.distributed import all_reduce_over_shards, check_like, is_dtensor, local, shard_dim, sum_over_shards
 
 # ---------------------------------------------------------------------------------------
 # multi-tensor pair norms
@@ -65,6 +66,11 @@ def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None
     ``a_i`` and ``b_i`` must have the same number of elements and may differ in dtype
     (float32, bfloat16, float16; for example weights and their initial values kept in
     bfloat16). Sums accumulate in float32 per chunk and float64 across chunks.
+
+    DTensors (FSDP2's sharded parameters, say) give the whole tensors' sums: each rank
+    sums its local shards, and the rows of sharded tensors are added over the ranks in one
+    all-reduce for the list (replicated ones counted once); ``b_i`` must then be placed as
+    ``a_i``. Every rank of the mesh must call it with the same list.
     """
     a = list(a)
     if not all(isinstance(t, Tensor) for t in a):
@@ -85,6 +91,15 @@ def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None
         if x.numel() != y.numel():
             raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()} "
                              f"(shapes {tuple(y.shape)} and {tuple(x.shape)})")
+    sharded = [t for t in a if is_dtensor(t)]
+    if sharded or any(is_dtensor(t) for t in b_list):
+        for i, t in enumerate(a):
+            shard_dim(t, f"a[{i}]", dims=range(t.dim()))  # any dimension: the sums add up
+            if b_list:
+                check_like(b_list[i], t, f"b[{i}]", f"a[{i}]")
+        out = torch.ops.spkern.multi_tensor_norms([local(t).detach().contiguous() for t in a],
+                                                  [local(t).detach().contiguous() for t in b_list])
+        return sum_over_shards(out, a)
     a = [t.detach().contiguous() for t in a]
     b_list = [t.detach().contiguous() for t in b_list]
     return torch.ops.spkern.multi_tensor_norms(a, b_list)
@@ -128,11 +143,20 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
     it is in cache), elsewhere two matrix-vector products with each. The estimate,
     sqrt(||A^T A v||) of the last iteration's unit v, never exceeds the true norm and
     approaches it from below.
+
+    A DTensor ``matrix`` (FSDP2's sharded weights) is never gathered: each rank multiplies
+    with its own rows (``Shard(0)``: ``A^T A v`` is the sum over the ranks of
+    ``A_r^T A_r v``) or columns (``Shard(1)``: iterated on ``A A^T``, and ``state`` is then
+    the top *left* singular vector, ``(fan_out,)``), with one all-reduce of the vector per
+    iteration; ``minus`` must then be placed as ``matrix``. Every rank gets the same result
+    and must make the same call.
     """
     if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
         raise TypeError("matrix must be a floating-point Tensor")
     if matrix.dim() < 2:
         raise ValueError(f"matrix must have at least 2 dimensions, got shape {tuple(matrix.shape)}")
+    if is_dtensor(matrix) or is_dtensor(minus):
+        return _sharded_spectral_norm(matrix, state, iters, minus)
     A = matrix.detach().reshape(matrix.shape[0], -1)
     fan_out, fan_in = A.shape
     B = None
@@ -146,6 +170,34 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
     v, n_iter = start_vector(fan_in, A.device, state, iters)
     gram = registry.resolve("spectral_norm", A, B).fn(A, B)
     return power_iteration(gram, v, n_iter, fan_in / fan_out)
+
+
+def _sharded_spectral_norm(matrix, state, iters, minus):
+    dim = shard_dim(matrix, "matrix", dims=(0, 1))
+    if minus is not None:
+        if not isinstance(minus, Tensor) or minus.shape != matrix.shape:
+            raise ValueError(f"minus must have the shape of matrix {tuple(matrix.shape)}, got "
+                             f"{tuple(minus.shape) if isinstance(minus, Tensor) else type(minus).__name__}")
+        check_like(minus, matrix, "minus", "matrix")
+    fan_out = matrix.shape[0]
+    fan_in = matrix.numel() // max(fan_out, 1)
+    rows = local(matrix).shape[0] if matrix.dim() else 0
+    A = local(matrix).detach().reshape(rows, -1)
+    B = local(minus).detach().reshape(rows, -1) if minus is not None else None
+    if dim == 1:  # columns: A A^T y = sum_r A_r (A_r^T y) (and each product of A - B is A. - B.)
+        def gram(y):
+            z = A.t().float() @ y if B is None else A.t().float() @ y - B.t().float() @ y
+            w = A.float() @ z if B is None else A.float() @ z - B.float() @ z
+            return all_reduce_over_shards(w, matrix)
+        v, n_iter = start_vector(fan_out, A.device, state, iters)
+    else:  # rows (or replicated: one rank's product is the whole one)
+        local_gram = (registry.resolve("spectral_norm", A, B).fn(A, B) if A.numel()
+                      else lambda x: torch.zeros_like(x))  # an empty shard adds nothing
+
+        def gram(x):
+            return all_reduce_over_shards(local_gram(x), matrix) if dim == 0 else local_gram(x)
+        v, n_iter = start_vector(fan_in, A.device, state, iters)
+    return power_iteration(gram, v, n_iter, fan_in / max(fan_out, 1))
 
 
 def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[int]):

@@ -33,6 +33,11 @@ CPU to the bit in our tests). A group whose parameters mix dtypes or devices, or
 contiguous, takes torch's own step and gets the same statistics from
 :func:`spkern.multi_tensor_norms` against a copy of the weights taken before the step:
 correct, but with that copy and extra passes.
+Sharded parameters (DTensors, FSDP2's ``Shard(0)`` or ``Replicate``; a group may mix them
+with plain tensors): the fused step runs on each rank's local shard, with no collective
+and no host sync; the sums are the shard's, and :meth:`norm_stats` adds them over the
+ranks in one all-reduce for all parameters when it is called (every rank must then call
+it), so that every norm is the whole parameter's. W_0 is kept sharded like its parameter.
 Backends (``spkern.use_backend``): ``cpu`` (C++, csrc/cpu/optim.cpp), ``triton``
 (kernels/optim.py; CUDA tensors, or CPU ones through the interpreter), ``reference``
 (torch's own step, as above); there is no CUDA C++ optimizer step (the Triton one runs
@@ -49,6 +54,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from spkern import registry
 from spkern.constants import Sum
+from spkern.distributed import all_reduce_over_shards, check_like, is_dtensor, local, shard_dim, sum_over_shards
 from spkern.norms import SpectralNorm, multi_tensor_norms, power_iteration, start_vector
 
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
@@ -57,8 +63,10 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def layout_reason(params, grads):
-    """Why the fused steps cannot take these parameters and gradients, or None: they take
-    contiguous parameters of one float dtype and device, gradients of that dtype."""
+    """Why the fused steps cannot take these parameters and gradients (local shards), or
+    None: they take contiguous parameters of one float dtype and device, gradients of that
+    dtype."""
+    params, grads = [local(p) for p in params], [local(g) for g in grads]
     dtype, device = params[0].dtype, params[0].device
     for p, g in zip(params, grads):
         if p.dtype != dtype or g.dtype != dtype or dtype not in _FUSED_DTYPES:
@@ -68,6 +76,15 @@ def layout_reason(params, grads):
         if p.device != device:
             return "parameters on more than one device"
     return None
+
+
+def _data(p):
+    """What a fused step writes: the local shard of a DTensor, else the tensor's data."""
+    return local(p) if is_dtensor(p) else p.data
+
+
+def _locals(tensors):
+    return [local(t) for t in tensors]
 
 
 class _NormStats:
@@ -154,6 +171,7 @@ class _NormStats:
             if w0.device != p.device:
                 raise ValueError(f"initial_weights[{i}] is on device {w0.device} but its parameter is on "
                                  f"device {p.device}")
+            check_like(w0, p, f"initial_weights[{i}]", f"its parameter")
             out[p] = w0.detach().to(drift_dtype or w0.dtype).contiguous()
         return out
 
@@ -167,11 +185,33 @@ class _NormStats:
         return loss
 
     def _groups_with_grads(self):
-        """(group, parameters with a gradient, their gradients) for each group that has any."""
+        """(group, parameters with a gradient, their gradients) for each group that has any;
+        sharded parameters checked once (a placement spkern cannot use is an error naming
+        the parameter)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                yield group, params, [p.grad for p in params]
+                grads = [p.grad for p in params]
+                self._check_placements(group, params, grads)
+                yield group, params, grads
+
+    def _check_placements(self, group, params, grads):
+        checked = self.__dict__.setdefault("_placements_checked", set())
+        for j, (p, g) in enumerate(zip(params, grads)):
+            if id(p) in checked or not (is_dtensor(p) or is_dtensor(g)):
+                continue
+            what = self._name_of(group, p)
+            shard_dim(p, f"parameter {what}", dims=range(p.dim()))
+            check_like(g, p, f"the gradient of {what}", f"the parameter")
+            checked.add(id(p))
+
+    @staticmethod
+    def _name_of(group, p):
+        names = group.get("param_names")
+        for j, q in enumerate(group["params"]):
+            if q is p:
+                return repr(names[j]) if names else f"{j} of its group (shape {tuple(p.shape)})"
+        return f"of shape {tuple(p.shape)}"
 
     def _check_lr(self):
         for group in self.param_groups:
@@ -186,6 +226,7 @@ class _NormStats:
         torch's own step."""
         if any(g.is_sparse for g in grads):
             raise ValueError("spkern.optim does not take sparse gradients")
+        params, grads = _locals(params), _locals(grads)
         kernel = registry.resolve(op, params[0], params, grads)
         return kernel.fn if kernel is not None else None
 
@@ -193,7 +234,7 @@ class _NormStats:
         """The initial weights to measure drift against at this step (or [])."""
         if not self.initial_weights or self.steps_taken % self.drift_every != 0:
             return []
-        return [self.initial_weights[p] for p in params]
+        return [local(self.initial_weights[p]) for p in params]
 
     def _record(self, params, sums, measured_drift):
         for i, p in enumerate(params):
@@ -202,10 +243,11 @@ class _NormStats:
             self._stats[p] = sums[i]
 
     def _fallback(self, params, grads, torch_step):
-        """torch's own step; the statistics from a copy taken before it."""
-        before = [p.detach().clone() for p in params]
+        """torch's own step; the statistics (of the local shards) from a copy taken before it."""
+        before = [local(p).detach().clone() for p in params]
         torch_step()
         inits = self._inits(params)
+        params, grads = _locals(params), _locals(grads)
         moved = multi_tensor_norms(params, before)  # ||W_{t+1} - W_t||^2, ||W_{t+1}||^2, ...
         sums = torch.stack([moved[:, Sum.DIFF_SQ], moved[:, Sum.A_SQ],
                             multi_tensor_norms(grads)[:, Sum.A_SQ],
@@ -214,21 +256,29 @@ class _NormStats:
         return sums, bool(inits)
 
     def norm_stats(self):
-        """{name or parameter: {statistic: device tensor}}; see the module docstring."""
+        """{name or parameter: {statistic: device tensor}}; see the module docstring. With
+        sharded parameters the shards' sums are added over the ranks here, in one
+        all-reduce: every rank must call it."""
+        keyed = [(group, j, p) for group in self.param_groups for j, p in enumerate(group["params"])
+                 if p in self._stats]
+        if not keyed:
+            return {}
+        params = [p for _, _, p in keyed]
+        sums = torch.stack([self._stats[p] for p in params])
+        if any(is_dtensor(p) for p in params):
+            sums = sum_over_shards(sums, params)
+        roots = sums.clamp_min(0).sqrt()
         out = {}
-        for group in self.param_groups:
+        for i, (group, j, p) in enumerate(keyed):
             names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
-                if p not in self._stats:
-                    continue
-                s = self._stats[p].clamp_min(0).sqrt()
-                n = math.sqrt(max(p.numel(), 1))
-                st = {"update_fro": s[0], "weight_fro": s[1], "grad_fro": s[2],
-                      "update_rms": s[0] / n, "weight_rms": s[1] / n, "grad_rms": s[2] / n,
-                      "relative_update": s[0] / s[1]}
-                if self.initial_weights:
-                    st.update(drift_fro=s[3], drift_rms=s[3] / n)
-                out[names[j] if names else p] = st
+            s = roots[i]
+            n = math.sqrt(max(p.numel(), 1))
+            st = {"update_fro": s[0], "weight_fro": s[1], "grad_fro": s[2],
+                  "update_rms": s[0] / n, "weight_rms": s[1] / n, "grad_rms": s[2] / n,
+                  "relative_update": s[0] / s[1]}
+            if self.initial_weights:
+                st.update(drift_fro=s[3], drift_rms=s[3] / n)
+            out[names[j] if names else p] = st
         return out
 
     def _find(self, param):
@@ -255,14 +305,16 @@ class _NormStats:
             raise ValueError(f"update_spectral_norm needs a matrix parameter, got shape {tuple(p.shape)}")
         if p not in self._stats:
             raise RuntimeError("update_spectral_norm: this parameter has not been updated by a step yet")
+        sharded = shard_dim(p, f"parameter {self._name_of(group, p)}") == 0  # (Shard(0) or replicated)
         fan_out = p.shape[0]
         fan_in = p.numel() // max(fan_out, 1)
+        local_rows = local(p).shape[0]  # a shard's rows (all of them, unsharded)
         terms, blocks = self._update_operator(p, group)
-        terms = [(c, t.detach().reshape(fan_out, fan_in)) for c, t in terms]
+        terms = [(c, local(t).detach().reshape(local_rows, fan_in)) for c, t in terms]
         rows = max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
-        spans = [(r, min(r + rows, fan_out)) for r in range(0, fan_out, rows)]
+        spans = [(r, min(r + rows, local_rows)) for r in range(0, local_rows, rows)]
 
-        def gram(x):  # A^T A x with A = terms + blocks, each block of rows rebuilt once
+        def local_gram(x):  # A^T A x with A = terms + blocks, each block of rows rebuilt once
             y = sum(c * (t.float() @ x) for c, t in terms) if terms else None
             if blocks is None:
                 return sum(c * (t.float().t() @ y) for c, t in terms)
@@ -274,6 +326,9 @@ class _NormStats:
                 for c, t in terms:
                     out += c * (t[r0:r1].float().t() @ yb)
             return out
+
+        def gram(x):  # a sharded matrix: the ranks' row blocks' products added up
+            return all_reduce_over_shards(local_gram(x), p) if sharded else local_gram(x)
 
         v, n_iter = start_vector(fan_in, p.device, state, iters)
         return power_iteration(gram, v, n_iter, fan_in / fan_out)
@@ -351,11 +406,11 @@ class SGD(_NormStats, torch.optim.SGD):
                         fresh.append(state.get("momentum_buffer") is None)
                         if fresh[-1]:
                             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                        bufs.append(state["momentum_buffer"])
+                        bufs.append(local(state["momentum_buffer"]))
                 inits = self._inits(params)
-                sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
+                sums = torch.empty(len(params), 4, dtype=torch.float32, device=local(params[0]).device)
                 fused(
-                    [p.data for p in params], [g.contiguous() for g in grads], bufs, fresh, inits, sums,
+                    [_data(p) for p in params], [local(g).contiguous() for g in grads], bufs, fresh, inits, sums,
                     group["lr"], momentum, group["dampening"], group["weight_decay"],
                     group["nesterov"], group["maximize"])
                 measured = bool(inits)
@@ -437,11 +492,11 @@ class AdamW(_NormStats, torch.optim.AdamW):
                     s["step"] += 1
                     steps.append(float(s["step"]))  # a CPU scalar: no device sync
                 inits = self._inits(params)
-                sums = torch.empty(len(params), 4, dtype=torch.float32, device=params[0].device)
+                sums = torch.empty(len(params), 4, dtype=torch.float32, device=local(params[0]).device)
                 fused(
-                    [p.data for p in params], [g.contiguous() for g in grads],
-                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps, inits, sums,
+                    [_data(p) for p in params], [local(g).contiguous() for g in grads],
+                    [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                    [local(s["max_exp_avg_sq"]) for s in states] if amsgrad else [], steps, inits, sums,
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
                     group["maximize"])
                 measured = bool(inits)
@@ -470,9 +525,9 @@ class AdamW(_NormStats, torch.optim.AdamW):
         step_size = lr / (1 - beta1**step)
         bc2_sqrt = (1 - beta2**step) ** 0.5
         scale = 1 / (1 - lr * wd)
-        fan_out = p.shape[0]
-        m = st["exp_avg"].reshape(fan_out, -1)
-        v = (st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(fan_out, -1)
+        rows = local(p).shape[0]
+        m = local(st["exp_avg"]).reshape(rows, -1)
+        v = local(st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(rows, -1)
 
         def blocks(r0, r1):
             u = v[r0:r1].float().sqrt().div_(bc2_sqrt).add_(eps)  # one temporary per block

@@ -84,6 +84,7 @@ GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (glob
                 clip="gradient clipping norm (0: off)", qk_norm="no LayerNorm on queries and keys",
                 momentum="SGD momentum", min_lr_frac="the cosine decay ends at this fraction of lr",
                 eval_batches="validation batches of the final score", dtype="bfloat16: autocast",
+                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)",
                 track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged")
 
 
@@ -210,6 +211,9 @@ def _run_sweep(kind, args, configs, data, device):
 
     adaptive = _adaptive(args)
     _writable_folder(args.out)
+    if sweep._rank() != 0:  # a torch.distributed sweep: rank 0 reports
+        sweep.run(configs, args.out, data, device=device, progress=False, adaptive=adaptive)
+        return 0
     print(f"spkern sweep {kind}: {len(configs)} runs{' at most (adaptive grid)' if adaptive else ''} on {args.data} "
           f"({device}), results in {args.out}/results.jsonl", flush=True)
     try:
@@ -295,7 +299,23 @@ def sweep_gpt(args):
         tokens = load_tokens(args.data)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"spkern: {e}") from None
-    return _run_sweep("gpt", args, configs, tokens, device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _run_sweep("gpt", args, configs, tokens, device)
+    # under torchrun: every rank trains each run together (DDP, or FSDP2 with --fsdp); rank 0
+    # writes the results and the report
+    import gc
+
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return _run_sweep("gpt", args, configs, tokens, device)
+    finally:
+        torch.distributed.destroy_process_group()
+        gc.collect()  # (as the GPT trainer: gloo's threads freed while the interpreter is alive)
 
 
 def bench(argv):

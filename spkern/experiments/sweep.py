@@ -197,16 +197,36 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
         else:
             from spkern.experiments.train.mlp import train as train_fn
     os.makedirs(out, exist_ok=True)
+    if _rank() != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
+        return _run_locked(configs, out, data, device, False, train_fn, adaptive)
     with _lock(out):
         return _run_locked(configs, out, data, device, progress, train_fn, adaptive)
+
+
+def _rank():
+    dist = __import__("torch").distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _same_on_every_rank(done):
+    """Rank 0's record of the runs done, on every rank of a torch.distributed sweep (each
+    rank must train the same runs, together)."""
+    dist = __import__("torch").distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return done
+    box = [done]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
     from tqdm.auto import tqdm
 
+    writer = _rank() == 0
     path = os.path.join(out, RESULTS)
-    _drop_torn_line(path)
-    done = {_key(r["config"]): r for r in read_results(out)}
+    if writer:
+        _drop_torn_line(path)
+    done = _same_on_every_rank({_key(r["config"]): r for r in read_results(out)} if writer else None)
     counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0}
     todo = sum(_key(asdict(c)) not in done for c in configs)
     runs_bar = tqdm(total=todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
@@ -222,14 +242,15 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
         r = train_fn(cfg, data, device=device, progress=steps_bar if progress else None)
         f.write(json.dumps(r) + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        if writer:
+            os.fsync(f.fileno())
         done[key] = r
         counts[r["status"]] += 1
         runs_bar.update(1)
         return r
 
     try:
-        with open(path, "a") as f:
+        with open(path if writer else os.devnull, "a") as f:
             if adaptive is None:
                 for cfg in configs:
                     result(cfg, f)

@@ -17,17 +17,24 @@ from torch.overrides import TorchFunctionMode
 class _LinearCapture(TorchFunctionMode):
     """Inside a tracker pass, ``F.linear`` on a tracked weight runs ``linear(name, x,
     weight, bias)`` instead: the tracker's products without editing any module (an
-    instance-patched forward, accelerate's hooks or an adapter still run as they are)."""
+    instance-patched forward, accelerate's hooks or an adapter still run as they are).
+    ``weights`` is {name: weight}, or a function giving it now (FSDP2 puts a gathered
+    weight in place of the sharded one for the duration of a module's forward)."""
 
-    def __init__(self, names, linear):
+    def __init__(self, weights, linear):
         super().__init__()
-        self.names, self.linear = names, linear  # id(weight) -> module name
+        self.linear = linear
+        self.current = weights if callable(weights) else None
+        self.names = {} if callable(weights) else {id(w): n for n, w in weights.items()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             name = self.names.get(id(weight))
+            if name is None and self.current is not None:
+                self.names = {id(w): n for n, w in self.current().items()}
+                name = self.names.get(id(weight))
             if name is not None:
                 x = args[0] if args else kwargs["input"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -50,7 +57,8 @@ def as_args(probe):
 @contextlib.contextmanager
 def own_pass(model, training, weights=None, linear=None, restore_buffers=False):
     """Every module of ``model`` in ``training`` mode, without gradients, and ``F.linear``
-    on the weights ``weights`` ({name: tensor}) running ``linear(name, x, weight, bias)``.
+    on the weights ``weights`` ({name: tensor}, or a function giving it) running
+    ``linear(name, x, weight, bias)``.
     Afterwards each module has its own mode again (restored one by one) and the random
     number generators their state, so that the training run with the tracker is the run
     without it; with ``restore_buffers`` (a training-mode pass on a model's own buffers)
@@ -63,7 +71,7 @@ def own_pass(model, training, weights=None, linear=None, restore_buffers=False):
             stack.enter_context(torch.random.fork_rng(devices=devices))
             stack.enter_context(torch.no_grad())
             if linear is not None:
-                stack.enter_context(_LinearCapture({id(w): n for n, w in weights.items()}, linear))
+                stack.enter_context(_LinearCapture(weights, linear))
             model.train(training)
             yield
     finally:

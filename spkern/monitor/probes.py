@@ -32,7 +32,8 @@ class FixedProbe:
         self.probe = None
         self.ref_out = None
         if probe is None:
-            tracker._hooks.append(tracker.model.register_forward_pre_hook(self._first_batch, with_kwargs=True))
+            tracker._hooks.append(tracker.model.register_forward_pre_hook(
+                self._first_batch, with_kwargs=True, prepend=tracker._sharded))  # (before FSDP2's)
 
     def set(self, probe):
         t = self.t
@@ -100,9 +101,10 @@ class TrainingBatch:
             self.init_state = self._initial_state()
             self.init_buffers = {n for n, _ in t.model.named_buffers()}
             first_name = {id(p): n for n, p in t.model.named_parameters()}  # tied weights: one name
-            self.lin_keys = {n: first_name[id(w)] for n, w in t._linear_weights(t.model).items()}
+            self.lin_keys = {n: first_name[id(w)] for n, w in t._lin_param.items()}
         t._init_op_w0()
-        t._hooks.append(t.model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        # (before FSDP2's own pre-forward hook, so that the reference pass is a forward of its own)
+        t._hooks.append(t.model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=t._sharded))
         t._hooks.append(t.model.register_forward_hook(self._post, always_call=True))
 
     probe = None
@@ -133,6 +135,10 @@ class TrainingBatch:
         model = t._ref_model if t._ref_model is not None else t.model
         if t._ref_model is not None:
             state, weights = None, t._linear_weights(model)
+        elif t._sharded:
+            self._sharded_reference(args, kwargs)
+            t._capture = "current"
+            return None
         else:  # the model's own forward with its initial parameters; buffers copied, so that a
             # pass in training mode (BatchNorm's running statistics) leaves the saved ones as they are
             state = {n: b.clone() if n in self.init_buffers else b if b.dtype == dt else b.to(dt)
@@ -144,6 +150,37 @@ class TrainingBatch:
         self.ref_out = first_tensor(out)
         t._capture = "current"
         return None
+
+    def _sharded_reference(self, args, kwargs):
+        """The reference pass of a model with DTensor parameters (FSDP2): functional_call
+        cannot reach the parameters FSDP gathers, so W_0 is put in each parameter's local
+        shard for the pass (the shard of W_t kept aside: one sharded copy, for the pass
+        only), with the initial buffers, then W_t put back; the gathered W_0 is freed
+        (``reshard``) so that the training forward gathers W_t."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from spkern.distributed import local
+
+        t = self.t
+        named = dict(t.model.named_parameters())
+        named.update(dict(t.model.named_buffers()))
+        saved = []
+        with torch.no_grad():
+            for n, (init, _) in self.init_state.items():
+                now = local(named[n])
+                saved.append((now, now.clone()))
+                now.copy_(local(init))
+        try:
+            with t._pass(t.model, "reference", t.model.training, t._linear_weights(t.model),
+                         self._reference_linear if t.rcc else None):
+                self.ref_out = first_tensor(t.model(*args, **kwargs))
+            for m in t.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        finally:
+            with torch.no_grad():
+                for now, value in saved:
+                    now.copy_(value)
 
     def _post(self, module, args, output):
         t = self.t

@@ -113,6 +113,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spkern.constants import Sum
+from spkern.distributed import is_dtensor
 from spkern.features import pair_stats, paired_linear
 from spkern.monitor.capture import first_tensor, own_pass
 from spkern.monitor.log import MetricsLog
@@ -211,7 +212,11 @@ class Tracker:
         self._w0 = {}
         self._op_state = {}
         self._paired = {}  # Linear name -> (W_t x_t, W_0 x_t) of the current probe pass
-        self._hooks = [self.modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        # FSDP2 (DTensor parameters): the hooks run before FSDP's own post-forward hook
+        # reshards a module, while its gathered parameters are still in place
+        self._sharded = any(is_dtensor(p) for p in model.parameters())
+        self._hooks = [self.modules[n].register_forward_hook(self._hook(n), prepend=self._sharded)
+                       for n in self.names]
         if self._ref_model is not None:
             self._hooks += [dict(self._ref_model.named_modules())[n].register_forward_hook(self._hook(n))
                             for n in self.names]
@@ -298,6 +303,9 @@ class Tracker:
                     self._lin_w0[n] = ref_params[key].detach()
                 else:
                     self._lin_w0[n] = m.weight.detach().clone()
+        # the weights as the optimizer holds them (under FSDP2 the sharded parameters, which a
+        # module's forward replaces by gathered copies): the operator norms are of these
+        self._lin_param = {n: self.modules[n].weight for n in self._lin_w0}
 
     def _initial_weight(self, n, p, ref_params):
         """W_0 of parameter ``n``: the reference model's, or the parameter's value now."""
@@ -352,9 +360,18 @@ class Tracker:
                 self._op_w0[n] = spectral_norm(w0).op
 
     def _linear_weights(self, model):
-        """{name: weight} of the tracked Linear layers of ``model`` (tracked or reference)."""
+        """{name: weight} of the tracked Linear layers of ``model`` (tracked or reference);
+        of a sharded model, a function that gives them as they are when called (FSDP2's
+        gathered weights inside a module's forward)."""
         named = dict(model.named_modules())
+        if self._sharded and model is self.model:
+            return lambda: {n: named[n].weight for n in self._lin_w0}
         return {n: named[n].weight for n in self._lin_w0}
+
+    @staticmethod
+    def _whole(w):
+        """A sharded W_0 gathered for one product (as FSDP2 gathers W_t), else W_0 itself."""
+        return w.full_tensor() if is_dtensor(w) else w
 
     @contextlib.contextmanager
     def _pass(self, model, which, training, weights=None, linear=None, restore_buffers=False):
@@ -370,7 +387,7 @@ class Tracker:
             self._zref.clear()
 
     def _paired_linear(self, name, x, weight, bias):
-        y, z = paired_linear(x, weight, self._lin_w0[name])  # W_t x_t, W_0 x_t from one pass over x_t
+        y, z = paired_linear(x, weight, self._whole(self._lin_w0[name]))  # W_t x_t, W_0 x_t: one pass over x_t
         self._paired[name] = (x, y, z)
         out = y.to(x.dtype)
         return out + bias if bias is not None else out
@@ -398,7 +415,8 @@ class Tracker:
                         elif self._batch:  # a Linear subclass: W_0 x_0 = h_0 - b_0
                             ref["z"] = (h - module.bias if module.bias is not None else h).detach().float()
                         else:  # once per probe: rounded as the paired product of the measurements
-                            ref["z"] = paired_linear(x.detach(), self._lin_w0[name], self._lin_w0[name])[1]
+                            w0 = self._whole(self._lin_w0[name])
+                            ref["z"] = paired_linear(x.detach(), w0, w0)[1]
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 self._measure(name, module, x, h.detach())
@@ -436,7 +454,7 @@ class Tracker:
             y, z = paired[1:]  # W_t x_t, W_0 x_t from one pass over x_t
         else:  # the training forward (probe="batch") or a Linear subclass with its own forward
             with torch.no_grad():
-                z = F.linear(x, w0.to(x.dtype)).float()
+                z = F.linear(x, self._whole(w0).to(x.dtype)).float()
             y = (h - module.bias.detach() if module.bias is not None else h).float()
         eff = pair_stats(y, z, per_row=self.row_l2)
         prop = pair_stats(z, ref["z"], per_row=self.row_l2)
@@ -458,7 +476,9 @@ class Tracker:
             v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
         else:
             state = self._op_state.get(name)
-            r = spectral_norm(module.weight, state, self.op_iters if state is not None else None, minus=w0)
+            # (a sharded weight is never gathered for it: each rank iterates on its rows)
+            weight = self._lin_param[name] if self._sharded else module.weight
+            r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0)
             self._op_state[name] = r.state
             v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
             v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, 1 / r.op.clamp_min(tiny))

@@ -9,6 +9,15 @@ global batch as one process would draw: all ranks share the sampler's seed), gra
 are averaged by DDP (gloo on CPU, NCCL on GPU), the loss, the logit statistics and the
 tracker's statistics are averaged over the ranks, and only rank 0 writes results.
 
+With ``--fsdp`` the model is sharded instead (FSDP2: ``fully_shard`` on every block and on
+the root; each rank holds a shard of every parameter, of W_0 and of the optimizer state).
+With ``--dtype bfloat16`` the sharded parameters stay float32 and FSDP2's mixed-precision
+policy gathers them in bfloat16 for forward and backward (gradients reduced in float32),
+in place of autocast. The optimizer steps the shards; its statistics and the tracker's are
+the whole model's.
+
+    torchrun --nproc_per_node=2 -m spkern.experiments.train.gpt --fsdp --width 128 --out run.json
+
 Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to
 ``min_lr_frac * lr`` at the last step, applied to every group's own rate (the per-layer
 rates of the parameterization). AdamW decays matrices only; gradients are clipped to
@@ -62,6 +71,7 @@ class GPTRunConfig:
     clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"
+    fsdp: bool = False
     track_every: int = 25
     eval_batches: int = 8
     diverge_loss: float = 100.0
@@ -125,7 +135,8 @@ def evaluate(model, tokens, cfg, device):
     total = 0.0
     for _ in range(cfg.eval_batches):
         x, y = tokens.batch("val", cfg.batch_size, cfg.context, g)
-        total += model.loss(x.to(device), y.to(device), "ce", return_stats=False).item()
+        # (through forward, where FSDP2 gathers the parameters)
+        total += model(x.to(device), y.to(device), "ce", return_stats=False).item()
     return total / cfg.eval_batches
 
 
@@ -144,6 +155,8 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     tokens = tokens or load_tokens(cfg.data)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(tokens.vocab)).to(device)
+    if cfg.fsdp:
+        shard(model, bfloat16=cfg.dtype == "bfloat16")
     groups = model.param_groups(cfg.optim, cfg.lr, cfg.weight_decay if cfg.optim == "adam" else 0.0)
     if cfg.optim == "adam":
         opt = spkern.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
@@ -154,9 +167,9 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     probe = tokens.batch("val", 4, cfg.context, g_probe)[0].to(device)
     tracker = spkern.Tracker(model, opt, probe=probe, every=cfg.track_every, output_key="final_hidden",
                              modules=[r"tok", r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))", r"ln_f"])
-    ddp = DDP(model) if world > 1 else model
+    ddp = DDP(model) if world > 1 and not cfg.fsdp else model
     sampler = torch.Generator().manual_seed(cfg.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not cfg.fsdp)
     lo, hi = rank * (micro // world), (rank + 1) * (micro // world)
     factors = []
 
@@ -172,7 +185,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
             x, y = tokens.batch("train", micro, cfg.context, sampler)  # the global micro-batch
             x, y = x[lo:hi].to(device), y[lo:hi].to(device)
             sync = k == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+            ctx = ddp.no_sync() if (world > 1 and not sync and not cfg.fsdp) else _nullcontext()
             with ctx:
                 with autocast:
                     loss, stats = _loss(ddp, model, x, y, cfg.loss)
@@ -198,10 +211,11 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     history, step, diverged_at = loop.run(range(cfg.steps), cfg.steps, train_step, tracker,
                                           track_every=cfg.track_every, diverge_loss=cfg.diverge_loss,
                                           device=device, history_row=history_row, progress=progress)
+    last = tracker.metrics() if tracker.measurements else {}  # (every rank: a collective)
     tracker.close()
     result = {"config": asdict(cfg), "task": "gpt", "status": "diverged" if diverged_at is not None else "ok",
               "diverged_step": diverged_at, "steps": step, "device": str(device), "processes": world,
-              "seconds": time.perf_counter() - start, "history": history,
+              "seconds": time.perf_counter() - start, "history": history, "last_measurement": last,
               "score_name": "minus validation cross-entropy", "chance_score": -math.log(tokens.vocab)}
     if diverged_at is None:
         result["val_ce"] = evaluate(model, tokens, cfg, device)
@@ -211,6 +225,23 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         if not math.isfinite(result["val_ce"]):
             result["status"], result["diverged_step"] = "diverged", step
     return _json_safe(result)
+
+
+def shard(model, bfloat16=False):
+    """FSDP2 on the GPT: ``fully_shard`` on each block, then on the root (embeddings, final
+    LayerNorm, head); with ``bfloat16``, parameters gathered in bfloat16 for the forward
+    and backward and gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("--fsdp shards the model over the processes of a torch.distributed job: run it under "
+                           "torchrun (torchrun --nproc_per_node=N -m spkern.experiments.train.gpt --fsdp ...)")
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bfloat16
+              else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 class _nullcontext:

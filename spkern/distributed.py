@@ -1,0 +1,105 @@
+"""Sharded tensors (``torch.distributed.tensor.DTensor``, as FSDP2's ``fully_shard`` makes
+parameters): their local shards, and whole-tensor sums from the shards' partial sums.
+
+spkern's kernels run on each rank's local shard. A sum over a tensor (of squares, of
+products) is the sum over its shards: the local partial sums of many tensors are packed
+into one tensor and added over the ranks that hold different shards (the mesh dimensions
+on which a tensor is ``Shard``-ed) in one all-reduce; on a ``Replicate``-d dimension every
+rank holds the same values, which are counted once. ``Partial`` placements (values still to
+be summed) are refused: redistribute them first.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's local shard of a DTensor (a view: writes to it are writes to the DTensor);
+    any other tensor as it is."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def placement_text(t) -> str:
+    return "(" + ", ".join(str(p) for p in t.placements) + ")"
+
+
+def shard_dim(t, what: str, dims: Sequence[int] = (0,)) -> Optional[int]:
+    """The tensor dimension a DTensor is sharded on (None: replicated on every mesh
+    dimension, or not a DTensor), checked to be one of ``dims``; a ``Partial`` placement,
+    or sharding on two tensor dimensions, is a ValueError naming ``what``."""
+    if not is_dtensor(t):
+        return None
+    found = None
+    for p in t.placements:
+        if p.is_partial():
+            raise ValueError(f"{what} has placement {placement_text(t)} on its mesh: spkern cannot use a "
+                             f"Partial placement (values still to be summed over ranks); redistribute it to "
+                             f"Shard or Replicate first")
+        if p.is_shard():
+            d = p.dim % t.dim() if t.dim() else p.dim
+            if d not in dims or (found is not None and d != found):
+                raise ValueError(f"{what} has placement {placement_text(t)}: spkern supports sharding on "
+                                 f"dimension {' or '.join(map(str, dims))} only (Shard({dims[0]}), as FSDP2 "
+                                 f"shards parameters), and on one tensor dimension")
+            found = d
+    return found
+
+
+def check_like(t, ref, what: str, ref_what: str):
+    """``t`` placed as ``ref``: both DTensors on the same mesh with the same placements,
+    or both plain tensors."""
+    if is_dtensor(ref) != is_dtensor(t):
+        raise ValueError(f"{what} must be {'a DTensor placed' if is_dtensor(ref) else 'a plain tensor'} as "
+                         f"{ref_what}{' ' + placement_text(ref) if is_dtensor(ref) else ''}, got "
+                         f"{'a DTensor ' + placement_text(t) if is_dtensor(t) else 'a plain tensor'}")
+    if is_dtensor(ref) and (t.device_mesh != ref.device_mesh or tuple(t.placements) != tuple(ref.placements)):
+        raise ValueError(f"{what} has placement {placement_text(t)} on {t.device_mesh} but {ref_what} has "
+                         f"{placement_text(ref)} on {ref.device_mesh}: they must be sharded alike")
+
+
+def _shard_groups(t):
+    """The process groups over which the shards of DTensor ``t`` differ (its Shard-ed
+    mesh dimensions)."""
+    return [t.device_mesh.get_group(i) for i, p in enumerate(t.placements) if p.is_shard()]
+
+
+def sum_over_shards(sums: Tensor, tensors: Sequence) -> Tensor:
+    """Rows of local partial sums (``sums[i]`` of ``tensors[i]``) -> whole-tensor sums: each
+    row of a sharded DTensor added over the ranks that hold its other shards, all rows
+    sharded alike in one all-reduce (per mesh dimension). Rows of plain tensors and of
+    replicated DTensors are left as they are. In place; returns ``sums``."""
+    keys = {}
+    for i, t in enumerate(tensors):
+        groups = _shard_groups(t) if is_dtensor(t) else []
+        if groups:
+            keys.setdefault(tuple(id(g) for g in groups), (groups, []))[1].append(i)
+    for groups, rows in keys.values():
+        whole = len(rows) == sums.shape[0] and sums.is_contiguous()
+        part = sums if whole else sums[rows]
+        for g in groups:
+            torch.distributed.all_reduce(part, group=g)
+        if not whole:
+            sums[rows] = part
+    return sums
+
+
+def all_reduce_over_shards(x: Tensor, t) -> Tensor:
+    """``x`` (a local partial result for DTensor ``t``) summed over the ranks holding
+    ``t``'s other shards, in place."""
+    for g in _shard_groups(t):
+        torch.distributed.all_reduce(x, group=g)
+    return x
+
+
+__all__ = ["all_reduce_over_shards", "check_like", "is_dtensor", "local", "shard_dim", "sum_over_shards"]
