@@ -319,6 +319,15 @@ def parse_shapes(text, arity, parser):
     return shapes
 
 
+def free_port():
+    """A free TCP port on this machine (for a torch.distributed job's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def parser(doc):
     """The options every benchmark takes; add its own, then call ``parse``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],

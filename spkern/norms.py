@@ -181,9 +181,10 @@ def _sharded_spectral_norm(matrix, state, iters, minus):
         check_like(minus, matrix, "minus", "matrix")
     fan_out = matrix.shape[0]
     fan_in = matrix.numel() // max(fan_out, 1)
-    rows = local(matrix).shape[0] if matrix.dim() else 0
-    A = local(matrix).detach().reshape(rows, -1)
-    B = local(minus).detach().reshape(rows, -1) if minus is not None else None
+    rows = local(matrix).shape[0]  # a shard's rows (Shard(0)) or all of them
+    cols = local(matrix).numel() // max(rows, 1) if rows else fan_in
+    A = local(matrix).detach().reshape(rows, cols)
+    B = local(minus).detach().reshape(rows, cols) if minus is not None else None
     if dim == 1:  # columns: A A^T y = sum_r A_r (A_r^T y) (and each product of A - B is A. - B.)
         def gram(y):
             z = A.t().float() @ y if B is None else A.t().float() @ y - B.t().float() @ y

@@ -525,9 +525,9 @@ class AdamW(_NormStats, torch.optim.AdamW):
         step_size = lr / (1 - beta1**step)
         bc2_sqrt = (1 - beta2**step) ** 0.5
         scale = 1 / (1 - lr * wd)
-        rows = local(p).shape[0]
-        m = local(st["exp_avg"]).reshape(rows, -1)
-        v = local(st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(rows, -1)
+        rows, cols = local(p).shape[0], p.numel() // max(p.shape[0], 1)  # (a shard's rows)
+        m = local(st["exp_avg"]).reshape(rows, cols)
+        v = local(st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(rows, cols)
 
         def blocks(r0, r1):
             u = v[r0:r1].float().sqrt().div_(bc2_sqrt).add_(eps)  # one temporary per block

@@ -20,6 +20,16 @@ from torch import Tensor
 from spkern.monitor.capture import as_args, first_tensor
 
 
+def reshard(model):
+    """Frees the parameters FSDP2 gathered for a pass of the tracker's own (it keeps the
+    root module's after a forward, for the backward that a training forward has next)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class FixedProbe:
     """A fixed probe batch: ``probe`` (a tensor or a tuple of positional arguments; the
     tracker then calls :meth:`set`), or None for the first ``probe_rows`` rows of the
@@ -65,7 +75,10 @@ class FixedProbe:
         paired = which == "current" and t.rcc
         with t._pass(model, which, False, t._linear_weights(model) if paired else None,
                      t._paired_linear if paired else None):
-            return model(*self.probe)
+            out = model(*self.probe)
+        if t._sharded:
+            reshard(model)  # FSDP2 keeps the root's gathered parameters after a forward: free them
+        return out
 
     def measure_step(self):
         if self.probe is None:
@@ -157,8 +170,6 @@ class TrainingBatch:
         shard for the pass (the shard of W_t kept aside: one sharded copy, for the pass
         only), with the initial buffers, then W_t put back; the gathered W_0 is freed
         (``reshard``) so that the training forward gathers W_t."""
-        from torch.distributed.fsdp import FSDPModule
-
         from spkern.distributed import local
 
         t = self.t
@@ -174,9 +185,7 @@ class TrainingBatch:
             with t._pass(t.model, "reference", t.model.training, t._linear_weights(t.model),
                          self._reference_linear if t.rcc else None):
                 self.ref_out = first_tensor(t.model(*args, **kwargs))
-            for m in t.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+            reshard(t.model)
         finally:
             with torch.no_grad():
                 for now, value in saved:

@@ -1,0 +1,222 @@
+"""Sharded-training benchmark: FSDP2 against DDP on 2 processes (gloo on CPU, NCCL on a
+GPU machine): per-rank memory of the parameters, the tracker's W_0 and the optimizer
+state, and the tracker's overhead over the untracked step, under each.
+
+    python bench/bench_sharded.py                      # MLP widths 1024, 2048 and the GPT
+    python bench/bench_sharded.py --quick              # MLP width 256, 3 rounds
+    python bench/bench_sharded.py --models mlp --widths 4096
+
+It starts ``torch.distributed.run --nproc_per_node=2`` on itself once per parallelism
+(DDP, FSDP2). Models: the MLP of bench/bench_tracker.py (784 -> width x 3 -> 10, no
+biases, global batch 128: 64 rows per rank) and its GPT (depth 2, context 64, vocabulary
+8192, width --gpt-width, global batch 4), with spkern.optim.SGD (momentum 0.9) and
+spkern's fused loss. FSDP2: ``fully_shard`` on every Linear layer (the GPT: every block)
+and on the root.
+
+Memory: the bytes of the rank's own tensors, counted (not the process's resident size,
+which the allocator and the libraries blur): parameters (the local shards under FSDP2,
+whole under DDP), the tracker's W_0 (kept sharded like the parameters) and the momentum
+buffers. Overhead: the untracked and the tracked step (spkern.Tracker every step, a
+fixed probe of each rank's 64 rows; the GPT: 2 sequences per rank) on two copies of the
+model, timed in alternation (cycles of 5 steps, median over the rounds of each round's
+tracked time against the untracked time of the same round), as ``bench_tracker
+--interleave`` does. Rank 0's clock; every step ends in the processes' collectives.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+MLP_BATCH = 128
+GPT_VOCAB, GPT_CONTEXT, GPT_BATCH, GPT_DEPTH = 8192, 64, 4, 2
+
+
+def _build(kind, width, device, parallel, world, rank):
+    """(model as trained, the module the tracker and optimizer see, step inputs, loss)."""
+    import torch
+    from torch import nn
+
+    import spkern
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "gpt":
+        from spkern.experiments.gpt import GPT, GPTConfig
+
+        model = GPT(GPTConfig(vocab=GPT_VOCAB, width=width, depth=GPT_DEPTH, context=GPT_CONTEXT)).to(device)
+        x = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), generator=g)
+        y = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), generator=g)
+        units = list(model.blocks)
+
+        def loss(net, x, y):
+            return net(x, y, "ce")  # the fused head loss, inside the (wrapped) model's forward
+    else:
+        dims = [784] + [width] * 3 + [10]
+        layers = []
+        for i in range(4):
+            layers += [nn.Linear(dims[i], dims[i + 1], bias=False)] + ([nn.ReLU()] if i < 3 else [])
+        model = nn.Sequential(*layers).to(device)
+        x = torch.randn(MLP_BATCH, 784, generator=g)
+        y = torch.randint(0, 10, (MLP_BATCH,), generator=g)
+        units = [m for m in model if isinstance(m, nn.Linear)]
+
+        def loss(net, x, y):
+            return spkern.cross_entropy(net(x), y, return_stats=True)
+    x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+    net = model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for u in units:
+            fully_shard(u)
+        fully_shard(model)
+    else:
+        net = nn.parallel.DistributedDataParallel(model)
+    return model, net, x, y, loss
+
+
+def _local_bytes(tensors):
+    from spkern.distributed import local
+
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def worker(kind, width, parallel, rounds, cycle, device):
+    """Runs in each process of the torchrun job; returns rank 0's measurements."""
+    import statistics
+    import time
+
+    import torch
+
+    import spkern
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    arms = {}
+    for arm in ("untracked", "tracked"):
+        model, net, x, y, loss_fn = _build(kind, width, device, parallel, world, rank)
+        opt = spkern.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9)
+        tracker = spkern.Tracker(model, opt, probe=x[:64]) if arm == "tracked" else None
+
+        def step(net=net, opt=opt, tracker=tracker, loss_fn=loss_fn):
+            opt.zero_grad()
+            loss, stats = loss_fn(net, x, y)
+            loss.backward()
+            if tracker is not None:
+                tracker.record_loss(loss, stats)
+            opt.step()
+            if tracker is not None:
+                tracker.metrics()  # (a collective: every rank reads them, as training does)
+        arms[arm] = (step, model, opt, tracker)
+    times = {arm: [] for arm in arms}
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    for r in range(rounds + 1):  # the first round warms up
+        for arm, (step, *_) in arms.items():
+            torch.distributed.barrier()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(cycle):
+                step()
+            sync()
+            if r:
+                times[arm].append((time.perf_counter() - t0) * 1e3 / cycle)
+    _, model, opt, tracker = arms["tracked"]
+    params = opt.stepped_parameters()  # (the shards; model.parameters() may hold FSDP2's gathered copies)
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+    memory = {"params": _local_bytes(params), "w0": _local_bytes(tracker._w0.values()),
+              "optimizer_state": _local_bytes(state)}
+    memory["total"] = sum(memory.values())
+    for _, _, _, t in arms.values():
+        if t is not None:
+            t.close()
+    base = times["untracked"]
+    return {"model": kind, "width": width, "parallel": parallel, "world": world,
+            "untracked_ms": statistics.median(base), "tracked_ms": statistics.median(times["tracked"]),
+            "overhead": statistics.median(t / b for t, b in zip(times["tracked"], base)) - 1,
+            "rounds": rounds, "cycle": cycle, "memory_bytes_per_rank": memory,
+            "param_count": sum(p.numel() for p in params)}
+
+
+def _worker_main(argv):
+    import gc
+
+    import torch
+
+    spec = json.loads(argv[0])
+    device = spec["device"]
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        rows = [worker(kind, width, spec["parallel"], spec["rounds"], spec["cycle"], device)
+                for kind, width in spec["cases"]]
+        if torch.distributed.get_rank() == 0:
+            with open(spec["out"], "w") as f:
+                json.dump(rows, f)
+    finally:
+        torch.distributed.destroy_process_group()
+        gc.collect()
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        return _worker_main(argv[1:])
+    parser = harness.parser(__doc__)
+    parser.add_argument("--models", default="mlp,gpt", help="mlp, gpt or both")
+    parser.add_argument("--widths", default=None, help="MLP widths (default 1024,2048; --quick 256)")
+    parser.add_argument("--gpt-width", type=int, default=256)
+    parser.add_argument("--nproc", type=int, default=2)
+    args = harness.parse(parser, argv, None)
+
+    widths = harness.parse_ints(parser, args.widths or ("256" if args.quick else "1024,2048"), "--widths")
+    models = [m for m in args.models.split(",") if m]
+    if set(models) - {"mlp", "gpt"}:
+        parser.error(f"--models: choose from mlp, gpt; got {args.models!r}")
+    cases = [("mlp", w) for w in widths] * ("mlp" in models) + [("gpt", args.gpt_width)] * ("gpt" in models)
+    rounds = args.repeats or (3 if args.quick else 9)
+    info = harness.machine_info(args.device)
+    harness.print_header(f"sharded training, {args.nproc} processes", info, args.device)
+    results = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for parallel in ("ddp", "fsdp"):
+            out = os.path.join(tmp, f"{parallel}.json")
+            spec = dict(device=args.device, parallel=parallel, rounds=rounds, cycle=5, cases=cases, out=out)
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+                                   "--master_port", str(harness.free_port()), os.path.abspath(__file__),
+                                   "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"# {parallel}: failed\n{proc.stderr[-3000:]}")
+                return 1
+            results += json.loads(open(out).read())
+    print("| model | width | parallel | untracked ms | tracked ms | tracker overhead | params + W_0 + state MB/rank |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['width']} | {r['parallel']} | {r['untracked_ms']:.1f} | {r['tracked_ms']:.1f} | "
+              f"{r['overhead']:+.0%} | {r['memory_bytes_per_rank']['total'] / 2**20:.1f} |")
+    for kind, width in cases:
+        by = {r["parallel"]: r for r in results if (r["model"], r["width"]) == (kind, width)}
+        mem = by["fsdp"]["memory_bytes_per_rank"]["total"] / by["ddp"]["memory_bytes_per_rank"]["total"]
+        ratio = (1 + by["fsdp"]["overhead"]) / (1 + by["ddp"]["overhead"])
+        print(f"# {kind} {width}: FSDP2 memory {mem:.2f}x DDP's per rank; tracked/untracked step "
+              f"{1 + by['fsdp']['overhead']:.2f}x under FSDP2, {1 + by['ddp']['overhead']:.2f}x under DDP "
+              f"(ratio {ratio:.2f})")
+    if args.out:
+        harness.save(args.out, f"sharded_{args.device}", args.quick, info, results, rounds=rounds,
+                     processes=args.nproc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
