@@ -121,3 +121,19 @@ def test_gpt_fsdp_equals_one_process(tmp_path):
         assert math.isclose(ma[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, ma[k], v)
     # bfloat16 through FSDP2's mixed-precision policy: the same run, to bfloat16 rounding
     assert h["status"] == "ok" and math.isclose(h["val_ce"], b["val_ce"], rel_tol=2e-2)
+
+
+@pytest.mark.slow
+def test_sweep_gpt_fsdp_under_torchrun(tmp_path):
+    # the sweep passes --fsdp through; every rank trains each run, rank 0 alone writes
+    out = tmp_path / "sweep"
+    args = ["-m", "spkern.experiments.cli", "sweep", "gpt", "--fsdp", "--widths", "32", "--lrs", "1e-2",
+            "--loss", "ce", "--steps", "2", "--track-every", "1", "--context", "16", "--batch-size", "4",
+            "--depth", "1", "--eval-batches", "1", "--out", str(out), "--no-progress", "--no-report"]
+    _launch(args, 2)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["config"]["fsdp"] and r["processes"] == 2 and r["status"] == "ok"
+    _launch(args, 2)  # resumed: the run is there already, on every rank
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1

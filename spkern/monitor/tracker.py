@@ -102,6 +102,20 @@ the training batch) and :meth:`metrics` adds the sums behind every value over th
 roots, and the largest ``max_abs`` over the ranks: the values equal those of one process
 measuring all the ranks' rows (for the loss, with equal shares). Values the same on every
 rank (parameter statistics, operator norms) are averaged.
+
+Sharded models (FSDP2's ``fully_shard``; build the optimizer and the tracker after
+sharding, as for any optimizer): the copies of W_0 are DTensors sharded like their
+parameters (1/N of the model per rank); a pass's product with W_0 gathers that one
+module's W_0 (``full_tensor``) when the module runs, as FSDP gathers W_t, and frees it
+after; operator norms iterate on each rank's rows of the sharded W_t and W_0 (one
+all-reduce of a vector per iteration); the parameter statistics are the whole
+parameters' (:func:`spkern.multi_tensor_norms` of DTensors, or the optimizer's, which add
+the shards' sums over the ranks). With ``probe="batch"`` the reference pass puts W_0 in
+each parameter's local shard for its duration (W_t's shard kept aside). The hooks run
+before FSDP2's own post-forward hook, while the module's gathered parameters are in
+place, and the parameters FSDP2 gathers for the tracker's own passes are freed after
+them. The numbers equal one process measuring all the rows on the unsharded model
+(tests/test_fsdp.py).
 """
 
 import contextlib
