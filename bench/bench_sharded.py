@@ -89,7 +89,6 @@ def _local_bytes(tensors):
 def worker(kind, width, parallel, rounds, cycle, device):
     """Runs in each process of the torchrun job; returns rank 0's measurements."""
     import statistics
-    import time
 
     import torch
 
@@ -112,21 +111,8 @@ def worker(kind, width, parallel, rounds, cycle, device):
             if tracker is not None:
                 tracker.metrics()  # (a collective: every rank reads them, as training does)
         arms[arm] = (step, model, opt, tracker)
-    times = {arm: [] for arm in arms}
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    for r in range(rounds + 1):  # the first round warms up
-        for arm, (step, *_) in arms.items():
-            torch.distributed.barrier()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(cycle):
-                step()
-            sync()
-            if r:
-                times[arm].append((time.perf_counter() - t0) * 1e3 / cycle)
+    times = harness.interleave({arm: a[0] for arm, a in arms.items()}, rounds, cycle, device,
+                               before_cycle=torch.distributed.barrier)
     _, model, opt, tracker = arms["tracked"]
     params = opt.stepped_parameters()  # (the shards; model.parameters() may hold FSDP2's gathered copies)
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]

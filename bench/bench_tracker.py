@@ -158,13 +158,6 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
     ``paired_overhead`` is the median over the rounds of each round's time against the
     untracked step's in that round. {impl: result}; peak memory is not measured this way."""
     import statistics
-    import time
-
-    import torch
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
 
     steps, out = {}, {}
     for impl in impls:
@@ -173,16 +166,7 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
             out[impl] = made
         else:
             steps[impl] = made[0]
-    times = {impl: [] for impl in steps}
-    for r in range(repeats + 1):  # the first round warms up
-        for impl, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(cycle):
-                step()
-            sync()
-            if r:
-                times[impl].append((time.perf_counter() - t0) * 1e3 / cycle)
+    times = harness.interleave(steps, repeats, cycle, device)
     base = times.get("no tracking")
     for impl, ts in times.items():
         out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),

@@ -191,6 +191,32 @@ def measure(step, device, repeats, warmup=2, before_each=None, rotation=None):
     return out
 
 
+def interleave(steps, rounds, cycle, device, before_cycle=None):
+    """{name: step()} timed in alternation: ``rounds`` rounds (after one of warm-up), each
+    running ``cycle`` steps of every one in turn; {name: [ms per step of each round]}.
+    Slow drifts of a shared machine then hit all of them alike. ``before_cycle()`` runs
+    before each timed cycle, outside the timing (a barrier of a distributed job, say)."""
+    import torch
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    times = {name: [] for name in steps}
+    for r in range(rounds + 1):  # the first round warms up
+        for name, step in steps.items():
+            if before_cycle is not None:
+                before_cycle()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(cycle):
+                step()
+            sync()
+            if r:
+                times[name].append((time.perf_counter() - t0) * 1e3 / cycle)
+    return times
+
+
 def measure_cycles(one, device, repeats, cycle):
     """Times cycles of ``cycle`` calls of ``one`` (for work done every ``cycle`` steps)
     and reports the time per call."""

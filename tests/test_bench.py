@@ -195,3 +195,18 @@ def test_gpu_run_dry_run_exercises_every_stage(tmp_path, with_wheels):
         assert "'liger-kernel': '0.0.1'" in found
     else:
         assert rows[1][1].startswith("skipped") and "liger-kernel" not in found
+
+
+@pytest.mark.slow
+def test_bench_sharded_runs_ddp_and_fsdp(tmp_path, capsys):
+    # the plumbing: two torchrun jobs (DDP, FSDP2), one row each, memory halved by sharding
+    import bench_sharded
+
+    assert bench_sharded.main(["--quick", "--models", "mlp", "--widths", "64", "--repeats", "1",
+                               "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mlp | 64 | ddp |" in out and "| mlp | 64 | fsdp |" in out and "FSDP2 memory 0.50x" in out
+    saved = json.loads(next(tmp_path.glob("sharded_cpu_*.json")).read_text())
+    assert {r["parallel"] for r in saved["results"]} == {"ddp", "fsdp"}
+    with pytest.raises(SystemExit):
+        bench_sharded.main(["--models", "cnn"])
