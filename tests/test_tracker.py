@@ -539,3 +539,41 @@ def test_huge_activations_are_measured_not_inf():
     assert m["0/act_rms"] == pytest.approx(h.square().mean().sqrt().item(), rel=1e-5)
     assert m["logits/rms"] == pytest.approx(out.square().mean().sqrt().item(), rel=1e-5)
     assert m["2/input_rms"] == pytest.approx(h.relu().square().mean().sqrt().item(), rel=1e-5)
+
+
+class _Tied(nn.Module):
+    """An embedding and a head that share their weight (GPT-2 and nanoGPT tie them)."""
+
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mid = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.mid(self.emb(idx))))
+
+
+@pytest.mark.parametrize("optim", ["spkern", "torch", None])
+def test_tied_weights_keep_one_initial_copy(optim):
+    torch.manual_seed(0)
+    model = _Tied()
+    opt = {"spkern": lambda: spkern.optim.SGD(model.named_parameters(), lr=0.5),
+           "torch": lambda: torch.optim.SGD(model.parameters(), lr=0.5), None: lambda: None}[optim]()
+    idx = torch.randint(0, 11, (6, 5))
+    tracker = spkern.Tracker(model, opt, probe=idx)
+    copies = {id(t) for t in list(tracker._w0.values()) + list(tracker._lin_w0.values())}
+    assert len(copies) == len(list(model.parameters())) == 3  # the emb/head weight once, mid's two
+    assert tracker._lin_w0["head"] is tracker._w0["emb.weight"]
+    for _ in range(2):
+        if opt is not None:
+            opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        opt.step() if opt is not None else tracker.step()
+    m = tracker.metrics()
+    w, w0 = model.emb.weight.detach(), tracker._w0["emb.weight"]
+    assert math.isclose(m["emb.weight/drift_rms"], _rms(w - w0), rel_tol=1e-5)
+    assert "head.weight/drift_rms" not in m  # one parameter, one name
+    if opt is not None:  # (without one nothing moves)
+        assert m["head/delta_w_op"] > 0

@@ -298,7 +298,8 @@ class Tracker:
         stepped = self._stepped()
         if stepped is not None:  # the optimizer's own statistics cover the parameters it steps
             self.params = [(n, p) for n, p in self.params if id(p) in stepped]
-        ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
+        ref_params = (dict(self._ref_model.named_parameters(remove_duplicate=False)) if self._ref_model is not None
+                      else None)
         for n, p in self.params:
             self._w0[n] = self._initial_weight(n, p, ref_params)
         self._stepped_count = len(stepped) if stepped is not None else None
@@ -306,17 +307,20 @@ class Tracker:
             # a fused step may measure the drift against the tracker's copies: no second pass
             self._source.offer_initial_weights({p: self._w0[n] for n, p in self.params})
         # the initial weight of each tracked Linear layer, for the RCC
+        # (one copy per parameter: a weight tied to another, lm_head to the embedding say,
+        # shares the copy kept under the parameter's first name)
         self._lin_w0 = {}
+        by_param = {id(p): self._w0[n] for n, p in self.params}
         for n in self.names:
             m = self.modules[n]
             if isinstance(m, nn.Linear):
                 key = f"{n}.weight" if n else "weight"
-                if key in self._w0:
-                    self._lin_w0[n] = self._w0[key]
+                if id(m.weight) in by_param:
+                    self._lin_w0[n] = by_param[id(m.weight)]
                 elif ref_params is not None:
                     self._lin_w0[n] = ref_params[key].detach()
-                else:
-                    self._lin_w0[n] = m.weight.detach().clone()
+                else:  # a weight the optimizer does not step
+                    self._lin_w0[n] = by_param[id(m.weight)] = m.weight.detach().clone()
         # the weights as the optimizer holds them (under FSDP2 the sharded parameters, which a
         # module's forward replaces by gathered copies): the operator norms are of these
         self._lin_param = {n: self.modules[n].weight for n in self._lin_w0}
@@ -344,7 +348,8 @@ class Tracker:
         self._stepped_count = len(stepped)
         stepped = {id(p) for p in stepped}
         have = {id(p) for _, p in self.params}
-        ref_params = dict(self._ref_model.named_parameters()) if self._ref_model is not None else None
+        ref_params = (dict(self._ref_model.named_parameters(remove_duplicate=False)) if self._ref_model is not None
+                      else None)
         for n, p in self._params():
             if id(p) in stepped and id(p) not in have:
                 self._w0[n] = self._initial_weight(n, p, ref_params)
