@@ -2,15 +2,18 @@
 initial model, extra forwards, SVDs) on small models."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -203,7 +206,8 @@ def test_probe_from_first_batch_every_and_reference_model():
     tracker = spkern.Tracker(model, opt, every=2, probe_rows=8)
     assert tracker._probe is None
     _train(model, opt, x, y, 5)
-    assert tracker._probe[0].shape == (8, 10) and torch.equal(tracker._probe[0], x[:8])
+    args, kwargs = tracker._probe
+    assert args[0].shape == (8, 10) and torch.equal(args[0], x[:8]) and kwargs == {}
     assert tracker.measurements == 2  # steps 2 and 4
     m1 = tracker.metrics()
     tracker.close()
@@ -320,8 +324,12 @@ def test_probe_after_training_needs_a_reference():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     with pytest.warns(RuntimeWarning, match="no probe"):
-        opt.step()  # no forward yet: nothing to measure
-    assert tracker.measurements == 0
+        opt.step()  # no forward yet: the parameters alone are measured
+    assert tracker.measurements == 1 and "0.weight/update_rms" in tracker.metrics()
+    assert not any(k.endswith("/act_rms") for k in tracker.metrics())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # (warned once)
     with pytest.raises(RuntimeError, match="before the first optimizer step"):
         tracker.set_probe(x[:4])
     with pytest.raises(RuntimeError, match="no probe"):
@@ -577,3 +585,79 @@ def test_tied_weights_keep_one_initial_copy(optim):
     assert "head.weight/drift_rms" not in m  # one parameter, one name
     if opt is not None:  # (without one nothing moves)
         assert m["head/delta_w_op"] > 0
+
+
+@dataclasses.dataclass
+class _Out:
+    loss: object
+    logits: torch.Tensor
+
+
+class _Masked(nn.Module):
+    """A model called as HF models are: keyword arguments, an attention mask, a structured
+    output ('out' picks its kind)."""
+
+    def __init__(self, out="dict"):
+        super().__init__()
+        self.emb = nn.Embedding(13, 8)
+        self.fc = nn.Linear(8, 13)
+        self.out = out
+
+    def forward(self, input_ids=None, attention_mask=None, scale=1.0):
+        h = self.emb(input_ids) * scale
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        logits = self.fc(torch.relu(h))
+        return {"dict": lambda: {"hidden": h, "logits": logits}, "dataclass": lambda: _Out(None, logits),
+                "tuple": lambda: (None, logits), "tensor": lambda: logits}[self.out]()
+
+
+def _masked_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 13, (6, 5), generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    return ids, mask
+
+
+@pytest.mark.parametrize("out", ["dict", "dataclass", "tuple", "tensor"])
+@pytest.mark.parametrize("form", ["first call", "kwargs", "args and kwargs", "positional with None"])
+def test_probe_is_any_call_and_output_any_structure(form, out):
+    ids, mask = _masked_batch()
+    model = _Masked(out)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = {"first call": None, "kwargs": {"input_ids": ids[:4], "attention_mask": mask[:4]},
+             "args and kwargs": ((ids[:4],), {"attention_mask": mask[:4]}),
+             "positional with None": (ids[:4], None, 1.0)}[form]
+    tracker = spkern.Tracker(model, opt, probe=probe, probe_rows=4)
+    for _ in range(2):
+        opt.zero_grad()
+        o = model(input_ids=ids, attention_mask=mask)
+        logits = o["logits"] if isinstance(o, dict) else o.logits if out == "dataclass" else o[1] if out == "tuple" else o
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+    args, kwargs = tracker._probe
+    with torch.no_grad():
+        o = model(*args, **kwargs)
+    want = o["logits"] if isinstance(o, dict) else o.logits if out == "dataclass" else o[1] if out == "tuple" else o
+    m = tracker.metrics()
+    assert math.isclose(m["logits/rms"], _rms(want), rel_tol=1e-5)
+    if form in ("first call", "kwargs", "args and kwargs"):  # the mask of the call is kept (its first rows)
+        assert torch.equal(kwargs["attention_mask"], mask[:4])
+    assert m["fc/eff_rms"] > 0
+
+
+def test_probe_output_fn_and_bad_probes():
+    ids, mask = _masked_batch()
+    model = _Masked("dict")
+    tracker = spkern.Tracker(model, probe={"input_ids": ids}, output_fn=lambda o: o["hidden"])
+    tracker.measure()
+    with torch.no_grad():
+        assert math.isclose(tracker.metrics()["logits/rms"], _rms(model(input_ids=ids)["hidden"]), rel_tol=1e-5)
+    with pytest.raises(TypeError, match="probe must be a Tensor, a tuple"):
+        spkern.Tracker(model, probe=3)
+    with pytest.raises(TypeError, match="at least one Tensor"):
+        spkern.Tracker(model, probe={"scale": 2.0})
+    with pytest.raises(ValueError, match=r"cannot run on the probe \(\(6, 5\) torch.int64 on cpu, attention_mask="):
+        spkern.Tracker(model, probe=((ids,), {"attention_mask": mask[:2]}))
+    with pytest.raises(TypeError, match="output_fn must be callable"):
+        spkern.Tracker(model, probe=ids, output_fn="logits")

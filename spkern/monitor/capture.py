@@ -7,6 +7,8 @@ weights are taken by capturing ``F.linear`` for the duration of the pass.
 """
 
 import contextlib
+import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ class _LinearCapture(TorchFunctionMode):
 
 
 def first_tensor(out):
+    """A module's output tensor: the output, or the first element of a tuple or list."""
     if isinstance(out, Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
@@ -50,8 +53,64 @@ def first_tensor(out):
     return None
 
 
-def as_args(probe):
-    return tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
+def model_output(out, key="logits"):
+    """The tensor of a model's output to report under ``logits/``: a tensor; else the entry
+    named ``key`` of a dict or an HF ``ModelOutput`` (a dict too), or the field of a
+    dataclass, else their first tensor; the first tensor of a tuple or list."""
+    if isinstance(out, Tensor):
+        return out
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    if isinstance(out, Mapping):
+        if isinstance(out.get(key), Tensor):
+            return out[key]
+        return next((v for v in out.values() if isinstance(v, Tensor)), None)
+    if isinstance(out, (tuple, list)):
+        return next((v for v in out if isinstance(v, Tensor)), None)
+    return None
+
+
+PROBE_FORMS = ("a Tensor, a tuple of positional arguments, a dict of keyword arguments, (args, kwargs), "
+               "'batch' or None")
+
+
+def as_call(probe):
+    """A probe as the call it stands for, ``(args, kwargs)``: a Tensor is one positional
+    argument; a dict, keyword arguments; a pair ``(tuple or list, dict)``, both; any other
+    tuple or list, positional arguments (None and other values allowed: a mask left out,
+    a flag). Tensors are detached. TypeError for anything else, or a call without a tensor."""
+    if isinstance(probe, Tensor):
+        args, kwargs = (probe,), {}
+    elif isinstance(probe, Mapping):
+        args, kwargs = (), dict(probe)
+    elif (isinstance(probe, (tuple, list)) and len(probe) == 2 and isinstance(probe[0], (tuple, list))
+          and isinstance(probe[1], Mapping)):
+        args, kwargs = tuple(probe[0]), dict(probe[1])
+    elif isinstance(probe, (tuple, list)):
+        args, kwargs = tuple(probe), {}
+    else:
+        raise TypeError(f"probe must be {PROBE_FORMS}, got {type(probe).__name__}")
+    if not any(isinstance(v, Tensor) for v in list(args) + list(kwargs.values())):
+        raise TypeError(f"probe must hold at least one Tensor ({PROBE_FORMS})")
+    detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+    return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
+
+
+def call_rows(args, kwargs, rows):
+    """The call with its first ``rows`` rows: every tensor whose first dimension is the
+    batch's (the first tensor's) cut to ``rows``; other values as they are."""
+    tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor) and v.dim()]
+    if not tensors:
+        return args, kwargs
+    batch = tensors[0].shape[0]
+    cut = lambda v: v[:rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v  # noqa: E731
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def describe_call(args, kwargs):
+    def one(v):
+        return f"{tuple(v.shape)} {v.dtype} on {v.device}" if isinstance(v, Tensor) else type(v).__name__
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
 @contextlib.contextmanager

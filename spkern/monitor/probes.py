@@ -15,9 +15,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
-from spkern.monitor.capture import as_args, first_tensor
+from spkern.monitor.capture import as_call, call_rows, describe_call
 
 
 def reshard(model):
@@ -31,9 +30,10 @@ def reshard(model):
 
 
 class FixedProbe:
-    """A fixed probe batch: ``probe`` (a tensor or a tuple of positional arguments; the
-    tracker then calls :meth:`set`), or None for the first ``probe_rows`` rows of the
-    first batch the model sees."""
+    """A fixed probe batch: ``probe`` (any form :func:`spkern.monitor.capture.as_call`
+    takes: a tensor, positional arguments, keyword arguments or both; the tracker then
+    calls :meth:`set`), or None for the first ``probe_rows`` rows of the first call the
+    model gets, as it was made (keyword arguments and masks included)."""
 
     on_training_batch = False
 
@@ -47,25 +47,27 @@ class FixedProbe:
 
     def set(self, probe):
         t = self.t
-        args = as_args(probe)
-        if not all(isinstance(a, Tensor) for a in args):
-            raise TypeError("probe must be a Tensor or a tuple of Tensors")
+        call = as_call(probe)
         if t._ref_model is None and t.steps > 0:
             raise RuntimeError("the probe must be set before the first optimizer step when reference='init' "
                                "(the reference activations are the model's at initialisation)")
-        self.probe = tuple(a.detach() for a in args)
+        self.probe = call
         t._ref = {}
         try:
-            self.ref_out = first_tensor(self.forward("reference"))
+            self.ref_out = t._model_output(self.forward("reference"))
         except Exception as e:  # a probe of the wrong shape, dtype or device, say
-            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in self.probe)
             self.probe = None
-            raise ValueError(f"the model cannot run on the probe ({shapes}): {type(e).__name__}: {e}") from e
+            raise ValueError(f"the model cannot run on the probe ({describe_call(*call)}): "
+                             f"{type(e).__name__}: {e}") from e
         t._init_op_w0()
 
     def _first_batch(self, module, args, kwargs):
-        if self.probe is None and args and all(isinstance(a, Tensor) for a in args) and self.t._capture is None:
-            self.set(tuple(a[: self.t.probe_rows] for a in args))
+        if self.probe is None and self.t._capture is None:
+            try:
+                call = as_call((args, kwargs))
+            except TypeError:  # a call without a tensor: wait for one
+                return None
+            self.set(call_rows(*call, self.t.probe_rows))
         return None
 
     def forward(self, which):
@@ -75,16 +77,23 @@ class FixedProbe:
         paired = which == "current" and t.rcc
         with t._pass(model, which, False, t._linear_weights(model) if paired else None,
                      t._paired_linear if paired else None):
-            out = model(*self.probe)
+            args, kwargs = self.probe
+            out = model(*args, **kwargs)
         if t._sharded:
             reshard(model)  # FSDP2 keeps the root's gathered parameters after a forward: free them
         return out
 
     def measure_step(self):
-        if self.probe is None:
-            warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run): "
-                          "nothing measured at this step", RuntimeWarning, stacklevel=3)
-            return False
+        t = self.t
+        if self.probe is None:  # the parameters are measured all the same
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run with a "
+                              "tensor argument): only the parameters are measured until it does",
+                              RuntimeWarning, stacklevel=3)
+            t._cur = {}
+            t._finish()
+            return True
         self.measure()
         return True
 
@@ -93,7 +102,7 @@ class FixedProbe:
         if self.probe is None:
             raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
         t._cur = {}
-        t._output_stats(first_tensor(self.forward("current")), self.ref_out)
+        t._output_stats(t._model_output(self.forward("current")), self.ref_out)
         t._finish()
 
 
@@ -160,7 +169,7 @@ class TrainingBatch:
         with t._pass(model, "reference", t.model.training, weights, self._reference_linear if t.rcc else None,
                      restore_buffers=state is None):
             out = model(*args, **kwargs) if state is None else torch.func.functional_call(model, state, args, kwargs)
-        self.ref_out = first_tensor(out)
+        self.ref_out = t._model_output(out)
         t._capture = "current"
         return None
 
@@ -184,7 +193,7 @@ class TrainingBatch:
         try:
             with t._pass(t.model, "reference", t.model.training, t._linear_weights(t.model),
                          self._reference_linear if t.rcc else None):
-                self.ref_out = first_tensor(t.model(*args, **kwargs))
+                self.ref_out = t._model_output(t.model(*args, **kwargs))
             reshard(t.model)
         finally:
             with torch.no_grad():
@@ -196,7 +205,7 @@ class TrainingBatch:
         if t._capture != "current":
             return None
         t._capture = None
-        t._output_stats(first_tensor(output), self.ref_out)
+        t._output_stats(t._model_output(output), self.ref_out)
         t._ref, self.ref_out = {}, None  # free the reference activations
         return None
 

@@ -129,7 +129,7 @@ from torch import Tensor, nn
 from spkern.constants import Sum
 from spkern.distributed import is_dtensor
 from spkern.features import pair_stats, paired_linear
-from spkern.monitor.capture import first_tensor, own_pass
+from spkern.monitor.capture import PROBE_FORMS, first_tensor, model_output, own_pass
 from spkern.monitor.log import MetricsLog
 from spkern.monitor.params import STEP_KEYS, step_stats_of
 from spkern.monitor.probes import FixedProbe, TrainingBatch
@@ -147,10 +147,13 @@ class Tracker:
         model: any ``nn.Module``.
         optimizer: the model's optimizer; the tracker measures after every ``every``-th
             ``optimizer.step()`` through a step hook. Without one, call :meth:`step`.
-        probe: the fixed input batch (a tensor, or a tuple of positional arguments) on
-            which activations are measured; None: the first batch the model sees;
+        probe: the fixed input batch on which activations are measured, as the model is
+            called: a tensor, a tuple of positional arguments (None and other values
+            allowed), a dict of keyword arguments, or ``(args, kwargs)``; None: the first
+            call the model gets, as it was made (keyword arguments and masks included);
             ``"batch"``: the training batch of each measured step (see above).
-        probe_rows: rows kept from a probe taken from the first batch.
+        probe_rows: rows kept from a probe taken from the first call (every tensor
+            argument whose first dimension is the batch's is cut).
         reference: ``"init"`` (the model as it is now) or a model of the same
             architecture whose weights and activations are the reference.
         every: measure every this many optimizer steps.
@@ -164,6 +167,10 @@ class Tracker:
             the RCC products with W_0 are rounded accordingly.
         output_key: the name under which the model's output on the probe is reported
             (``logits/rms`` ...; a model whose output is not the logits can rename it).
+            An output that is a dict, an HF ``ModelOutput`` or a dataclass gives its
+            ``logits`` entry, else its first tensor; a tuple its first tensor.
+        output_fn: a function from the model's output to the tensor to report, in place
+            of that search.
         row_l2: also report the row-mean L2 norms of the RCC terms (see above).
         op_norms: measure op(W_t - W_0) and the alignment ratios (a warm power iteration
             per Linear layer and measurement: a few passes over W_t and W_0, which is
@@ -183,7 +190,8 @@ class Tracker:
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
                  reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
-                 output_key: str = "logits", row_l2: bool = False, op_norms: bool = True):
+                 output_key: str = "logits", row_l2: bool = False, op_norms: bool = True,
+                 output_fn=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -204,6 +212,9 @@ class Tracker:
         self.reference_dtype = reference_dtype
         self.op_iters = op_iters
         self.output_key = output_key
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         self.probe_rows = probe_rows
         self.names = self._select(modules)
         self.modules = dict(model.named_modules())
@@ -214,7 +225,7 @@ class Tracker:
             if missing:
                 raise ValueError(f"reference has no module named {missing[0]!r}")
         if isinstance(probe, str) and probe != "batch":
-            raise ValueError(f"probe must be a Tensor, a tuple of Tensors, 'batch' or None, got {probe!r}")
+            raise ValueError(f"probe must be {PROBE_FORMS}, got {probe!r}")
         self.steps = 0  # optimizer steps seen
         self.measurements = 0
         self._values = {}  # name -> _Ratio or _Max of the latest measurement (device tensors)
@@ -538,6 +549,12 @@ class Tracker:
     def measure(self):
         """Measures now on the probe (whatever the step count)."""
         self._prober.measure()
+
+    def _model_output(self, out):
+        """The tensor of the model's output reported under ``output_key``."""
+        if self.output_fn is not None:
+            return self.output_fn(out)
+        return model_output(out)
 
     def _output_stats(self, out, ref):
         if out is None or not out.is_floating_point():
