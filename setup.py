@@ -90,6 +90,7 @@ def main():
         extras_require={
             "triton": ["triton>=3.2"],
             "mnist1d": ["mnist1d"],
+            "wandb": ["wandb"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
         entry_points={"console_scripts": ["spkern = spkern.experiments.cli:run"]},

@@ -661,3 +661,30 @@ def test_probe_output_fn_and_bad_probes():
         spkern.Tracker(model, probe=((ids,), {"attention_mask": mask[:2]}))
     with pytest.raises(TypeError, match="output_fn must be callable"):
         spkern.Tracker(model, probe=ids, output_fn="logits")
+
+
+def test_wandb_logging_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    model = _mlp()
+    x, y = _data()
+    opt = spkern.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="call wandb.init"):
+        spkern.Tracker(model, opt, probe=x[:8], wandb=True)  # no run yet
+    with pytest.raises(TypeError, match="wandb must be None, True or a wandb run"):
+        spkern.Tracker(model, opt, probe=x[:8], wandb="my-project")
+    run = wandb.init(project="spkern-test", dir=str(tmp_path), mode="offline")
+    logged = []
+    log = run.log
+    monkeypatch.setattr(run, "log", lambda data, step=None, **kw: (logged.append((step, dict(data))),
+                                                                   log(data, step=step, **kw)))
+    try:
+        with spkern.Tracker(model, opt, probe=x[:8], wandb=True, log_every=2) as tracker:
+            _train(model, opt, x, y, 4, tracker)
+            last = tracker.metrics()
+    finally:
+        run.finish()
+    assert [s for s, _ in logged] == [2, 4]  # every second measurement, at the tracker's step
+    assert logged[-1][1] == {k: v for k, v in last.items() if k != "step"} and "2/eff_rms" in logged[-1][1]
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))  # what `wandb sync` uploads later

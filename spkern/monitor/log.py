@@ -1,5 +1,7 @@
 """Where the tracker writes: ``metrics.jsonl`` (one JSON object a measurement,
-non-finite values as null) and TensorBoard scalars (when tensorboard is installed)."""
+non-finite values as null), TensorBoard scalars (when tensorboard is installed) and a
+Weights & Biases run (``wandb=``; an optional dependency). Under ``torch.distributed``
+rank 0 alone writes (every rank computes the same values)."""
 
 import json
 import math
@@ -7,22 +9,61 @@ import os
 import warnings
 
 
-class MetricsLog:
-    """Appends measurements to ``log_dir/metrics.jsonl`` and TensorBoard events there."""
+def _rank():
+    import torch
 
-    def __init__(self, log_dir):
-        os.makedirs(log_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
-        self._writer = None
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def wandb_run(wandb):
+    """The Weights & Biases run the tracker logs to: ``True`` for the active run
+    (``wandb.init()`` first), or a run object; an ImportError or ValueError saying what
+    is missing."""
+    if wandb is True:
+        try:
+            import wandb as wb
+        except ImportError:
+            raise ImportError("wandb=True needs Weights & Biases: pip install wandb") from None
+        if wb.run is None:
+            raise ValueError("wandb=True logs to the active Weights & Biases run: call wandb.init() first "
+                             "(or pass the run: wandb=run)")
+        return wb.run
+    if not callable(getattr(wandb, "log", None)):
+        raise TypeError(f"wandb must be None, True or a wandb run (with a .log method), got {type(wandb).__name__}")
+    return wandb
+
+
+class MetricsLog:
+    """Appends measurements to ``log_dir/metrics.jsonl`` and TensorBoard events there,
+    and to a Weights & Biases run (each optional); the files are opened at the first
+    write, on rank 0."""
+
+    def __init__(self, log_dir=None, wandb=None):
+        self.log_dir = log_dir
+        self.run = wandb_run(wandb) if wandb is not None else None
+        self._jsonl = self._writer = None
+        self._opened = False
+
+    def _open(self):
+        self._opened = True
+        if self.log_dir is None:
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.log_dir, "metrics.jsonl"), "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir)
+            self._writer = SummaryWriter(self.log_dir)
         except ImportError:
             warnings.warn("tensorboard is not installed: the tracker writes metrics.jsonl only",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
 
     def write(self, m):
-        """Appends one measurement, ``{name: float}`` with its ``step``."""
+        """Appends one measurement, ``{name: float}`` with its ``step`` (on rank 0)."""
+        if _rank() != 0:
+            return
+        if not self._opened:
+            self._open()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                           for k, v in m.items()}) + "\n")
@@ -32,6 +73,8 @@ class MetricsLog:
                 if k != "step":
                     self._writer.add_scalar(k, v, m["step"])
             self._writer.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in m.items() if k != "step"}, step=m["step"])
 
     def close(self):
         if self._jsonl is not None:

@@ -94,7 +94,8 @@ gradients only.
 
 :meth:`metrics` returns the latest measurement as a flat dict of floats with one host
 transfer. With ``log_dir`` each measurement (every ``log_every`` measurements) is
-appended to ``log_dir/metrics.jsonl`` and written as TensorBoard scalars.
+appended to ``log_dir/metrics.jsonl`` and written as TensorBoard scalars; with ``wandb``
+it is logged to a Weights & Biases run. Under ``torch.distributed`` rank 0 writes.
 
 Under ``torch.distributed`` each rank measures its own rows (its probe, or its share of
 the training batch) and :meth:`metrics` adds the sums behind every value over the ranks
@@ -162,6 +163,8 @@ class Tracker:
             a sequence of modules, names, or regular expressions matched against the
             full names from ``model.named_modules()`` (whole blocks included).
         log_dir: write ``metrics.jsonl`` and TensorBoard events there.
+        wandb: also log to Weights & Biases: ``True`` for the active run (``wandb.init()``
+            first), or a run; each measurement at the tracker's step (optimizer steps).
         log_every: write every this many measurements (default 1).
         reference_dtype: dtype of the copies of W_0 (default: the weight's). In bfloat16
             the RCC products with W_0 are rounded accordingly.
@@ -191,7 +194,7 @@ class Tracker:
                  log_dir: Optional[str] = None, log_every: int = 1,
                  reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
                  output_key: str = "logits", row_l2: bool = False, op_norms: bool = True,
-                 output_fn=None):
+                 output_fn=None, wandb=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -215,6 +218,8 @@ class Tracker:
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
         self.output_fn = output_fn
+        # (checked before any hook is attached: a wandb=True without a run fails cleanly)
+        self._log = MetricsLog(log_dir, wandb) if (log_dir is not None or wandb is not None) else None
         self.probe_rows = probe_rows
         self.names = self._select(modules)
         self.modules = dict(model.named_modules())
@@ -260,7 +265,6 @@ class Tracker:
         self._prober = TrainingBatch(self) if on_batch else FixedProbe(self, probe)
         if probe is not None and not on_batch:
             self._prober.set(probe)
-        self._log = MetricsLog(log_dir) if log_dir is not None else None
 
     # -- setup ---------------------------------------------------------------------------
 
