@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from spkern.monitor.capture import as_call, call_rows, describe_call
+from spkern.monitor.layers import is_captured
 
 
 def reshard(model):
@@ -123,7 +124,8 @@ class TrainingBatch:
             self.init_state = self._initial_state()
             self.init_buffers = {n for n, _ in t.model.named_buffers()}
             first_name = {id(p): n for n, p in t.model.named_parameters()}  # tied weights: one name
-            self.lin_keys = {n: first_name[id(w)] for n, w in t._lin_param.items()}
+            # (the layers whose products the pass captures in F.linear: a tied embedding is not one)
+            self.lin_keys = {n: first_name[id(w)] for n, w in t._lin_param.items() if is_captured(t._maps[n])}
         t._init_op_w0()
         # (before FSDP2's own pre-forward hook, so that the reference pass is a forward of its own)
         t._hooks.append(t.model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=t._sharded))

@@ -130,6 +130,7 @@ from torch import Tensor, nn
 from spkern.constants import Sum
 from spkern.distributed import is_dtensor
 from spkern.features import pair_stats, paired_linear
+from spkern.monitor.layers import is_captured, is_norm, linear_map
 from spkern.monitor.capture import PROBE_FORMS, first_tensor, model_output, own_pass
 from spkern.monitor.log import MetricsLog
 from spkern.monitor.params import STEP_KEYS, step_stats_of
@@ -137,7 +138,11 @@ from spkern.monitor.probes import FixedProbe, TrainingBatch
 from spkern.monitor.values import _Max, _Ratio, reduce, rms
 from spkern.norms import multi_tensor_norms, spectral_norm
 
-DEFAULT_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+def _default_tracked(m):
+    """What the tracker measures by default: every layer with a linear map (Linear, HF
+    Conv1D, Embedding, convolutions, registered ones) and every norm layer (duck-typed)."""
+    return linear_map(m) is not None or is_norm(m)
 
 
 class Tracker:
@@ -159,9 +164,14 @@ class Tracker:
             architecture whose weights and activations are the reference.
         every: measure every this many optimizer steps.
         rcc: compute the refined coordinate check for Linear layers.
-        modules: which modules to track: None (every Linear, Embedding and LayerNorm), or
-            a sequence of modules, names, or regular expressions matched against the
-            full names from ``model.named_modules()`` (whole blocks included).
+        modules: which modules to track: None (every layer that applies a weight as a
+            linear map: Linear, HF Conv1D, Embedding, convolutions and the layers taught
+            with :func:`spkern.monitor.register_layer`; and every norm layer; the
+            parameter statistics then cover every parameter of the model, those of no
+            such layer, a ``cls_token`` say, included), or a sequence of modules, names,
+            or regular expressions matched against the full names from
+            ``model.named_modules()`` (whole blocks included). A layer named here that
+            has a weight matrix the tracker cannot apply is an error (with ``rcc=True``).
         log_dir: write ``metrics.jsonl`` and TensorBoard events there.
         wandb: also log to Weights & Biases: ``True`` for the active run (``wandb.init()``
             first), or a run; each measurement at the tracker's step (optimizer steps).
@@ -222,7 +232,9 @@ class Tracker:
         self._log = MetricsLog(log_dir, wandb) if (log_dir is not None or wandb is not None) else None
         self.probe_rows = probe_rows
         self.names = self._select(modules)
+        self._all_params = modules is None
         self.modules = dict(model.named_modules())
+        self._maps = {n: mp for n in self.names if (mp := linear_map(self.modules[n])) is not None}
         self._ref_model = reference if isinstance(reference, nn.Module) else None
         if self._ref_model is not None:
             ref_names = dict(self._ref_model.named_modules())
@@ -271,7 +283,7 @@ class Tracker:
     def _select(self, modules):
         named = dict(self.model.named_modules())
         if modules is None:
-            names = [n for n, m in named.items() if isinstance(m, DEFAULT_TYPES)]
+            names = [n for n, m in named.items() if _default_tracked(m)]
         else:
             if isinstance(modules, (str, nn.Module)):
                 modules = [modules]
@@ -291,16 +303,32 @@ class Tracker:
                 names += [n for n in found if n not in names]
         if not names:
             raise ValueError("the tracker found no module to track (pass modules=...)")
+        if modules is not None and self.rcc:
+            for n in names:
+                m = named[n]
+                leaf = next(m.children(), None) is None
+                w = getattr(m, "weight", None)
+                if leaf and isinstance(w, Tensor) and w.dim() >= 2 and linear_map(m) is None:
+                    raise ValueError(
+                        f"modules: the tracker cannot measure {n!r} ({type(m).__name__}): it does not know how the "
+                        f"layer applies its weight; teach it with spkern.monitor.register_layer({type(m).__name__}, "
+                        f"map), or pass rcc=False for output statistics only")
         return names
 
     def _params(self):
-        """(name, parameter) of every parameter of the tracked modules, once each."""
+        """(name, parameter) of every parameter of the tracked modules, once each; with the
+        default modules, then every other parameter of the model (a cls_token, say)."""
         seen, out = set(), []
         for n in self.names:
             for pn, p in self.modules[n].named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append((f"{n}.{pn}" if n else pn, p))
+        if self._all_params:
+            for n, p in self.model.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((n, p))
         return out
 
     def _stepped(self):
@@ -321,21 +349,19 @@ class Tracker:
         if self._source is not None and self._ref_model is None and self.every == 1:
             # a fused step may measure the drift against the tracker's copies: no second pass
             self._source.offer_initial_weights({p: self._w0[n] for n, p in self.params})
-        # the initial weight of each tracked Linear layer, for the RCC
+        # the initial weight of each tracked layer with a linear map, for the RCC
         # (one copy per parameter: a weight tied to another, lm_head to the embedding say,
         # shares the copy kept under the parameter's first name)
         self._lin_w0 = {}
         by_param = {id(p): self._w0[n] for n, p in self.params}
-        for n in self.names:
-            m = self.modules[n]
-            if isinstance(m, nn.Linear):
-                key = f"{n}.weight" if n else "weight"
-                if id(m.weight) in by_param:
-                    self._lin_w0[n] = by_param[id(m.weight)]
-                elif ref_params is not None:
-                    self._lin_w0[n] = ref_params[key].detach()
-                else:  # a weight the optimizer does not step
-                    self._lin_w0[n] = by_param[id(m.weight)] = m.weight.detach().clone()
+        for n in self._maps:
+            w = self._maps[n].weight(self.modules[n])
+            if id(w) in by_param:
+                self._lin_w0[n] = by_param[id(w)]
+            elif ref_params is not None:
+                self._lin_w0[n] = ref_params[f"{n}.weight" if n else "weight"].detach()
+            else:  # a weight the optimizer does not step
+                self._lin_w0[n] = by_param[id(w)] = w.detach().clone()
         # the weights as the optimizer holds them (under FSDP2 the sharded parameters, which a
         # module's forward replaces by gathered copies): the operator norms are of these
         self._lin_param = {n: self.modules[n].weight for n in self._lin_w0}
@@ -391,16 +417,18 @@ class Tracker:
         self._op_w0 = {}
         if self.rcc and self.op_norms:
             for n, w0 in self._lin_w0.items():
-                self._op_w0[n] = spectral_norm(w0).op
+                if self._maps[n].alignments:
+                    self._op_w0[n] = spectral_norm(w0).op
 
     def _linear_weights(self, model):
         """{name: weight} of the tracked Linear layers of ``model`` (tracked or reference);
         of a sharded model, a function that gives them as they are when called (FSDP2's
         gathered weights inside a module's forward)."""
         named = dict(model.named_modules())
+        captured = [n for n in self._lin_w0 if is_captured(self._maps[n])]  # (layers that call F.linear)
         if self._sharded and model is self.model:
-            return lambda: {n: named[n].weight for n in self._lin_w0}
-        return {n: named[n].weight for n in self._lin_w0}
+            return lambda: {n: named[n].weight for n in captured}
+        return {n: named[n].weight for n in captured}
 
     @staticmethod
     def _whole(w):
@@ -440,17 +468,19 @@ class Tracker:
                 if module is not self.modules[name] and self._ref_model is None:
                     return
                 ref = {"h": h.detach().clone()}
-                if isinstance(self.modules[name], nn.Linear) and x is not None:
+                mp = self._maps.get(name)
+                if mp is not None and x is not None:
                     ref["x"] = x.detach().clone()
                     if self.rcc:
                         z = self._zref.pop(name, None)
                         if z is not None:  # probe="batch": kept by the reference pass
                             ref["z"] = z.float()
-                        elif self._batch:  # a Linear subclass: W_0 x_0 = h_0 - b_0
-                            ref["z"] = (h - module.bias if module.bias is not None else h).detach().float()
-                        else:  # once per probe: rounded as the paired product of the measurements
+                        elif self._batch:  # not paired in F.linear: W_0 x_0 = h_0 - b_0
+                            ref["z"] = mp.without_bias(module, h).detach().float()
+                        else:  # once per probe: rounded as the products of the measurements
                             w0 = self._whole(self._lin_w0[name])
-                            ref["z"] = paired_linear(x.detach(), w0, w0)[1]
+                            ref["z"] = (paired_linear(x.detach(), w0, w0)[1] if is_captured(mp)
+                                        else mp.apply(module, x.detach(), w0).float())
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 self._measure(name, module, x, h.detach())
@@ -468,34 +498,38 @@ class Tracker:
             s = pair_stats(h)
         v[f"{name}/act_rms"] = rms(s[Sum.A_SQ], n)
         v[f"{name}/zero_frac"] = _Ratio(s[Sum.ZEROS], n)
-        if not isinstance(module, nn.Linear) or x is None or ref is None or "x" not in ref:
+        mp = self._maps.get(name)
+        if mp is None or x is None or ref is None or "x" not in ref:
             return
         x = x.detach()
-        sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if self.row_l2 else (
-            pair_stats(x, ref["x"].to(x.dtype)), None)
-        nx = x.numel()
-        v[f"{name}/input_rms"] = rms(sx[Sum.A_SQ], nx)
-        v[f"{name}/input_change_rms"] = rms(sx[Sum.DIFF_SQ], nx)
-        v[f"{name}/input_zero_frac"] = _Ratio(sx[Sum.ZEROS], nx)
-        if self.row_l2:
-            v[f"{name}/input_row_l2"] = _Ratio(rows[:, Sum.A_SQ].sqrt().sum(), rows.shape[0])
-            v[f"{name}/input_change_row_l2"] = _Ratio(rows[:, Sum.DIFF_SQ].sqrt().sum(), rows.shape[0])
-        if not self.rcc:
+        row_l2 = self.row_l2 and mp.per_row
+        sx = None
+        if mp.float_input:
+            sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if row_l2 else (
+                pair_stats(x, ref["x"].to(x.dtype)), None)
+            nx = x.numel()
+            v[f"{name}/input_rms"] = rms(sx[Sum.A_SQ], nx)
+            v[f"{name}/input_change_rms"] = rms(sx[Sum.DIFF_SQ], nx)
+            v[f"{name}/input_zero_frac"] = _Ratio(sx[Sum.ZEROS], nx)
+            if row_l2:
+                v[f"{name}/input_row_l2"] = _Ratio(rows[:, Sum.A_SQ].sqrt().sum(), rows.shape[0])
+                v[f"{name}/input_change_row_l2"] = _Ratio(rows[:, Sum.DIFF_SQ].sqrt().sum(), rows.shape[0])
+        if not self.rcc or ref["z"].shape != h.shape:
             return
         w0 = self._lin_w0[name]
         paired = self._paired.pop(name, None)
         if paired is not None and paired[0] is x_in:
             y, z = paired[1:]  # W_t x_t, W_0 x_t from one pass over x_t
-        else:  # the training forward (probe="batch") or a Linear subclass with its own forward
+        else:  # the training forward (probe="batch"), or a layer that does not call F.linear
             with torch.no_grad():
-                z = F.linear(x, self._whole(w0).to(x.dtype)).float()
-            y = (h - module.bias.detach() if module.bias is not None else h).float()
-        eff = pair_stats(y, z, per_row=self.row_l2)
-        prop = pair_stats(z, ref["z"], per_row=self.row_l2)
-        if self.row_l2:
+                z = mp.apply(module, x, self._whole(w0)).float()
+            y = mp.without_bias(module, h).float()
+        eff = pair_stats(y, z, per_row=row_l2)
+        prop = pair_stats(z, ref["z"], per_row=row_l2)
+        if row_l2:
             (eff, eff_rows), (prop, prop_rows) = eff, prop
         eff, prop = eff[Sum.DIFF_SQ], prop[Sum.DIFF_SQ]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
-        if self.row_l2:
+        if row_l2:
             v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, Sum.DIFF_SQ].sqrt().sum(), eff_rows.shape[0])
             v[f"{name}/prop_row_l2"] = _Ratio(prop_rows[:, Sum.DIFF_SQ].sqrt().sum(), prop_rows.shape[0])
         nz = z.numel()
@@ -503,11 +537,13 @@ class Tracker:
         v[f"{name}/prop_rms"] = rms(prop, nz)
         if not self.op_norms:
             return
+        aligned = mp.alignments and sx is not None
         tiny = torch.finfo(torch.float32).tiny
         if self._batch and self.steps == 0 and self._ref_model is None:
             # the first step's forward: W_t = W_0, so no power iteration (nor its warm state)
             v[f"{name}/delta_w_op"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
-            v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
+            if aligned:
+                v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
         else:
             state = self._op_state.get(name)
             # (a sharded weight is never gathered for it: each rank iterates on its rows)
@@ -515,8 +551,10 @@ class Tracker:
             r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0)
             self._op_state[name] = r.state
             v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
-            v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, 1 / r.op.clamp_min(tiny))
-        v[f"{name}/prop_align"] = _Ratio(prop, sx[Sum.DIFF_SQ], True, 1 / self._op_w0[name].clamp_min(tiny))
+            if aligned:
+                v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, 1 / r.op.clamp_min(tiny))
+        if aligned:
+            v[f"{name}/prop_align"] = _Ratio(prop, sx[Sum.DIFF_SQ], True, 1 / self._op_w0[name].clamp_min(tiny))
 
     def _pre_step(self, optimizer, args, kwargs):
         self._sync_params()
