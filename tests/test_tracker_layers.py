@@ -218,3 +218,53 @@ def test_hf_gpt2_every_projection_measured():
     assert math.isclose(m["logits/rms"], _rms(logits), rel_tol=1e-5)  # the ModelOutput's logits
     # the tied head shares the embedding's initial copy
     assert tracker._lin_w0["lm_head"] is tracker._w0["transformer.wte.weight"]
+
+
+def _tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_hf_fused_loss_equals_the_models_own():
+    import spkern.hf
+
+    own, fused = _tiny_gpt2(), _tiny_gpt2()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (3, 10), generator=g)
+    labels = ids.clone()
+    labels[1, :4] = -100  # a prompt left out of the loss
+    mask = torch.ones_like(ids)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    tracker = spkern.Tracker(fused, opt, probe={"input_ids": ids})
+    handle = spkern.hf.fused_loss(fused, tracker=tracker)
+    a = own(input_ids=ids, attention_mask=mask, labels=labels)
+    b = fused(input_ids=ids, attention_mask=mask, labels=labels)
+    assert b.logits.numel() == 0  # never materialised
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    for (n, p), q in zip(own.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    # Trainer's num_items_in_batch: a sum over the tokens divided by it
+    c = fused(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7))
+    d = own(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7))
+    assert torch.allclose(c.loss, d.loss, rtol=1e-5)
+    opt.zero_grad()
+    b = fused(input_ids=ids, attention_mask=mask, labels=labels)  # (the batch the tracker records)
+    b.loss.backward()
+    opt.step()
+    m = tracker.metrics()
+    assert math.isclose(m["train/loss"], b.loss.item(), rel_tol=1e-6)
+    valid = F.pad(labels, (0, 1), value=-100)[:, 1:] != -100
+    logits = own(input_ids=ids, attention_mask=mask).logits.detach()[valid]
+    assert math.isclose(m["train/logit_norm"], logits.double().norm(dim=-1).mean().item(), rel_tol=1e-4)
+    assert m["transformer.h.0.attn.c_attn/eff_rms"] > 0
+    with torch.no_grad():  # evaluation: the model's own forward, logits and all
+        assert fused(input_ids=ids, labels=labels).logits.shape == (3, 10, 64)
+    with pytest.raises(ValueError, match="already"):
+        spkern.hf.fused_loss(fused)
+    handle.remove()
+    assert "forward" not in fused.__dict__ and fused(input_ids=ids, labels=labels).logits.shape == (3, 10, 64)
