@@ -688,3 +688,37 @@ def test_wandb_logging_offline(tmp_path, monkeypatch):
     assert [s for s, _ in logged] == [2, 4]  # every second measurement, at the tracker's step
     assert logged[-1][1] == {k: v for k, v in last.items() if k != "step"} and "2/eff_rms" in logged[-1][1]
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))  # what `wandb sync` uploads later
+
+
+@pytest.mark.parametrize("mode", ["probe", "first call"])
+@pytest.mark.parametrize("wrap", ["model compiled apart", "tracker of the compiled model"])
+def test_torch_compile_training_step_is_left_alone(mode, wrap):
+    # the tracker's passes run eagerly, outside the compiled step: after the first calls no
+    # graph break and no recompilation of the training step; names as in the eager model
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
+    model = _mlp()
+    x, y = _data()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = spkern.Tracker(model if wrap == "model compiled apart" else compiled, opt,
+                             probe=x[:8] if mode == "probe" else None, probe_rows=8)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+    for _ in range(2):
+        step()
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    assert graphs <= 3 and breaks <= 1  # (the first call: the default probe taken there, eagerly)
+    for _ in range(3):
+        step()
+    assert sum(counters["graph_break"].values()) == breaks and counters["stats"]["unique_graphs"] == graphs
+    m = tracker.metrics()
+    assert "2/eff_rms" in m and "0.weight/drift_rms" in m and not any("_orig_mod" in k for k in m)
+    assert m["step"] == 5 and m["2/eff_rms"] > 0
+    dynamo.reset()

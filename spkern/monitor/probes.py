@@ -43,8 +43,11 @@ class FixedProbe:
         self.probe = None
         self.ref_out = None
         if probe is None:
-            tracker._hooks.append(tracker.model.register_forward_pre_hook(
-                self._first_batch, with_kwargs=True, prepend=tracker._sharded))  # (before FSDP2's)
+            # (run eagerly when torch.compile traces the model: the probe pass is not traced; the
+            # hook is removed once the probe is set, so that later compiled calls do not see it)
+            self._first_hook = tracker.model.register_forward_pre_hook(
+                torch.compiler.disable(self._first_batch), with_kwargs=True, prepend=tracker._sharded)
+            tracker._hooks.append(self._first_hook)  # (before FSDP2's)
 
     def set(self, probe):
         t = self.t
@@ -69,6 +72,7 @@ class FixedProbe:
             except TypeError:  # a call without a tensor: wait for one
                 return None
             self.set(call_rows(*call, self.t.probe_rows))
+            self._first_hook.remove()
         return None
 
     def forward(self, which):

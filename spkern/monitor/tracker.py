@@ -207,6 +207,9 @@ class Tracker:
                  output_fn=None, wandb=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        # torch.compile(model): track the model it wraps (its names, and passes of the
+        # tracker's own that run eagerly, outside the compiled training step)
+        model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         for name, value in (("every", every), ("log_every", log_every), ("probe_rows", probe_rows),
