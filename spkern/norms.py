@@ -116,6 +116,7 @@ class SpectralNorm(NamedTuple):
     op: Tensor  # largest singular value, float32 scalar on the matrix's device
     rms_op: Tensor  # sqrt(fan_in / fan_out) * op
     state: Tensor  # (fan_in,) float32 unit vector: the estimated top right singular vector
+    iters: Optional[int] = None  # products with A^T A used (Lanczos steps)
 
 
 COLD_ITERS = 50
@@ -123,7 +124,8 @@ WARM_ITERS = 4
 
 
 def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optional[int] = None, *,
-                  minus: Optional[Tensor] = None) -> SpectralNorm:
+                  minus: Optional[Tensor] = None, tol: Optional[float] = None,
+                  max_iters: int = 200) -> SpectralNorm:
     """Operator (spectral) norm of ``matrix - minus`` (``minus`` None: of ``matrix``) by
     power iteration on ``A^T A``, without a host sync and without forming ``A^T A``.
 
@@ -132,10 +134,15 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             ``(shape[0], -1)`` as for convolution weights.
         state: the ``state`` of the previous call on the same (slowly changing) matrix:
             its top right singular vector, so that a few iterations suffice.
-        iters: power iterations; default 50 from a cold start, 4 from a warm one.
+        iters: products with ``A^T A`` (Lanczos steps); default 50 from a cold start, 4
+            from a warm one.
         minus: a matrix of the same shape (for example the initial weights W_0, in any
             float dtype); ``matrix - minus`` is never materialised: each product is
             ``matrix v - minus v``.
+        tol: None (default): exactly ``iters`` steps, no host sync. A relative tolerance:
+            rounds of ``iters`` steps, each restarted from the last Ritz vector, until two
+            rounds' estimates agree to ``tol`` (one host read per round), at most
+            ``max_iters`` steps in all; ``result.iters`` says how many were used.
 
     Each iteration is one product with ``A^T A`` (A = matrix - minus): O(fan_out * fan_in),
     against O(fan_out * fan_in * min(...)) for an SVD. On CPU it is one pass over the
@@ -156,7 +163,7 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
     if matrix.dim() < 2:
         raise ValueError(f"matrix must have at least 2 dimensions, got shape {tuple(matrix.shape)}")
     if is_dtensor(matrix) or is_dtensor(minus):
-        return _sharded_spectral_norm(matrix, state, iters, minus)
+        return _sharded_spectral_norm(matrix, state, iters, minus, tol, max_iters)
     A = matrix.detach().reshape(matrix.shape[0], -1)
     fan_out, fan_in = A.shape
     B = None
@@ -169,10 +176,10 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
         B = minus.detach().reshape(fan_out, fan_in)
     v, n_iter = start_vector(fan_in, A.device, state, iters)
     gram = registry.resolve("spectral_norm", A, B).fn(A, B)
-    return power_iteration(gram, v, n_iter, fan_in / fan_out)
+    return converged(gram, v, n_iter, fan_in / fan_out, tol, max_iters)
 
 
-def _sharded_spectral_norm(matrix, state, iters, minus):
+def _sharded_spectral_norm(matrix, state, iters, minus, tol=None, max_iters=200):
     dim = shard_dim(matrix, "matrix", dims=(0, 1))
     if minus is not None:
         if not isinstance(minus, Tensor) or minus.shape != matrix.shape:
@@ -198,7 +205,7 @@ def _sharded_spectral_norm(matrix, state, iters, minus):
         def gram(x):
             return all_reduce_over_shards(local_gram(x), matrix) if dim == 0 else local_gram(x)
         v, n_iter = start_vector(fan_in, A.device, state, iters)
-    return power_iteration(gram, v, n_iter, fan_in / max(fan_out, 1))
+    return converged(gram, v, n_iter, fan_in / max(fan_out, 1), tol, max_iters)
 
 
 def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[int]):
@@ -217,6 +224,71 @@ def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[i
     return v, iters or (WARM_ITERS if state is not None else COLD_ITERS)
 
 
+def lanczos(gram, v: Tensor, steps: int, fan_ratio: float) -> SpectralNorm:
+    """Top singular value of an operator A given by ``gram``: x -> A^T A x, by ``steps``
+    Lanczos steps from the unit vector v (each one product with A^T A, as a power iteration,
+    and a full re-orthogonalisation against the previous vectors: O(steps * fan_in) more).
+    The estimate is sqrt of the largest Ritz value of the Krylov space spanned by v, A^T A v,
+    ...: at most the norm, and much closer to it than a power iteration with as many
+    products when the top singular values are close (the Krylov space holds the best
+    polynomial in A^T A of that degree, the power iteration only its highest power). The
+    Ritz vector is the state of the next call. No host sync: the small tridiagonal problem
+    is solved on the device, its top eigenvector by repeated squaring."""
+    tiny = torch.finfo(torch.float32).tiny
+    k = steps
+    V = v.new_zeros(k, v.numel())
+    alpha, beta = v.new_zeros(k), v.new_zeros(max(k - 1, 1))
+    V[0] = v
+    for j in range(k):
+        w = gram(V[j])
+        alpha[j] = w @ V[j]
+        Q = V[: j + 1]
+        w = w - Q.t() @ (Q @ w)
+        w = w - Q.t() @ (Q @ w)  # (twice is enough to stay orthogonal in float32)
+        if j + 1 < k:
+            b = w.norm()
+            # an invariant subspace (A^T A v in span(V), A = 0 say): stop growing it
+            keep = b > 1e-6 * alpha[: j + 1].abs().max()
+            beta[j] = torch.where(keep, b, 0.0)
+            V[j + 1] = torch.where(keep, w / b.clamp_min(tiny), torch.zeros_like(w))
+    T = torch.diag(alpha)
+    if k > 1:
+        T = T + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
+    M = T / T.diagonal().abs().sum().clamp_min(tiny)
+    for _ in range(40):  # M -> the projector on T's top eigenvector (T is positive semi-definite)
+        M = M @ M
+        M = M / M.diagonal().sum().clamp_min(tiny)
+    y = M[:, M.norm(dim=0).argmax()]
+    theta = (y @ (T @ y)) / (y @ y).clamp_min(tiny)
+    u = V.t() @ y
+    norm = u.norm()
+    u = torch.where(norm > 0, u / norm.clamp_min(tiny), v)  # (A = 0: keep v, a valid start for later calls)
+    op = theta.clamp_min(0).sqrt()
+    return SpectralNorm(op, op * math.sqrt(fan_ratio), u, k)
+
+
+def converged(gram, v: Tensor, steps: int, fan_ratio: float, tol: Optional[float] = None,
+              max_iters: int = 200) -> SpectralNorm:
+    """:func:`lanczos`; with ``tol``, restarted rounds of ``steps`` until two rounds agree
+    to ``tol`` (relative), at most ``max_iters`` steps (see :func:`spectral_norm`)."""
+    if tol is not None and (not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise ValueError(f"tol must be None or a number in (0, 1), got {tol!r}")
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    r = lanczos(gram, v, min(steps, max_iters), fan_ratio)
+    if tol is None:
+        return r
+    used = r.iters
+    while used < max_iters:
+        nxt = lanczos(gram, r.state, min(steps, max_iters - used), fan_ratio)
+        used += nxt.iters
+        done = bool((nxt.op - r.op).abs() <= tol * nxt.op)  # (the host read of this round)
+        r = nxt
+        if done:
+            break
+    return r._replace(iters=used)
+
+
 def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNorm:
     """Top singular value of an operator A given by ``gram``: x -> A^T A x (one pass over
     A, two matrix-vector products, or an operator rebuilt block by block), from the unit
@@ -230,7 +302,7 @@ def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNo
         # A = 0 (say W_t - W_0 before the first step): keep v, a valid start for later calls
         v = torch.where(norm > 0, w / norm.clamp_min(tiny), v)
     op = norm.sqrt()
-    return SpectralNorm(op, op * math.sqrt(fan_ratio), v)
+    return SpectralNorm(op, op * math.sqrt(fan_ratio), v, iters)
 
 
 __all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "power_iteration", "spectral_norm"]

@@ -55,7 +55,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 from spkern import registry
 from spkern.constants import Sum
 from spkern.distributed import all_reduce_over_shards, check_like, is_dtensor, local, shard_dim, sum_over_shards
-from spkern.norms import SpectralNorm, multi_tensor_norms, power_iteration, start_vector
+from spkern.norms import SpectralNorm, lanczos, multi_tensor_norms, start_vector
 
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
 
@@ -331,7 +331,7 @@ class _NormStats:
             return all_reduce_over_shards(local_gram(x), p) if sharded else local_gram(x)
 
         v, n_iter = start_vector(fan_in, p.device, state, iters)
-        return power_iteration(gram, v, n_iter, fan_in / fan_out)
+        return lanczos(gram, v, n_iter, fan_in / fan_out)
 
     # -- the tracker's protocol (spkern.monitor.params.StepStats) ------------------------
 

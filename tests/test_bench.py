@@ -210,3 +210,13 @@ def test_bench_sharded_runs_ddp_and_fsdp(tmp_path, capsys):
     assert {r["parallel"] for r in saved["results"]} == {"ddp", "fsdp"}
     with pytest.raises(SystemExit):
         bench_sharded.main(["--models", "cnn"])
+
+
+def test_bench_op_norm_quick(tmp_path, capsys):
+    import bench_op_norm
+
+    assert bench_op_norm.main(["--quick", "--widths", "64", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 | power 1 |" in out and "| 64 | lanczos 3, tol 0.001 |" in out
+    saved = json.loads(next(tmp_path.glob("op_norm_cpu_*.json")).read_text())
+    assert len(saved["results"]) == 5 and all(r["worst_error"] <= 1e-5 for r in saved["results"])
