@@ -46,6 +46,18 @@ def build(model_kind, width, device):
 
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(1)
+    if model_kind == "hf-gpt2":  # transformers' GPT-2 (HF Conv1D projections), its own loss
+        import transformers
+
+        cfg = transformers.GPT2Config(vocab_size=GPT_VOCAB, n_positions=GPT_CONTEXT, n_embd=width,
+                                      n_layer=GPT_DEPTH, n_head=max(1, width // 64), resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg).to(device)
+        x = torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_CONTEXT), device=device, generator=g)
+
+        def loss(model, x, y, stats):
+            return model(input_ids=x, labels=x).loss, None
+        return model, x, x, loss
     if model_kind == "gpt":
         from spkern.experiments.gpt import GPT, GPTConfig
 
@@ -79,7 +91,7 @@ def make_step(impl, width, probe_rows, device, model_kind="mlp"):
     import spkern
 
     model, x, y, loss_fn = build(model_kind, width, device)
-    if model_kind == "gpt" and "probe=16" in impl:
+    if model_kind in ("gpt", "hf-gpt2") and "probe=16" in impl:
         return {"skipped": "the GPT's probe is whole sequences (its batch is 4)"}
     if impl.startswith("spkern"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
@@ -179,8 +191,9 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="model widths, e.g. 1024,2048")
-    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp",
-                        help="the MLP, or the GPT (spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary 8192)")
+    parser.add_argument("--model", choices=["mlp", "gpt", "hf-gpt2"], default="mlp",
+                        help="the MLP, or the GPT (spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary "
+                             "8192), or transformers' GPT-2 of the same size (its own loss)")
     parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")
@@ -224,7 +237,7 @@ def main(argv=None):
             print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
                   f"{mem} |", flush=True)
     if args.out:
-        name = ("tracker_" + ("gpt_" if args.model == "gpt" else "") + args.device
+        name = ("tracker_" + ("" if args.model == "mlp" else args.model + "_") + args.device
                 + ("_interleaved" if args.interleave else ""))
         harness.save(args.out, name, args.quick, info, results, repeats=repeats)
     return 0
