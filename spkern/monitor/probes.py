@@ -132,8 +132,41 @@ class TrainingBatch:
             self.lin_keys = {n: first_name[id(w)] for n, w in t._lin_param.items() if is_captured(t._maps[n])}
         t._init_op_w0()
         # (before FSDP2's own pre-forward hook, so that the reference pass is a forward of its own)
-        t._hooks.append(t.model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=t._sharded))
-        t._hooks.append(t.model.register_forward_hook(self._post, always_call=True))
+        t._hooks.append(t.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=t._sharded))
+        t._hooks.append(t.model.register_forward_hook(self._post_hook, always_call=True))
+        self._apart = torch.compiler.disable(self._measure_apart)
+
+    # Under torch.compile (dynamo traces the hooks with the forward) the training forward is
+    # not measured in place: the hook runs, eagerly, the reference pass and then a pass of
+    # the tracker's own on the same inputs with the current weights, which gives the same
+    # activations; the compiled forward then sees hooks that do nothing, and no tracker
+    # state it would have to guard on (no recompilation at measured steps).
+
+    def _pre_hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            return self._apart(module, args, kwargs)
+        return self._pre(module, args, kwargs)
+
+    def _post_hook(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return None
+        return self._post(module, args, output)
+
+    def _measure_apart(self, module, args, kwargs):
+        t = self.t
+        if self._pre(module, args, kwargs) is None and t._capture == "current":
+            try:
+                paired = t.rcc
+                with t._pass(t.model, "current", t.model.training, t._linear_weights(t.model) if paired else None,
+                             t._paired_linear if paired else None, restore_buffers=True):
+                    out = t.model(*args, **kwargs)
+                if t._sharded:
+                    reshard(t.model)
+                t._output_stats(t._model_output(out), self.ref_out)
+            finally:
+                t._capture = None
+                t._ref, self.ref_out = {}, None
+        return None
 
     probe = None
 

@@ -105,6 +105,11 @@ roots, and the largest ``max_abs`` over the ranks: the values equal those of one
 measuring all the ranks' rows (for the loss, with equal shares). Values the same on every
 rank (parameter statistics, operator norms) are averaged.
 
+torch.compile: ``Tracker(torch.compile(model))`` tracks the wrapped model (eager names);
+the tracker's passes run eagerly, outside the compiled step, whose graph keeps no trace of
+the tracker (with ``probe="batch"`` a compiled training forward is measured by a pass of
+the tracker's own on its inputs: see :class:`spkern.monitor.probes.TrainingBatch`).
+
 Sharded models (FSDP2's ``fully_shard``; build the optimizer and the tracker after
 sharding, as for any optimizer): the copies of W_0 are DTensors sharded like their
 parameters (1/N of the model per rank); a pass's product with W_0 gathers that one
