@@ -254,11 +254,15 @@ def lanczos(gram, v: Tensor, steps: int, fan_ratio: float) -> SpectralNorm:
     T = torch.diag(alpha)
     if k > 1:
         T = T + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
-    M = T / T.diagonal().abs().sum().clamp_min(tiny)
-    for _ in range(40):  # M -> the projector on T's top eigenvector (T is positive semi-definite)
-        M = M @ M
-        M = M / M.diagonal().sum().clamp_min(tiny)
-    y = M[:, M.norm(dim=0).argmax()]
+    if T.device.type == "cpu" and bool(torch.isfinite(T).all()):  # (no device to sync with:
+        y = torch.linalg.eigh(T.double())[1][:, -1].to(T.dtype)  # the k x k eigenproblem directly)
+    else:  # on the device, no host sync: M -> the projector on T's top eigenvector (T is
+        # positive semi-definite) by repeated squaring
+        M = T / T.diagonal().abs().sum().clamp_min(tiny)
+        for _ in range(40):
+            M = M @ M
+            M = M / M.diagonal().sum().clamp_min(tiny)
+        y = M[:, M.norm(dim=0).argmax()]
     theta = (y @ (T @ y)) / (y @ y).clamp_min(tiny)
     u = V.t() @ y
     norm = u.norm()

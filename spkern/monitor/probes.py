@@ -241,7 +241,7 @@ class TrainingBatch:
 
     def _post(self, module, args, output):
         t = self.t
-        if t._capture != "current":
+        if t._capture != "current" or t._pending is not None:  # (not in a pass of the tracker's own)
             return None
         t._capture = None
         t._output_stats(t._model_output(output), self.ref_out)

@@ -274,6 +274,7 @@ class Tracker:
         self._w0 = {}
         self._op_state = {}
         self._paired = {}  # Linear name -> (W_t x_t, W_0 x_t) of the current probe pass
+        self._pending = None  # during a "current" pass of the tracker's own: what its hooks saw
         # FSDP2 (DTensor parameters): the hooks run before FSDP's own post-forward hook
         # reshards a module, while its gathered parameters are still in place
         self._sharded = any(is_dtensor(p) for p in model.parameters())
@@ -460,11 +461,19 @@ class Tracker:
         """A pass of the tracker's own (:func:`spkern.monitor.capture.own_pass`) whose
         activations the hooks capture as ``which``."""
         self._capture = which
+        # the statistics of a measured pass are taken after it, once the capture of F.linear
+        # is off: inside it every tensor operation of theirs would go through that Python mode
+        self._pending = [] if which == "current" else None
         try:
             with own_pass(model, training, weights, linear, restore_buffers):
                 yield
+            pending, self._pending = self._pending, None
+            with torch.no_grad():
+                for args in pending or ():
+                    self._measure(*args)
         finally:
             self._capture = None
+            self._pending = None
             self._paired.clear()
             self._zref.clear()
 
@@ -503,7 +512,10 @@ class Tracker:
                                         else mp.apply(module, x.detach(), w0).float())
                 self._ref[name] = ref
             elif module is self.modules[name]:
-                self._measure(name, module, x, h.detach())
+                if self._pending is not None:
+                    self._pending.append((name, module, x, h.detach()))
+                else:  # the training forward (probe="batch")
+                    self._measure(name, module, x, h.detach())
         return hook
 
     def _measure(self, name, module, x, h):
