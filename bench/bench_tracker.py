@@ -31,7 +31,7 @@ import harness  # noqa: E402
 IMPLS = ["no tracking", "spkern loss and optimizer only", "spkern Tracker", "spkern Tracker probe=batch",
          "spkern Tracker probe=batch no op norms", "spkern Tracker every=10", "spkern Tracker probe=16",
          "spkern Tracker probe=16 no op norms", "spkern Tracker probe=16 no op norms every=10",
-         "torch-module-monitor"]
+         "torch-module-monitor", "floor: the step and the probe's two products"]
 BATCH = 128
 GPT_VOCAB, GPT_CONTEXT, GPT_BATCH, GPT_DEPTH = 8192, 64, 4, 2
 
@@ -93,6 +93,29 @@ def make_step(impl, width, probe_rows, device, model_kind="mlp"):
     model, x, y, loss_fn = build(model_kind, width, device)
     if model_kind in ("gpt", "hf-gpt2") and "probe=16" in impl:
         return {"skipped": "the GPT's probe is whole sequences (its batch is 4)"}
+    if impl.startswith("floor"):
+        if model_kind != "mlp":
+            return {"skipped": "the floor is written for the MLP"}
+        # what a tracker measuring every step cannot avoid: spkern's step, then the probe's
+        # pass with W_t x and W_0 x at every Linear layer (one paired product each)
+        from spkern.features import paired_linear
+
+        opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
+        layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+        w0 = [m.weight.detach().clone() for m in layers]
+        probe = x[:probe_rows]
+
+        def floor():
+            opt.zero_grad()
+            loss, _ = loss_fn(model, x, y, True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                h = probe
+                for i, (m, w) in enumerate(zip(layers, w0)):
+                    out, _ = paired_linear(h, m.weight, w)
+                    h = torch.relu(out) if i < len(layers) - 1 else out
+        return floor, 1
     if impl.startswith("spkern"):
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01)
         tracker = None
