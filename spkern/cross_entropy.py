@@ -77,7 +77,7 @@ class LogitStats(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
-def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap):
+def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap, target_grad=False):
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, Tensor):
@@ -96,8 +96,8 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
             raise ValueError(
                 f"probability target must have the shape of input {tuple(input.shape)}, "
                 f"got {tuple(target.shape)}")
-        if target.requires_grad:
-            raise ValueError("gradients with respect to probability targets are not supported; "
+        if target.requires_grad and not target_grad:
+            raise ValueError("gradients with respect to probability targets are not supported here; "
                              "pass target.detach()")
     else:
         if target.dtype == torch.bool or target.is_complex():
@@ -372,6 +372,9 @@ def cross_entropy(
             float16 (float64 runs on the reference backend).
         target: class indices ``(N,)`` / ``()`` / ``(N, d1, ..., dK)`` (any integer
             dtype), or class probabilities with the shape of ``input`` (any float dtype).
+            A probability target that requires grad gets its gradient: that call runs
+            torch's own ``F.cross_entropy`` (its numbers and gradients), with the
+            statistics from spkern's kernel on the detached tensors beside it.
         weight: class weights ``(C,)`` (any float dtype) or None.
         ignore_index: class index whose rows add nothing to the loss or the gradient.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -385,9 +388,23 @@ def cross_entropy(
         ``(loss, stats)`` with ``return_stats=True``.
         Statistics are device tensors; reading them is the caller's choice.
     """
-    _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap)
+    _check_args(input, target, weight, reduction, label_smoothing, z_loss, softcap, target_grad=True)
+    given_weight = weight
     if weight is not None:
         weight = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        # The gradient with respect to the target: torch's own loss (a documented fallback:
+        # its numbers and both gradients), the statistics from spkern's pass beside it
+        if z_loss or softcap is not None:
+            raise ValueError("a probability target that requires grad takes torch's own cross_entropy, which has "
+                             "no z_loss or softcap: pass target.detach(), or leave z_loss and softcap out")
+        loss = torch.nn.functional.cross_entropy(
+            input, target.to(input.dtype), None if given_weight is None else given_weight.to(input.dtype),
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        if not return_stats:
+            return loss
+        return loss, _call(input.detach(), target.detach(), weight, CROSS_ENTROPY, ignore_index, label_smoothing,
+                           0.0, None, reduction, True)[1]
     return _call(input, target, weight, CROSS_ENTROPY, ignore_index, label_smoothing, z_loss,
                  softcap, reduction, return_stats)
 
