@@ -137,8 +137,16 @@ def trackers():
     out = {}
     x, y, probe = data()
     y = (y > 0).long().squeeze(1)
-    for mode, optim in (("probe", "spkern"), ("first", "spkern"), ("batch", "spkern"), ("probe", "torch")):
-        model = shard(mlp()[:5])  # ends with Linear(7, 5): five classes
+    for mode, optim in (("probe", "spkern"), ("first", "spkern"), ("batch", "spkern"), ("probe", "torch"),
+                        ("probe", "conv1d"), ("batch", "conv1d")):
+        if optim == "conv1d":  # HF's Conv1D (weight (in, out), a bias) sharded: the layer maps under FSDP2
+            from test_tracker_layers import Conv1D
+
+            torch.manual_seed(0)
+            model = shard(nn.Sequential(Conv1D(24, 10), nn.Tanh(), nn.Linear(24, 5)))
+            optim = "spkern"
+        else:
+            model = shard(mlp()[:5])  # ends with Linear(7, 5): five classes
         opt = (spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9) if optim == "spkern"
                else torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
         given = {"probe": share(probe), "first": None, "batch": "batch"}[mode]
@@ -149,7 +157,8 @@ def trackers():
             loss.backward()
             tracker.record_loss(loss, stats)
             opt.step()
-        out[f"{mode}/{optim}"] = tracker.metrics()
+        out[f"{mode}/{optim}" + ("/conv1d" if isinstance(model[0], nn.Module) and type(model[0]).__name__ == "Conv1D"
+                                 else "")] = tracker.metrics()
         tracker.close()
     return out
 

@@ -513,12 +513,15 @@ class Tracker:
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 if self._pending is not None:
-                    self._pending.append((name, module, x, h.detach()))
+                    # (the output less the bias now, while FSDP2's gathered bias is in place)
+                    mp = self._maps.get(name)
+                    y = mp.without_bias(module, h.detach()) if mp is not None and self.rcc else None
+                    self._pending.append((name, module, x, h.detach(), y))
                 else:  # the training forward (probe="batch")
                     self._measure(name, module, x, h.detach())
         return hook
 
-    def _measure(self, name, module, x, h):
+    def _measure(self, name, module, x, h, h_less_bias=None):
         x_in = x  # the module's own input: the one the paired product of this call was of
         ref = self._ref.get(name)
         v = self._cur
@@ -555,7 +558,7 @@ class Tracker:
         else:  # the training forward (probe="batch"), or a layer that does not call F.linear
             with torch.no_grad():
                 z = mp.apply(module, x, self._whole(w0)).float()
-            y = mp.without_bias(module, h).float()
+            y = (mp.without_bias(module, h) if h_less_bias is None else h_less_bias).float()
         eff = pair_stats(y, z, per_row=row_l2)
         prop = pair_stats(z, ref["z"], per_row=row_l2)
         if row_l2:
