@@ -1,4 +1,4 @@
-"""Norms of many tensors in one launch, and operator norms by warm-started power iteration.
+"""Norms of many tensors in one launch, and operator norms by warm-started Lanczos.
 
 Definitions (all norms of a tensor flattened to a vector unless said otherwise):
 
@@ -91,8 +91,7 @@ def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None
         if x.numel() != y.numel():
             raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()} "
                              f"(shapes {tuple(y.shape)} and {tuple(x.shape)})")
-    sharded = [t for t in a if is_dtensor(t)]
-    if sharded or any(is_dtensor(t) for t in b_list):
+    if any(is_dtensor(t) for t in a + b_list):
         for i, t in enumerate(a):
             shard_dim(t, f"a[{i}]", dims=range(t.dim()))  # any dimension: the sums add up
             if b_list:
@@ -127,13 +126,13 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
                   minus: Optional[Tensor] = None, tol: Optional[float] = None,
                   max_iters: int = 200) -> SpectralNorm:
     """Operator (spectral) norm of ``matrix - minus`` (``minus`` None: of ``matrix``) by
-    power iteration on ``A^T A``, without a host sync and without forming ``A^T A``.
+    Lanczos on ``A^T A`` (:func:`lanczos`), without a host sync and without forming ``A^T A``.
 
     Args:
         matrix: ``(fan_out, fan_in)``; more dimensions are flattened to
             ``(shape[0], -1)`` as for convolution weights.
         state: the ``state`` of the previous call on the same (slowly changing) matrix:
-            its top right singular vector, so that a few iterations suffice.
+            its top right singular vector (the Ritz vector), so that a few steps suffice.
         iters: products with ``A^T A`` (Lanczos steps); default 50 from a cold start, 4
             from a warm one.
         minus: a matrix of the same shape (for example the initial weights W_0, in any
@@ -144,12 +143,12 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             rounds' estimates agree to ``tol`` (one host read per round), at most
             ``max_iters`` steps in all; ``result.iters`` says how many were used.
 
-    Each iteration is one product with ``A^T A`` (A = matrix - minus): O(fan_out * fan_in),
+    Each step is one product with ``A^T A`` (A = matrix - minus): O(fan_out * fan_in),
     against O(fan_out * fan_in * min(...)) for an SVD. On CPU it is one pass over the
     matrix and ``minus`` (csrc/cpu/gram.cpp: each row is used for A v and A^T A v while
-    it is in cache), elsewhere two matrix-vector products with each. The estimate,
-    sqrt(||A^T A v||) of the last iteration's unit v, never exceeds the true norm and
-    approaches it from below.
+    it is in cache), elsewhere two matrix-vector products with each. The estimate, the
+    square root of the largest Ritz value of the steps' Krylov space, never exceeds the
+    true norm and approaches it from below.
 
     A DTensor ``matrix`` (FSDP2's sharded weights) is never gathered: each rank multiplies
     with its own rows (``Shard(0)``: ``A^T A v`` is the sum over the ranks of
@@ -294,7 +293,8 @@ def converged(gram, v: Tensor, steps: int, fan_ratio: float, tol: Optional[float
 
 
 def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNorm:
-    """Top singular value of an operator A given by ``gram``: x -> A^T A x (one pass over
+    """(The method before :func:`lanczos`, kept as bench/bench_op_norm.py's baseline.)
+    Top singular value of an operator A given by ``gram``: x -> A^T A x (one pass over
     A, two matrix-vector products, or an operator rebuilt block by block), from the unit
     vector v; fan_ratio = fan_in / fan_out for the RMS-to-RMS norm. The estimate is
     sqrt(||A^T A v||) for the last v iterated on: at most the norm, since

@@ -105,6 +105,7 @@ class _NormStats:
         elif track_drift:
             self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
+        self._placements_checked = set()  # ids of the sharded parameters whose placement was checked
 
     def add_param_group(self, param_group):
         """torch's add_param_group; with drift tracked, the new parameters' initial
@@ -196,14 +197,13 @@ class _NormStats:
                 yield group, params, grads
 
     def _check_placements(self, group, params, grads):
-        checked = self.__dict__.setdefault("_placements_checked", set())
-        for j, (p, g) in enumerate(zip(params, grads)):
-            if id(p) in checked or not (is_dtensor(p) or is_dtensor(g)):
+        for p, g in zip(params, grads):
+            if id(p) in self._placements_checked or not (is_dtensor(p) or is_dtensor(g)):
                 continue
             what = self._name_of(group, p)
             shard_dim(p, f"parameter {what}", dims=range(p.dim()))
-            check_like(g, p, f"the gradient of {what}", f"the parameter")
-            checked.add(id(p))
+            check_like(g, p, f"the gradient of {what}", "the parameter")
+            self._placements_checked.add(id(p))
 
     @staticmethod
     def _name_of(group, p):

@@ -172,6 +172,10 @@ def _plot_lr_curves(plt, exps, summaries, key, ylabel, path, logy=False):
         ax.set_ylabel(ylabel)
         ax.set_title(_label(exp))
         _legend(ax)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -223,10 +227,8 @@ def write(out: str, threshold=None) -> str:
         ax.set_ylabel("learning rate")
         ax.set_title(_label(exp))
         _legend(ax)
-    fig.tight_layout()
     figs["exponents"] = "lr_exponents.png"
-    fig.savefig(os.path.join(out, figs["exponents"]), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, os.path.join(out, figs["exponents"]))
 
     # logit RMS against step at each width's largest stable learning rate
     fig, axes = _panels(plt, len(exps))
@@ -246,10 +248,8 @@ def write(out: str, threshold=None) -> str:
         ax.set_ylabel("logit RMS on the probe" if rows[0].get("task") != "gpt" else "mean logit norm per token")
         ax.set_title(_label(exp) + ": largest stable lr")
         _legend(ax)
-    fig.tight_layout()
     figs["logits"] = "logit_rms.png"
-    fig.savefig(os.path.join(out, figs["logits"]), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, os.path.join(out, figs["logits"]))
 
     # feature learning per layer against width, at each width's optimal learning rate
     stats = ("change_rms", "eff_rms", "prop_rms")
@@ -274,10 +274,8 @@ def write(out: str, threshold=None) -> str:
             ax.set_ylabel(stat)
             ax.set_title(_label(exp) + ": optimal lr")
             _legend(ax)
-    fig.tight_layout()
     figs["features"] = "feature_learning.png"
-    fig.savefig(os.path.join(out, figs["features"]), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, os.path.join(out, figs["features"]))
 
     md = _markdown(rows, exps, summaries, fits, figs)
     path = os.path.join(out, "report.md")

@@ -113,6 +113,16 @@ def describe_call(args, kwargs):
     return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
+def reshard(model):
+    """Frees the parameters FSDP2 gathered for a pass of the tracker's own (it keeps the
+    root module's after a forward, for the backward that a training forward has next)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @contextlib.contextmanager
 def own_pass(model, training, weights=None, linear=None, restore_buffers=False):
     """Every module of ``model`` in ``training`` mode, without gradients, and ``F.linear``

@@ -35,9 +35,6 @@ class LinearMap:
     alignments = True   # eff_align and prop_align: ||A x|| <= op(A) ||x|| for the layer's x
     per_row = True      # row_l2 entries: the output's rows are its last dimension's vectors
 
-    def weight(self, module) -> Tensor:
-        return module.weight
-
     def apply(self, module, x: Tensor, weight: Tensor) -> Tensor:
         """The layer's output on ``x`` with ``weight`` in place of its own, bias left out."""
         raise NotImplementedError

@@ -20,16 +20,6 @@ from spkern.monitor.capture import as_call, call_rows, describe_call
 from spkern.monitor.layers import is_captured
 
 
-def reshard(model):
-    """Frees the parameters FSDP2 gathered for a pass of the tracker's own (it keeps the
-    root module's after a forward, for the backward that a training forward has next)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
 class FixedProbe:
     """A fixed probe batch: ``probe`` (any form :func:`spkern.monitor.capture.as_call`
     takes: a tensor, positional arguments, keyword arguments or both; the tracker then
@@ -42,6 +32,7 @@ class FixedProbe:
         self.t = tracker
         self.probe = None
         self.ref_out = None
+        self._warned = False  # (the warning of a step measured without a probe: once)
         if probe is None:
             # (run eagerly when torch.compile traces the model: the probe pass is not traced; the
             # hook is removed once the probe is set, so that later compiled calls do not see it)
@@ -83,15 +74,12 @@ class FixedProbe:
         with t._pass(model, which, False, t._linear_weights(model) if paired else None,
                      t._paired_linear if paired else None):
             args, kwargs = self.probe
-            out = model(*args, **kwargs)
-        if t._sharded:
-            reshard(model)  # FSDP2 keeps the root's gathered parameters after a forward: free them
-        return out
+            return model(*args, **kwargs)
 
     def measure_step(self):
         t = self.t
         if self.probe is None:  # the parameters are measured all the same
-            if not getattr(self, "_warned", False):
+            if not self._warned:
                 self._warned = True
                 warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run with a "
                               "tensor argument): only the parameters are measured until it does",
@@ -154,18 +142,18 @@ class TrainingBatch:
 
     def _measure_apart(self, module, args, kwargs):
         t = self.t
-        if self._pre(module, args, kwargs) is None and t._capture == "current":
-            try:
-                paired = t.rcc
-                with t._pass(t.model, "current", t.model.training, t._linear_weights(t.model) if paired else None,
-                             t._paired_linear if paired else None, restore_buffers=True):
-                    out = t.model(*args, **kwargs)
-                if t._sharded:
-                    reshard(t.model)
-                t._output_stats(t._model_output(out), self.ref_out)
-            finally:
-                t._capture = None
-                t._ref, self.ref_out = {}, None
+        self._pre(module, args, kwargs)  # (the reference pass, when this step is measured)
+        if t._capture != "current":
+            return None
+        try:
+            paired = t.rcc
+            with t._pass(t.model, "current", t.model.training, t._linear_weights(t.model) if paired else None,
+                         t._paired_linear if paired else None, restore_buffers=True):
+                out = t.model(*args, **kwargs)
+            t._output_stats(t._model_output(out), self.ref_out)
+        finally:
+            t._capture = None
+            t._ref, self.ref_out = {}, None
         return None
 
     probe = None
@@ -231,9 +219,8 @@ class TrainingBatch:
                 now.copy_(local(init))
         try:
             with t._pass(t.model, "reference", t.model.training, t._linear_weights(t.model),
-                         self._reference_linear if t.rcc else None):
+                         self._reference_linear if t.rcc else None):  # (W_0 freed after it: the pass reshards)
                 self.ref_out = t._model_output(t.model(*args, **kwargs))
-            reshard(t.model)
         finally:
             with torch.no_grad():
                 for now, value in saved:

@@ -130,14 +130,13 @@ import re
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spkern.constants import Sum
 from spkern.distributed import is_dtensor
 from spkern.features import pair_stats, paired_linear
 from spkern.monitor.layers import is_captured, is_norm, linear_map
-from spkern.monitor.capture import PROBE_FORMS, first_tensor, model_output, own_pass
+from spkern.monitor.capture import PROBE_FORMS, first_tensor, model_output, own_pass, reshard
 from spkern.monitor.log import MetricsLog
 from spkern.monitor.params import STEP_KEYS, step_stats_of
 from spkern.monitor.probes import FixedProbe, TrainingBatch
@@ -376,7 +375,7 @@ class Tracker:
         self._lin_w0 = {}
         by_param = {id(p): self._w0[n] for n, p in self.params}
         for n in self._maps:
-            w = self._maps[n].weight(self.modules[n])
+            w = self.modules[n].weight
             if id(w) in by_param:
                 self._lin_w0[n] = by_param[id(w)]
             elif ref_params is not None:
@@ -467,6 +466,8 @@ class Tracker:
         try:
             with own_pass(model, training, weights, linear, restore_buffers):
                 yield
+            if self._sharded:  # FSDP2 keeps the root's gathered parameters after a forward: free them
+                reshard(model)
             pending, self._pending = self._pending, None
             with torch.no_grad():
                 for args in pending or ():
@@ -513,9 +514,11 @@ class Tracker:
                 self._ref[name] = ref
             elif module is self.modules[name]:
                 if self._pending is not None:
-                    # (the output less the bias now, while FSDP2's gathered bias is in place)
+                    # (the output less the bias now, while FSDP2's gathered bias is in place; a
+                    # product paired in F.linear needs none)
                     mp = self._maps.get(name)
-                    y = mp.without_bias(module, h.detach()) if mp is not None and self.rcc else None
+                    y = (mp.without_bias(module, h.detach()) if mp is not None and self.rcc and name not in self._paired
+                         else None)
                     self._pending.append((name, module, x, h.detach(), y))
                 else:  # the training forward (probe="batch")
                     self._measure(name, module, x, h.detach())
