@@ -1,4 +1,4 @@
-"""Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128,
+"""Tracker benchmark: one SGD training step of an MLP (784 -> width x 3 -> 10, batch 128 or --batch,
 or with --model gpt the GPT of spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary 8192)
 without tracking, with spkern.Tracker measuring every step (feature change, RCC effective
 and propagating updates with their alignments, per-parameter update, drift, weight and
@@ -32,11 +32,12 @@ IMPLS = ["no tracking", "spkern loss and optimizer only", "spkern Tracker", "spk
          "spkern Tracker probe=batch no op norms", "spkern Tracker every=10", "spkern Tracker probe=16",
          "spkern Tracker probe=16 no op norms", "spkern Tracker probe=16 no op norms every=10",
          "torch-module-monitor", "floor: the step and the probe's two products"]
+FLOOR = IMPLS[-1]
 BATCH = 128
 GPT_VOCAB, GPT_CONTEXT, GPT_BATCH, GPT_DEPTH = 8192, 64, 4, 2
 
 
-def build(model_kind, width, device):
+def build(model_kind, width, device, batch=BATCH):
     """(model, x, y, loss(model, x, y, stats) -> (loss, stats or None)) of one benchmark."""
     import torch
     import torch.nn.functional as F
@@ -74,15 +75,15 @@ def build(model_kind, width, device):
     for i in range(4):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False)] + ([nn.ReLU()] if i < 3 else [])
     model = nn.Sequential(*layers).to(device)
-    x = torch.randn(BATCH, 784, device=device, generator=g)
-    y = torch.randint(0, 10, (BATCH,), device=device, generator=g)
+    x = torch.randn(batch, 784, device=device, generator=g)
+    y = torch.randint(0, 10, (batch,), device=device, generator=g)
 
     def loss(model, x, y, stats):
         return spkern.cross_entropy(model(x), y, return_stats=True) if stats else (F.cross_entropy(model(x), y), None)
     return model, x, y, loss
 
 
-def make_step(impl, width, probe_rows, device, model_kind="mlp"):
+def make_step(impl, width, probe_rows, device, model_kind="mlp", batch=BATCH):
     """(one training step of impl, measurement period in steps), or {"skipped": why}."""
     import copy
 
@@ -90,7 +91,7 @@ def make_step(impl, width, probe_rows, device, model_kind="mlp"):
 
     import spkern
 
-    model, x, y, loss_fn = build(model_kind, width, device)
+    model, x, y, loss_fn = build(model_kind, width, device, batch)
     if model_kind in ("gpt", "hf-gpt2") and "probe=16" in impl:
         return {"skipped": "the GPT's probe is whole sequences (its batch is 4)"}
     if impl.startswith("floor"):
@@ -176,8 +177,8 @@ def make_step(impl, width, probe_rows, device, model_kind="mlp"):
     return step, 1
 
 
-def run_one(impl, width, probe_rows, device, repeats, model_kind="mlp"):
-    made = make_step(impl, width, probe_rows, device, model_kind)
+def run_one(impl, width, probe_rows, device, repeats, model_kind="mlp", batch=BATCH):
+    made = make_step(impl, width, probe_rows, device, model_kind, batch)
     if isinstance(made, dict):
         return made
     step, every = made
@@ -186,7 +187,7 @@ def run_one(impl, width, probe_rows, device, repeats, model_kind="mlp"):
     return harness.measure(step, device, repeats, warmup=2)
 
 
-def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model_kind="mlp"):
+def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model_kind="mlp", batch=BATCH):
     """Every implementation in this process, timed in alternation: cycles of ``cycle``
     steps, one implementation after the other, ``repeats`` rounds; the median time per
     step of each. Slow drifts of a shared machine then hit all implementations alike;
@@ -196,18 +197,20 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
 
     steps, out = {}, {}
     for impl in impls:
-        made = make_step(impl, width, probe_rows, device, model_kind)
+        made = make_step(impl, width, probe_rows, device, model_kind, batch)
         if isinstance(made, dict):
             out[impl] = made
         else:
             steps[impl] = made[0]
     times = harness.interleave(steps, repeats, cycle, device)
-    base = times.get("no tracking")
+    base, floor = times.get("no tracking"), times.get(FLOOR)
     for impl, ts in times.items():
         out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                      "peak_extra_mb": None, "method": f"interleaved cycles of {cycle} steps"}
         if base:  # against the untracked step of the same round: the machine's state cancels
             out[impl]["paired_overhead"] = statistics.median(t / b for t, b in zip(ts, base)) - 1
+        if floor:  # and against the floor of the same round
+            out[impl]["vs_floor"] = statistics.median(t / f for t, f in zip(ts, floor))
     return {impl: out[impl] for impl in impls}
 
 
@@ -217,7 +220,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=["mlp", "gpt", "hf-gpt2"], default="mlp",
                         help="the MLP, or the GPT (spkern.experiments.gpt: depth 2, context 64, batch 4, vocabulary "
                              "8192), or transformers' GPT-2 of the same size (its own loss)")
-    parser.add_argument("--probe", type=int, default=BATCH, help="rows of spkern's probe batch")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"the MLP's training batch (default {BATCH})")
+    parser.add_argument("--probe", type=int, default=None, help="rows of spkern's probe batch (default: the batch)")
     parser.add_argument("--impls", default=None,
                         help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")
     parser.add_argument("--interleave", action="store_true",
@@ -227,6 +231,9 @@ def main(argv=None):
         return 0
     widths = harness.parse_ints(parser, args.widths or ("512" if args.quick else "1024,2048"), "--widths")
     repeats = args.repeats or (3 if args.quick else 20)
+    if args.batch < 1 or (args.probe is not None and args.probe < 1):
+        parser.error("--batch and --probe must be positive")
+    args.probe = args.probe or args.batch
     impls = IMPLS
     if args.impls:
         chosen = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -241,21 +248,23 @@ def main(argv=None):
     results = []
     for width in widths:
         base = None
-        together = (interleaved(width, args.probe, args.device, repeats, impls, model_kind=args.model)
+        together = (interleaved(width, args.probe, args.device, repeats, impls, model_kind=args.model, batch=args.batch)
                     if args.interleave else None)
         for impl in impls:
             r = (together[impl] if together is not None
-                 else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats, args.model]))
+                 else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats, args.model, args.batch]))
             if "error" in r or "skipped" in r:
                 print(f"| {width} | {impl} | {'failed: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']} |")
                 continue
             base = r["median_ms"] if impl == "no tracking" else base
-            r.update(model=args.model, width=width, impl=impl, device=args.device, probe_rows=args.probe,
+            r.update(model=args.model, width=width, impl=impl, device=args.device, probe_rows=args.probe, batch=args.batch,
                      overhead=r["median_ms"] / base - 1 if base else None)
             results.append(r)
             over = "-" if r["overhead"] is None else f"{r['overhead']:+.0%}"
             if "paired_overhead" in r:
                 over += f" (paired {r['paired_overhead']:+.0%})"
+            if "vs_floor" in r and impl != FLOOR:
+                over += f", {r['vs_floor']:.2f}x the floor"
             mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
             print(f"| {width} | {impl} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {over} | "
                   f"{mem} |", flush=True)

@@ -16,8 +16,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
   m.def("gram_matvec_cpu", &spkern::cpu::gram_matvec, "(a - b)^T (a - b) v in one pass over a and b, CPU",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none(), pybind11::arg("v"));
-  m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU");
-  m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU");
+  using pybind11::arg;
+  const auto none_i = std::vector<int64_t>{};
+  const auto none_t = std::vector<at::Tensor>{};
+  m.def("sgd_step_cpu", &spkern::cpu::sgd_step, "fused torch.optim.SGD step with norms, CPU", arg("params"),
+        arg("grads"), arg("bufs"), arg("buf_is_new"), arg("init"), arg("stats"), arg("lr"), arg("momentum"),
+        arg("dampening"), arg("weight_decay"), arg("nesterov"), arg("maximize"), arg("gram_index") = none_i,
+        arg("gram_v") = none_t, arg("gram_out") = none_t);
+  m.def("adamw_step_cpu", &spkern::cpu::adamw_step, "fused torch.optim.AdamW step with norms, CPU",
+        arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"), arg("max_exp_avg_sqs"), arg("steps"),
+        arg("init"), arg("stats"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"),
+        arg("amsgrad"), arg("maximize"), arg("gram_index") = none_i, arg("gram_v") = none_t,
+        arg("gram_out") = none_t);
   m.def("compiled_isa", &spkern::cpu::compiled_isa);
   m.def("constants", [] {  // csrc/constants.h, for the test that Python agrees
     pybind11::dict d;

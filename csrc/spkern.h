@@ -47,16 +47,22 @@ at::Tensor gram_matvec(const at::Tensor& a, const c10::optional<at::Tensor>& b, 
 
 // Fused optimizer steps (csrc/cpu/optim.cpp): apply torch.optim.SGD's / AdamW's update
 // in one pass and write per parameter into stats (P, 4) float32: ||W_{t+1} - W_t||^2,
-// ||W_{t+1}||^2, ||grad||^2, ||W_{t+1} - W_0||^2 (0 when init is empty).
+// ||W_{t+1}||^2, ||grad||^2, ||W_{t+1} - W_0||^2 (0 when init is empty). For each
+// parameter gram_index[k] (a matrix, with init given) also gram_out[k] =
+// (W_{t+1} - W_0)^T (W_{t+1} - W_0) gram_v[k], from the rows while they are in cache.
 void sgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
               const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
               const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double momentum,
-              double dampening, double weight_decay, bool nesterov, bool maximize);
+              double dampening, double weight_decay, bool nesterov, bool maximize,
+              const std::vector<int64_t>& gram_index, const std::vector<at::Tensor>& gram_v,
+              const std::vector<at::Tensor>& gram_out);
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
                 const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double beta1,
-                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize);
+                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                const std::vector<int64_t>& gram_index, const std::vector<at::Tensor>& gram_v,
+                const std::vector<at::Tensor>& gram_out);
 
 // Frees the gradient buffer kept for reuse by the CPU kernels (see empty_large).
 void release_cached_buffer();

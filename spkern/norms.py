@@ -124,7 +124,7 @@ WARM_ITERS = 4
 
 def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optional[int] = None, *,
                   minus: Optional[Tensor] = None, tol: Optional[float] = None,
-                  max_iters: int = 200) -> SpectralNorm:
+                  max_iters: int = 200, product: Optional[Tensor] = None) -> SpectralNorm:
     """Operator (spectral) norm of ``matrix - minus`` (``minus`` None: of ``matrix``) by
     Lanczos on ``A^T A`` (:func:`lanczos`), without a host sync and without forming ``A^T A``.
 
@@ -142,6 +142,9 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             rounds of ``iters`` steps, each restarted from the last Ritz vector, until two
             rounds' estimates agree to ``tol`` (one host read per round), at most
             ``max_iters`` steps in all; ``result.iters`` says how many were used.
+        product: ``A^T A state``, when it is already computed (by :mod:`spkern.optim`'s
+            CPU step, from the rows it writes: :meth:`spkern.optim.SGD.request_products`):
+            the first step uses it instead of a pass over the matrix.
 
     Each step is one product with ``A^T A`` (A = matrix - minus): O(fan_out * fan_in),
     against O(fan_out * fan_in * min(...)) for an SVD. On CPU it is one pass over the
@@ -174,8 +177,15 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             raise ValueError(f"minus is on device {minus.device} but matrix is on device {matrix.device}")
         B = minus.detach().reshape(fan_out, fan_in)
     v, n_iter = start_vector(fan_in, A.device, state, iters)
+    if product is not None:
+        if state is None:
+            raise ValueError("product is A^T A state: it needs the state it was computed from")
+        if not isinstance(product, Tensor) or product.shape != (fan_in,) or product.device != A.device:
+            raise ValueError(f"product must be a ({fan_in},) vector on {A.device}, got "
+                             f"{tuple(product.shape) if isinstance(product, Tensor) else type(product).__name__}")
+        product = product.float()
     gram = registry.resolve("spectral_norm", A, B).fn(A, B)
-    return converged(gram, v, n_iter, fan_in / fan_out, tol, max_iters)
+    return converged(gram, v, n_iter, fan_in / fan_out, tol, max_iters, product)
 
 
 def _sharded_spectral_norm(matrix, state, iters, minus, tol=None, max_iters=200):
@@ -223,62 +233,101 @@ def start_vector(fan_in: int, device, state: Optional[Tensor], iters: Optional[i
     return v, iters or (WARM_ITERS if state is not None else COLD_ITERS)
 
 
-def lanczos(gram, v: Tensor, steps: int, fan_ratio: float) -> SpectralNorm:
+def lanczos(gram, v: Tensor, steps: int, fan_ratio: float, first: Optional[Tensor] = None) -> SpectralNorm:
     """Top singular value of an operator A given by ``gram``: x -> A^T A x, by ``steps``
     Lanczos steps from the unit vector v (each one product with A^T A, as a power iteration,
     and a full re-orthogonalisation against the previous vectors: O(steps * fan_in) more).
-    The estimate is sqrt of the largest Ritz value of the Krylov space spanned by v, A^T A v,
-    ...: at most the norm, and much closer to it than a power iteration with as many
-    products when the top singular values are close (the Krylov space holds the best
-    polynomial in A^T A of that degree, the power iteration only its highest power). The
-    Ritz vector is the state of the next call. No host sync: the small tridiagonal problem
-    is solved on the device, its top eigenvector by repeated squaring."""
+
+    The k steps give an orthonormal basis Q of the Krylov space spanned by v, A^T A v, ...,
+    the tridiagonal T = Q^T A^T A Q and the last residual r, with A^T A Q = Q T + r e_k^T.
+    The estimate is the largest Rayleigh quotient of A A^T on the space spanned by A Q:
+    the largest theta with (T^2 + |r|^2 e_k e_k^T) c = theta T c, from the same products
+    (the plain Lanczos estimate, the largest eigenvalue of T, is the quotient of A^T A on Q;
+    this one sees half a step further). It is a Rayleigh quotient, so the estimate never
+    exceeds the norm; with one step it is |A^T A v|^2 / |A v|^2, against |A v|^2 of the
+    Ritz value and |A^T A v| of a power iteration, and it is much closer to the norm than
+    either when the top singular values are close (bench/bench_op_norm.py). The next state
+    is A^T A Q c, normalised: the best vector of the space, one power step further. No host
+    sync: on a device the small problem is solved without one (Cholesky, then the top
+    eigenvector by repeated squaring). ``first``: ``gram(v)``, already computed."""
     tiny = torch.finfo(torch.float32).tiny
     k = steps
-    V = v.new_zeros(k, v.numel())
-    alpha, beta = v.new_zeros(k), v.new_zeros(max(k - 1, 1))
+    if k == 1:  # (the tracker's default: a few operations)
+        w = gram(v) if first is None else first
+        a, norm = w @ v, _norm(w)  # |A v|^2, |A^T A v|
+        theta = torch.where(a > 0, norm * (norm / a.clamp_min(tiny)), 0.0)  # (no |A^T A v|^2: it overflows first)
+        u = torch.where(norm > 0, w / norm.clamp_min(tiny), v)  # (A = 0: keep v, a valid start for later calls)
+        op = theta.clamp_min(0).sqrt()
+        return SpectralNorm(op, op * math.sqrt(fan_ratio), u, k)
+    V = v.new_zeros(k + 1, v.numel())  # Q and, last, r / |r|
+    alpha, beta = v.new_zeros(k), v.new_zeros(k)
     V[0] = v
     for j in range(k):
-        w = gram(V[j])
+        w = gram(V[j]) if j or first is None else first
         alpha[j] = w @ V[j]
         Q = V[: j + 1]
         w = w - Q.t() @ (Q @ w)
         w = w - Q.t() @ (Q @ w)  # (twice is enough to stay orthogonal in float32)
-        if j + 1 < k:
-            b = w.norm()
-            # an invariant subspace (A^T A v in span(V), A = 0 say): stop growing it
-            keep = b > 1e-6 * alpha[: j + 1].abs().max()
-            beta[j] = torch.where(keep, b, 0.0)
-            V[j + 1] = torch.where(keep, w / b.clamp_min(tiny), torch.zeros_like(w))
-    T = torch.diag(alpha)
-    if k > 1:
-        T = T + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
-    if T.device.type == "cpu" and bool(torch.isfinite(T).all()):  # (no device to sync with:
-        y = torch.linalg.eigh(T.double())[1][:, -1].to(T.dtype)  # the k x k eigenproblem directly)
-    else:  # on the device, no host sync: M -> the projector on T's top eigenvector (T is
-        # positive semi-definite) by repeated squaring
-        M = T / T.diagonal().abs().sum().clamp_min(tiny)
-        for _ in range(40):
-            M = M @ M
-            M = M / M.diagonal().sum().clamp_min(tiny)
-        y = M[:, M.norm(dim=0).argmax()]
-    theta = (y @ (T @ y)) / (y @ y).clamp_min(tiny)
-    u = V.t() @ y
-    norm = u.norm()
+        b = _norm(w)
+        # an invariant subspace (A^T A v in span(V), A = 0 say): stop growing it
+        keep = b > 1e-6 * alpha[: j + 1].abs().max()
+        beta[j] = torch.where(keep, b, 0.0)
+        V[j + 1] = torch.where(keep, w / b.clamp_min(tiny), torch.zeros_like(w))
+    # the small problem scaled by s (its squares would overflow float32 first)
+    s = alpha.abs().max().clamp_min(tiny)
+    T = (torch.diag(alpha) + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)) / s
+    N = T @ T  # (A^T A Q)^T (A^T A Q) / s^2 = T^2 + |r / s|^2 e_k e_k^T
+    N[k - 1, k - 1] = N[k - 1, k - 1] + (beta[k - 1] / s) ** 2
+    # T may be singular (A of rank below k, or 0): the problem is solved on T + eps I
+    Tr = T + 1e-6 * torch.eye(k, dtype=T.dtype, device=T.device)
+    c = _top_generalized(N, Tr, on_host=T.device.type == "cpu" and bool(torch.isfinite(N).all()))
+    theta = s * (c @ (N @ c)) / (c @ (Tr @ c)).clamp_min(tiny)
+    theta = torch.where(torch.isfinite(theta), theta, 0.0)
+    T = T * s
+    u = V[:k].t() @ (T @ c) + (beta[k - 1] * c[k - 1]) * V[k]  # A^T A Q c
+    u = torch.where(u @ v < 0, -u, u)  # (the sign of an eigenvector is arbitrary: on v's side)
+    norm = _norm(u)
     u = torch.where(norm > 0, u / norm.clamp_min(tiny), v)  # (A = 0: keep v, a valid start for later calls)
     op = theta.clamp_min(0).sqrt()
     return SpectralNorm(op, op * math.sqrt(fan_ratio), u, k)
 
 
+def _norm(w: Tensor) -> Tensor:
+    """|w| without overflow or underflow of the squares (|A^T A v| of a tiny or a huge A)."""
+    m = w.abs().amax().clamp_min(torch.finfo(w.dtype).tiny)
+    return m * (w / m).norm()
+
+
+def _top_generalized(N: Tensor, T: Tensor, on_host: bool) -> Tensor:
+    """The top eigenvector c of N c = theta T c (N symmetric, T positive definite, k x k).
+    On the host directly, in float64; on a device without a host sync: T = L L^T, then the
+    top eigenvector of L^-1 N L^-T by repeated squaring of its normalised copy."""
+    tiny = torch.finfo(torch.float32).tiny
+    k = T.shape[0]
+    if on_host:
+        d, U = torch.linalg.eigh(T.double())
+        S = U / d.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        return (S @ torch.linalg.eigh(S.t() @ N.double() @ S)[1][:, -1]).to(T.dtype)
+    L = torch.linalg.cholesky_ex(T)[0]
+    Li = torch.linalg.solve_triangular(L, torch.eye(k, dtype=T.dtype, device=T.device), upper=False)
+    M = Li @ N @ Li.t()
+    M = M / M.diagonal().abs().sum().clamp_min(tiny)
+    for _ in range(40):
+        M = M @ M
+        M = M / M.diagonal().sum().clamp_min(tiny)
+    return Li.t() @ M[:, M.norm(dim=0).argmax()]
+
+
 def converged(gram, v: Tensor, steps: int, fan_ratio: float, tol: Optional[float] = None,
-              max_iters: int = 200) -> SpectralNorm:
+              max_iters: int = 200, first: Optional[Tensor] = None) -> SpectralNorm:
     """:func:`lanczos`; with ``tol``, restarted rounds of ``steps`` until two rounds agree
-    to ``tol`` (relative), at most ``max_iters`` steps (see :func:`spectral_norm`)."""
+    to ``tol`` (relative), at most ``max_iters`` steps (see :func:`spectral_norm`);
+    ``first`` is ``gram(v)`` when already computed."""
     if tol is not None and (not isinstance(tol, (int, float)) or not 0 < tol < 1):
         raise ValueError(f"tol must be None or a number in (0, 1), got {tol!r}")
     if not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
-    r = lanczos(gram, v, min(steps, max_iters), fan_ratio)
+    r = lanczos(gram, v, min(steps, max_iters), fan_ratio, first)
     if tol is None:
         return r
     used = r.iters

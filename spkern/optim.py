@@ -60,6 +60,7 @@ from spkern.norms import SpectralNorm, lanczos, multi_tensor_norms, start_vector
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRODUCT_BACKENDS = ("cpu",)  # the fused steps that compute request_products() in their pass
 
 
 def layout_reason(params, grads):
@@ -106,6 +107,8 @@ class _NormStats:
             self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
         self._placements_checked = set()  # ids of the sharded parameters whose placement was checked
+        self._product_requests = {}  # parameter -> v, for the next step (request_products)
+        self._products = {}  # parameter -> (v, (W_{t+1} - W_0)^T (W_{t+1} - W_0) v) of the last step
 
     def add_param_group(self, param_group):
         """torch's add_param_group; with drift tracked, the new parameters' initial
@@ -183,7 +186,12 @@ class _NormStats:
             with torch.enable_grad():
                 loss = closure()
         self._check_lr()
+        self._products = {}
         return loss
+
+    def _end_step(self):
+        self.steps_taken += 1
+        self._product_requests = {}  # (a request is for one step)
 
     def _groups_with_grads(self):
         """(group, parameters with a gradient, their gradients) for each group that has any;
@@ -222,13 +230,35 @@ class _NormStats:
                 raise ValueError(f"learning rate must be finite, got {lr}")
 
     def _fused_kernel(self, op, params, grads):
-        """The registered fused step ``op`` that takes these parameters, or None for
-        torch's own step."""
+        """The registered fused step ``op`` that takes these parameters (a
+        :class:`spkern.registry.Kernel`), or None for torch's own step."""
         if any(g.is_sparse for g in grads):
             raise ValueError("spkern.optim does not take sparse gradients")
         params, grads = _locals(params), _locals(grads)
-        kernel = registry.resolve(op, params[0], params, grads)
-        return kernel.fn if kernel is not None else None
+        return registry.resolve(op, params[0], params, grads)
+
+    def _product_args(self, kernel, params, inits):
+        """The keyword arguments that ask the fused step ``kernel`` for the products
+        requested of these parameters (:meth:`request_products`): matrices, not sharded,
+        whose W_0 is read by this step, on a backend that computes them in its pass."""
+        if not self._product_requests or not inits or kernel.backend not in _PRODUCT_BACKENDS:
+            return {}
+        index, vs, outs = [], [], []
+        for i, p in enumerate(params):
+            v, w0 = self._product_requests.get(p, (None, None))
+            if v is None or w0 is not self.initial_weights.get(p) or is_dtensor(p) or p.dim() < 2 or p.shape[0] == 0:
+                continue
+            n = p.numel() // p.shape[0]
+            if v.shape != (n,) or v.dtype != torch.float32 or v.device != p.device or not v.is_contiguous():
+                continue
+            index.append(i)
+            vs.append(v)
+            outs.append(torch.empty(n, dtype=torch.float32, device=p.device))
+        return dict(gram_index=index, gram_v=vs, gram_out=outs) if index else {}
+
+    def _record_products(self, params, args):
+        for i, v, w in zip(args.get("gram_index", ()), args.get("gram_v", ()), args.get("gram_out", ())):
+            self._products[params[i]] = (v, w, params[i]._version)
 
     def _inits(self, params):
         """The initial weights to measure drift against at this step (or [])."""
@@ -354,6 +384,24 @@ class _NormStats:
                     out[p]["drift_rms"] = st["drift_rms"]
         return out
 
+    def request_products(self, vectors):
+        """Asks the next step for ``(W_{t+1} - W_0)^T (W_{t+1} - W_0) v`` of the matrices
+        in ``vectors`` ({parameter: (float32 (fan_in,) vector v, W_0)}): a tracker's next
+        Lanczos product for the operator norm of W_{t+1} - W_0. The CPU step computes it
+        from the rows it has just written, while they are in cache, so that the product
+        costs no pass over W_{t+1} and W_0 of its own; it does so where W_0 is the tensor
+        this optimizer measures the drift against (the tracker's copy, taken with
+        :meth:`offer_initial_weights`), read at that step, and the parameter is not
+        sharded. Other backends compute none (the tracker then makes its own pass).
+        :meth:`step_products` gives what was computed."""
+        self._product_requests = dict(vectors)
+
+    def step_products(self):
+        """{parameter: (v, product, the parameter's version counter after the step)}
+        computed by the last step (see :meth:`request_products`); a product whose
+        parameter has been changed in place since (its ``_version`` differs) is stale."""
+        return self._products
+
     def offer_initial_weights(self, weights):
         """Takes ``weights`` ({parameter: W_0}, a tracker's copies) as the initial weights
         to measure the drift against inside the step, when this optimizer keeps none and
@@ -397,8 +445,8 @@ class SGD(_NormStats, torch.optim.SGD):
         loss = self._begin_step(closure)
         for group, params, grads in self._groups_with_grads():
             momentum = group["momentum"]
-            fused = self._fused_kernel("sgd_step", params, grads)
-            if fused is not None:
+            kernel = self._fused_kernel("sgd_step", params, grads)
+            if kernel is not None:
                 bufs, fresh = [], []
                 if momentum != 0:
                     for p in params:
@@ -409,10 +457,12 @@ class SGD(_NormStats, torch.optim.SGD):
                         bufs.append(local(state["momentum_buffer"]))
                 inits = self._inits(params)
                 sums = torch.empty(len(params), 4, dtype=torch.float32, device=local(params[0]).device)
-                fused(
+                products = self._product_args(kernel, params, inits)
+                kernel.fn(
                     [_data(p) for p in params], [local(g).contiguous() for g in grads], bufs, fresh, inits, sums,
                     group["lr"], momentum, group["dampening"], group["weight_decay"],
-                    group["nesterov"], group["maximize"])
+                    group["nesterov"], group["maximize"], **products)
+                self._record_products(params, products)
                 measured = bool(inits)
             else:
                 def torch_step(group=group):
@@ -428,7 +478,7 @@ class SGD(_NormStats, torch.optim.SGD):
                             self.state[p]["momentum_buffer"] = buf
                 sums, measured = self._fallback(params, grads, torch_step)
             self._record(params, sums, measured)
-        self.steps_taken += 1
+        self._end_step()
         return loss
 
 
@@ -485,20 +535,22 @@ class AdamW(_NormStats, torch.optim.AdamW):
                     if amsgrad:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
-            fused = self._fused_kernel("adamw_step", params, grads)
-            if fused is not None:
+            kernel = self._fused_kernel("adamw_step", params, grads)
+            if kernel is not None:
                 steps = []
                 for s in states:
                     s["step"] += 1
                     steps.append(float(s["step"]))  # a CPU scalar: no device sync
                 inits = self._inits(params)
                 sums = torch.empty(len(params), 4, dtype=torch.float32, device=local(params[0]).device)
-                fused(
+                products = self._product_args(kernel, params, inits)
+                kernel.fn(
                     [_data(p) for p in params], [local(g).contiguous() for g in grads],
                     [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
                     [local(s["max_exp_avg_sq"]) for s in states] if amsgrad else [], steps, inits, sums,
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
-                    group["maximize"])
+                    group["maximize"], **products)
+                self._record_products(params, products)
                 measured = bool(inits)
             else:
                 def torch_step(group=group):
@@ -510,7 +562,7 @@ class AdamW(_NormStats, torch.optim.AdamW):
                         eps=group["eps"], maximize=group["maximize"], decoupled_weight_decay=True)
                 sums, measured = self._fallback(params, grads, torch_step)
             self._record(params, sums, measured)
-        self.steps_taken += 1
+        self._end_step()
         return loss
 
     def _update_operator(self, p, group):

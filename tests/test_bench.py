@@ -217,6 +217,9 @@ def test_bench_op_norm_quick(tmp_path, capsys):
 
     assert bench_op_norm.main(["--quick", "--widths", "64", "--repeats", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| 64 | power 1 |" in out and "| 64 | lanczos 3, tol 0.001 |" in out
+    assert "| 64 | 3% | power 1 |" in out and "| 64 | 10% | lanczos 1, tol 0.001 |" in out
     saved = json.loads(next(tmp_path.glob("op_norm_cpu_*.json")).read_text())
-    assert len(saved["results"]) == 5 and all(r["worst_error"] <= 1e-5 for r in saved["results"])
+    assert len(saved["results"]) == 10 and all(r["worst_error"] <= 1e-5 for r in saved["results"])
+    assert {r["drift"] for r in saved["results"]} == {0.03, 0.1}
+    with pytest.raises(SystemExit):
+        bench_op_norm.main(["--drifts", "2"])

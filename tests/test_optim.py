@@ -308,3 +308,90 @@ def test_a_group_added_later_is_tracked_from_its_first_step(backend, opt_cls):
     for p, p0 in zip(extra, start):
         assert p in stats
         torch.testing.assert_close(stats[p]["drift_fro"], (p.detach() - p0).norm(), rtol=1e-5, atol=1e-7)
+
+
+# -- the operator norm's Lanczos product, fused into the CPU step (request_products) --------
+
+PRODUCT_SHAPES = [(300, 37), (37,), (1, 1), (5, 1000), (129, 300), (4, 3, 5)]
+
+
+@pytest.mark.parametrize("ours, theirs, kw", CASES[1::2], ids=["sgd", "adamw", "adamw amsgrad"][:len(CASES[1::2])])
+@pytest.mark.parametrize("dtype, drift_dtype", [(torch.float32, None), (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, None), (torch.float16, torch.float32)], ids=str)
+def test_step_products_against_float64(ours, theirs, kw, dtype, drift_dtype):
+    # (W_{t+1} - W_0)^T (W_{t+1} - W_0) v from the CPU step's own pass, against float64 of
+    # the weights it wrote; the step itself is the one without products, to the bit
+    g = torch.Generator().manual_seed(3)
+    if ours is spkern.optim.AdamW:  # (an eps that float16 keeps: with 1e-8, torch's step gives infinities too)
+        kw = {**kw, "eps": 1e-3}
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in PRODUCT_SHAPES]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = ours(params, track_drift=True, drift_dtype=drift_dtype, **kw)
+    plain = ours(twin, track_drift=True, drift_dtype=drift_dtype, **kw)
+    matrices = [p for p in params if p.dim() >= 2]
+    for step in range(3):
+        for p, q in zip(params, twin):
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            q.grad = p.grad.clone()
+        vs = {p: torch.randn(p.numel() // p.shape[0], generator=g) for p in matrices}
+        opt.request_products({p: (v, opt.initial_weights[p]) for p, v in vs.items()})
+        opt.step()
+        plain.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin))
+        got = opt.step_products()
+        assert set(got) == set(matrices)
+        for p in matrices:
+            v, w, version = got[p]
+            assert v is vs[p] and version == p._version and w.dtype == torch.float32
+            A = (p.detach().double() - opt.initial_weights[p].double()).reshape(p.shape[0], -1)
+            want = A.t() @ (A @ v.double())
+            torch.testing.assert_close(w.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item() + 1e-30)
+    opt.step()  # a request is for one step: none the next
+    assert opt.step_products() == {}
+
+
+def test_step_products_only_where_they_can_be_fused():
+    g = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(20, 30, generator=g))
+    v = torch.randn(30, generator=g)
+    for make, ok in [(lambda: spkern.optim.SGD([w], lr=0.1, track_drift=True), True),
+                     (lambda: spkern.optim.SGD([w], lr=0.1), False),  # no W_0 read by the step
+                     (lambda: spkern.optim.SGD([w], lr=0.1, track_drift=True, drift_every=2), "odd")]:
+        opt = make()
+        for step in range(2):
+            w.grad = torch.randn(w.shape, generator=g)
+            w0 = opt.initial_weights.get(w, torch.zeros_like(w))
+            opt.request_products({w: (v, w0)})
+            opt.step()
+            expected = ok is True or (ok == "odd" and step == 0)
+            assert (w in opt.step_products()) == expected
+    # W_0 other than the optimizer's own: not computed against the wrong one
+    opt = spkern.optim.SGD([w], lr=0.1, track_drift=True)
+    w.grad = torch.randn(w.shape, generator=g)
+    opt.request_products({w: (v, opt.initial_weights[w].clone())})
+    opt.step()
+    assert opt.step_products() == {}
+    # a vector of the wrong length, or another backend: none, and no error
+    opt.request_products({w: (torch.randn(7), opt.initial_weights[w])})
+    opt.step()
+    assert opt.step_products() == {}
+    with spkern.use_backend("reference"):
+        opt.request_products({w: (v, opt.initial_weights[w])})
+        opt.step()
+    assert opt.step_products() == {}
+
+
+def test_step_products_kernel_errors():
+    C = pytest.importorskip("spkern._C")
+    p, g = torch.randn(4, 6), torch.randn(4, 6)
+    stats = torch.empty(1, 4)
+    args = ([p], [g], [], [], [p.clone()], stats, 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="one entry per requested"):
+        C.sgd_step_cpu(*args, gram_index=[0], gram_v=[], gram_out=[])
+    with pytest.raises(RuntimeError, match="distinct parameters"):
+        C.sgd_step_cpu(*args, gram_index=[1], gram_v=[torch.ones(6)], gram_out=[torch.empty(6)])
+    with pytest.raises(RuntimeError, match="row length"):
+        C.sgd_step_cpu(*args, gram_index=[0], gram_v=[torch.ones(4)], gram_out=[torch.empty(4)])
+    with pytest.raises(RuntimeError, match="initial weights"):
+        C.sgd_step_cpu([p], [g], [], [], [], stats, 0.1, 0.0, 0.0, 0.0, False, False, gram_index=[0],
+                       gram_v=[torch.ones(6)], gram_out=[torch.empty(6)])

@@ -736,3 +736,43 @@ def test_torch_compile_training_step_is_left_alone(mode, wrap):
         for k, v in e.items():
             assert math.isclose(m[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, m[k], v)
     dynamo.reset()
+
+
+@pytest.mark.parametrize("on", ["probe", "batch"])
+@pytest.mark.parametrize("op_iters", [1, 2])
+def test_operator_norm_product_fused_into_the_step(on, op_iters, monkeypatch):
+    # with spkern.optim measuring every step on CPU, each layer's first Lanczos product of
+    # a measurement comes from the step's own pass: one pass over W_t and W_0 fewer, the
+    # same numbers as a tracker making that pass itself (torch's SGD: the same weights)
+    import spkern.backends.cpu as cpu_backend
+
+    passes = []
+    real = cpu_backend.gram_matvec
+
+    def counting(A, B):
+        f = real(A, B)
+        return lambda v: passes.append(1) or f(v)
+    key = ("spectral_norm", "cpu")
+    monkeypatch.setitem(spkern.registry._KERNELS, key, spkern.registry._KERNELS[key]._replace(fn=counting))
+    x, y = _data()
+    runs = {}
+    for optim in ("spkern", "torch"):
+        model = _mlp()
+        opt = (spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9) if optim == "spkern"
+               else torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+        tracker = spkern.Tracker(model, opt, probe=x[:16] if on == "probe" else "batch", op_iters=op_iters)
+        values, counts = [], []
+        for _ in range(4):
+            before = len(passes)
+            _train(model, opt, x, y, 1, tracker)  # (probe="batch": measured in its forward)
+            counts.append(len(passes) - before)
+            values.append(tracker.metrics())
+        runs[optim] = values, counts
+    (fused, fused_passes), (own, own_passes) = runs["spkern"], runs["torch"]
+    layers = 3
+    assert own_passes[2:] == [layers * op_iters] * 2
+    assert fused_passes[2:] == [layers * (op_iters - 1)] * 2
+    for a, b in zip(fused[1:], own[1:]):
+        for name in ("0", "2", "4"):
+            for k in ("delta_w_op", "eff_align"):
+                assert math.isclose(a[f"{name}/{k}"], b[f"{name}/{k}"], rel_tol=1e-5), (name, k)

@@ -5,7 +5,7 @@
 // Rows run in parallel; each thread adds into its own w, the partial sums are added last.
 
 #include "../spkern.h"
-#include "convert.h"
+#include "gram_rows.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,62 +17,18 @@ namespace spkern {
 namespace cpu {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
-
-// d = a - b (b optional) as floats; returns d . v.
-template <typename TA, typename TB>
-float row_difference(const TA* a, const TB* b, const float* v, float* abuf, float* bbuf, float* d, int64_t n) {
-  const float* x = as_float(a, abuf, n);
-  const float* y = b ? as_float(b, bbuf, n) : nullptr;
-  fVec acc(0.f);
-  float tail = 0.f;
-  int64_t i = 0;
-  for (; i + fVec::size() <= n; i += fVec::size()) {
-    fVec xi = fVec::loadu(x + i);
-    if (y) xi = xi - fVec::loadu(y + i);
-    xi.store(d + i);
-    acc = at::vec::fmadd(xi, fVec::loadu(v + i), acc);
-  }
-  for (; i < n; ++i) {
-    d[i] = y ? x[i] - y[i] : x[i];
-    tail += d[i] * v[i];
-  }
-  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc) + tail;
-}
-
-// w += u d
-inline void axpy(float u, const float* d, float* w, int64_t n) {
-  const fVec uv(u);
-  int64_t i = 0;
-  for (; i + fVec::size() <= n; i += fVec::size())
-    at::vec::fmadd(uv, fVec::loadu(d + i), fVec::loadu(w + i)).store(w + i);
-  for (; i < n; ++i) w[i] += u * d[i];
-}
-
 template <typename TA, typename TB>
 void gram_rows(const at::Tensor& a, const at::Tensor* b, const float* v, at::Tensor& w) {
   const int64_t rows = a.size(0), n = a.size(1);
   const TA* pa = a.const_data_ptr<TA>();
   const TB* pb = b ? b->const_data_ptr<TB>() : nullptr;
-  const int threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads) * n, 0.f);
-  std::vector<char> used(threads, 0);
+  GramPartials partials(n);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    const int t = at::get_thread_num();
-    float* acc = partial.data() + static_cast<size_t>(t) * n;
-    used[t] = 1;
-    std::vector<float> scratch(3 * n);
-    float *abuf = scratch.data(), *bbuf = abuf + n, *d = bbuf + n;
-    for (int64_t r = lo; r < hi; ++r) {
-      const float u = row_difference<TA, TB>(pa + r * n, pb ? pb + r * n : nullptr, v, abuf, bbuf, d, n);
-      axpy(u, d, acc, n);
-    }
+    std::vector<float> scratch(2 * n);
+    gram_rows_into<TA, TB>(pa, pb, v, lo, hi, n, partials.of_this_thread(), scratch.data());
   });
-  float* out = w.data_ptr<float>();
-  std::fill(out, out + n, 0.f);
-  for (int t = 0; t < threads; ++t)
-    if (used[t]) axpy(1.f, partial.data() + static_cast<size_t>(t) * n, out, n);
+  partials.sum_into(w.data_ptr<float>());
 }
 
 template <typename TA>

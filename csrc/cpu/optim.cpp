@@ -7,10 +7,14 @@
 // ||W_{t+1}||^2, ||grad||^2 and, when initial weights are given, ||W_{t+1} - W_0||^2.
 // The work is cut into chunks across all parameters (a large weight and many biases
 // keep every thread busy); chunk sums are reduced per parameter in a fixed order.
+// Requested matrices also get the Lanczos product (W_{t+1} - W_0)^T (W_{t+1} - W_0) v of
+// the tracker's operator norm: their chunks are whole rows, and each chunk's rows, just
+// written and still in cache, go through csrc/cpu/gram_rows.h after the step.
 
 #include "../spkern.h"
 #include "chunks.h"
 #include "convert.h"
+#include "gram_rows.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -31,13 +35,90 @@ using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kTile = 1024;  // elements per flush of the float partial sums
 
+// The Gram products asked of a step: for parameter i (a matrix of rows of n elements),
+// the vector v and the per-thread partial sums of (W_{t+1} - W_0)^T (W_{t+1} - W_0) v.
+struct GramRequests {
+  std::vector<int64_t> row;  // per parameter: its row length n, or 0 (none asked)
+  std::vector<const float*> v;
+  std::vector<GramPartials> partials;
+  std::vector<int64_t> slot;  // per parameter: index into partials, or -1
+  std::vector<at::Tensor> out;
+
+  GramRequests(size_t params, const std::vector<int64_t>& index, const std::vector<at::Tensor>& vs,
+               const std::vector<at::Tensor>& outs)
+      : row(params, 0), v(params, nullptr), slot(params, -1), out(outs) {
+    for (size_t k = 0; k < index.size(); ++k) {
+      const auto i = index[k];
+      row[i] = vs[k].numel();
+      v[i] = vs[k].const_data_ptr<float>();
+      slot[i] = static_cast<int64_t>(partials.size());
+      partials.emplace_back(vs[k].numel());
+    }
+  }
+  bool any() const { return !partials.empty(); }
+  // elements a tile of parameter i: a whole row for a requested one (up to kRowTile
+  // elements), so that its Gram terms are taken while the row is in L1; else kTile
+  int64_t tile(int64_t i, int64_t default_tile) const {
+    return slot[i] >= 0 && row[i] <= kRowTile ? row[i] : default_tile;
+  }
+  // after the step of a tile: its rows' terms, when the tile is whole rows; else (rows
+  // longer than kRowTile) at the end of the chunk (finish_chunk)
+  template <typename scalar_t>
+  void add_tile(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t t0, int64_t count) {
+    if (slot[i] >= 0 && row[i] <= kRowTile) add<scalar_t>(i, p, w0, t0, t0 + count);
+  }
+  template <typename scalar_t>
+  void finish_chunk(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t b, int64_t e) {
+    if (slot[i] >= 0 && row[i] > kRowTile) add<scalar_t>(i, p, w0, b, e);
+  }
+  static constexpr int64_t kRowTile = 1 << 14;
+  // after the step of elements [b, e) of parameter i (whole rows): their rows' terms
+  template <typename scalar_t>
+  void add(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t b, int64_t e) {
+    if (slot[i] < 0) return;
+    const int64_t n = row[i];
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < 2 * n) scratch.resize(2 * n);
+    gram_rows_into_any<scalar_t>(p, w0, v[i], b / n, e / n, n, partials[slot[i]].of_this_thread(),
+                                 scratch.data());
+  }
+  void finish() {
+    for (size_t i = 0; i < slot.size(); ++i)
+      if (slot[i] >= 0) partials[slot[i]].sum_into(out[slot[i]].data_ptr<float>());
+  }
+};
+
+void check_gram(const char* where, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& init,
+                const std::vector<int64_t>& index, const std::vector<at::Tensor>& vs,
+                const std::vector<at::Tensor>& outs) {
+  TORCH_CHECK(vs.size() == index.size() && outs.size() == index.size(), where,
+              ": gram_index, gram_v and gram_out must have one entry per requested parameter");
+  TORCH_CHECK(index.empty() || !init.empty(), where, ": a Gram product needs the initial weights (init)");
+  std::vector<char> seen(params.size(), 0);
+  for (size_t k = 0; k < index.size(); ++k) {
+    const auto i = index[k];
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(params.size()) && !seen[i], where,
+                ": gram_index must name distinct parameters");
+    seen[i] = 1;
+    const auto& p = params[i];
+    TORCH_CHECK(p.dim() >= 2 && p.size(0) > 0, where, ": gram parameter ", i, " must be a matrix");
+    const int64_t n = p.numel() / p.size(0);
+    for (const auto* t : {&vs[k], &outs[k]})
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kFloat &&
+                      t->dim() == 1 && t->numel() == n,
+                  where, ": gram_v and gram_out of parameter ", i, " must be contiguous float32 CPU vectors of ",
+                  n, " elements (its row length)");
+  }
+}
+
 // Runs body(param index, begin, end) -> {update^2, weight^2, grad^2, drift^2} over chunks
-// of every parameter in parallel, and writes the per-parameter sums into stats (P, 4).
+// of every parameter in parallel (whole rows for the Gram requests), and writes the
+// per-parameter sums into stats (P, 4).
 template <typename Body>
-void chunked(const std::vector<at::Tensor>& params, at::Tensor& stats, Body body) {
+void chunked(const std::vector<at::Tensor>& params, at::Tensor& stats, Body body, const GramRequests& gram) {
   std::vector<int64_t> sizes;
   for (const auto& p : params) sizes.push_back(p.numel());
-  const auto total = chunked_sums(sizes, kChunk, body);
+  const auto total = chunked_sums(sizes, kChunk, body, gram.any() ? &gram.row : nullptr);
   float* out = stats.data_ptr<float>();
   for (size_t i = 0; i < params.size(); ++i)
     for (int k = 0; k < 4; ++k) out[4 * i + k] = static_cast<float>(total[i][k]);
@@ -222,18 +303,19 @@ struct Lanes {
 template <typename scalar_t>
 void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
-               const std::vector<at::Tensor>& init, at::Tensor& stats, const SgdArgs& a) {
+               const std::vector<at::Tensor>& init, at::Tensor& stats, const SgdArgs& a, GramRequests& gram) {
   const bool has_mom = a.momentum != 0;
   chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
     const bool fresh = has_mom && buf_is_new[i];
-    alignas(64) float w0buf[kTile];
+    const int64_t tile = gram.tile(i, kTile);
+    std::vector<float> w0buf(tile);
     Sums sums;
     scalar_t* const pp = params[i].data_ptr<scalar_t>();
     scalar_t* const gp = grads[i].data_ptr<scalar_t>();
     scalar_t* const bp = has_mom ? bufs[i].data_ptr<scalar_t>() : nullptr;
-    for (int64_t t0 = b; t0 < e; t0 += kTile) {
-      const int64_t n = std::min(t0 + kTile, e) - t0;
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
+    for (int64_t t0 = b; t0 < e; t0 += tile) {
+      const int64_t n = std::min(t0 + tile, e) - t0;
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data());
       if constexpr (std::is_same_v<scalar_t, float>) {
         float *p = pp + t0, *g = gp + t0, *buf = has_mom ? bp + t0 : nullptr;
         over(n, [&](int64_t k, int64_t c) {
@@ -261,9 +343,12 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
         }
       }
       sums.flush();
+      if (gram.any()) gram.add_tile<scalar_t>(i, pp, init[i], t0, n);
     }
+    if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
     return sums.total;
-  });
+  }, gram);
+  gram.finish();
 }
 
 struct AdamArgs {
@@ -292,21 +377,22 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                  const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
                  const std::vector<at::Tensor>& init, at::Tensor& stats, double lr, double beta1,
-                 double beta2, const AdamArgs& a) {
+                 double beta2, const AdamArgs& a, GramRequests& gram) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
   chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
     const double bc1 = 1 - std::pow(beta1, steps[i]), bc2 = 1 - std::pow(beta2, steps[i]);
     const float neg = static_cast<float>(-(lr / bc1)), bc2s = static_cast<float>(std::pow(bc2, 0.5));
-    alignas(64) float w0buf[kTile];
+    const int64_t tile = gram.tile(i, kTile);
+    std::vector<float> w0buf(tile);
     Sums sums;
     scalar_t* const pp = params[i].data_ptr<scalar_t>();
     scalar_t* const gp = grads[i].data_ptr<scalar_t>();
     scalar_t* const mp = exp_avgs[i].data_ptr<scalar_t>();
     scalar_t* const vp = exp_avg_sqs[i].data_ptr<scalar_t>();
     scalar_t* const xp = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
-    for (int64_t t0 = b; t0 < e; t0 += kTile) {
-      const int64_t n = std::min(t0 + kTile, e) - t0;
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf);
+    for (int64_t t0 = b; t0 < e; t0 += tile) {
+      const int64_t n = std::min(t0 + tile, e) - t0;
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data());
       scalar_t *p = pp + t0, *g = gp + t0, *m = mp + t0, *v = vp + t0, *x = amsgrad ? xp + t0 : nullptr;
       if constexpr (std::is_same_v<scalar_t, float>) {
         over(n, [&](int64_t k, int64_t c) {
@@ -340,9 +426,12 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
         }
       }
       sums.flush();
+      if (gram.any()) gram.add_tile<scalar_t>(i, pp, init[i], t0, n);
     }
+    if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
     return sums.total;
-  });
+  }, gram);
+  gram.finish();
 }
 
 template <typename F>
@@ -359,17 +448,21 @@ void dispatch(at::ScalarType dtype, F f) {
 void sgd_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
               const std::vector<at::Tensor>& bufs, const std::vector<bool>& buf_is_new,
               const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double momentum,
-              double dampening, double weight_decay, bool nesterov, bool maximize) {
+              double dampening, double weight_decay, bool nesterov, bool maximize,
+              const std::vector<int64_t>& gram_index, const std::vector<at::Tensor>& gram_v,
+              const std::vector<at::Tensor>& gram_out) {
   std::vector<std::vector<at::Tensor>> same = {grads};
   if (momentum != 0) same.push_back(bufs);
   check_lists("spkern sgd_step", params, same, init, stats);
+  check_gram("spkern sgd_step", params, init, gram_index, gram_v, gram_out);
   TORCH_CHECK(momentum == 0 || buf_is_new.size() == params.size(), "spkern sgd_step: buf_is_new");
   if (params.empty()) return;
+  GramRequests gram(params.size(), gram_index, gram_v, gram_out);
   // torch's add(x, y, alpha) is fma(y, alpha, x): the same here
   dispatch(params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto a = SgdArgs::make<scalar_t>(lr, momentum, dampening, weight_decay, nesterov, maximize);
-    sgd_typed<scalar_t>(params, grads, bufs, buf_is_new, init, stats, a);
+    sgd_typed<scalar_t>(params, grads, bufs, buf_is_new, init, stats, a, gram);
   });
 }
 
@@ -377,12 +470,16 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<double>& steps,
                 const std::vector<at::Tensor>& init, at::Tensor stats, double lr, double beta1,
-                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize) {
+                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                const std::vector<int64_t>& gram_index, const std::vector<at::Tensor>& gram_v,
+                const std::vector<at::Tensor>& gram_out) {
   std::vector<std::vector<at::Tensor>> same = {grads, exp_avgs, exp_avg_sqs};
   if (amsgrad) same.push_back(max_exp_avg_sqs);
   check_lists("spkern adamw_step", params, same, init, stats);
+  check_gram("spkern adamw_step", params, init, gram_index, gram_v, gram_out);
   TORCH_CHECK(steps.size() == params.size(), "spkern adamw_step: one step count per parameter");
   if (params.empty()) return;
+  GramRequests gram(params.size(), gram_index, gram_v, gram_out);
   const std::vector<at::Tensor> none;
   dispatch(params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -390,7 +487,7 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                      static_cast<float>(beta2), static_cast<float>(1 - beta2), add_scalar<scalar_t>(eps),
                      maximize};
     adamw_typed<scalar_t>(params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : none,
-                               steps, init, stats, lr, beta1, beta2, a);
+                               steps, init, stats, lr, beta1, beta2, a, gram);
   });
 }
 

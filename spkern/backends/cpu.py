@@ -65,10 +65,10 @@ def paired_linear(x, weight, weight0):
 
 
 @register("sgd_step", "cpu", _optim_check)
-def sgd_step(*args):
-    return compiled().sgd_step_cpu(*args)
+def sgd_step(*args, **products):  # (products: spkern.optim's request_products, fused in the pass)
+    return compiled().sgd_step_cpu(*args, **products)
 
 
 @register("adamw_step", "cpu", _optim_check)
-def adamw_step(*args):
-    return compiled().adamw_step_cpu(*args)
+def adamw_step(*args, **products):
+    return compiled().adamw_step_cpu(*args, **products)

@@ -194,14 +194,16 @@ class Tracker:
             layer and measurement: a few passes over W_t and W_0, which is most of a
             measurement's cost on a small probe); False skips them.
         op_iters: Lanczos steps per measurement for op(W_t - W_0) (each one product with
-            (W_t - W_0)^T (W_t - W_0)), warm-started from the previous measurement's Ritz
+            (W_t - W_0)^T (W_t - W_0)), warm-started from the previous measurement's
             vector, so that the estimate keeps converging as W_t moves (the first
-            measurement runs 50 from a cold start). Default 2: at width 4096 twice the cost
-            of the single power iteration it replaces, 0.03% low where that was 1.15% low
+            measurement runs 50 from a cold start). Default 1: one pass over W_t and W_0
+            per layer, the cost of the power iteration it replaces; at width 4096 with
+            sigma2/sigma1 = 0.957 and a 3% random walk a step, 0.09% low where that was
+            1.15% low; at a 10% walk 1.3-1.9% low, where 2 steps are within 0.7%
             (bench/bench_op_norm.py).
         op_tol: None (default): ``op_iters`` steps, no host sync. A relative tolerance:
             rounds of ``op_iters`` steps until two agree to it (a host read per round
-            and layer, at most 200 steps): for accuracy when W_t moves fast.
+            and layer, at most 200 steps).
             ``{module}/op_iters`` reports the steps used.
 
     With ``every=1`` the tracker offers the optimizer its copies of W_0
@@ -214,7 +216,7 @@ class Tracker:
                  probe=None, probe_rows: int = 256, reference: Union[str, nn.Module] = "init",
                  every: int = 1, rcc: bool = True, modules: Optional[Sequence] = None,
                  log_dir: Optional[str] = None, log_every: int = 1,
-                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 2,
+                 reference_dtype: Optional[torch.dtype] = None, op_iters: int = 1,
                  op_tol: Optional[float] = None,
                  output_key: str = "logits", row_l2: bool = False, op_norms: bool = True,
                  output_fn=None, wandb=None):
@@ -369,6 +371,11 @@ class Tracker:
         if self._source is not None and self._ref_model is None and self.every == 1:
             # a fused step may measure the drift against the tracker's copies: no second pass
             self._source.offer_initial_weights({p: self._w0[n] for n, p in self.params})
+        # the optimizer's products for the operator norms (every step measured, W_0 read by
+        # the step): {parameter: (v, A^T A v, version)} of the last step
+        products = getattr(self._source, "step_products", None)
+        self._products = (products if products is not None and self.every == 1 and self.rcc and self.op_norms
+                          and not self._sharded and hasattr(self._source, "request_products") else None)
         # the initial weight of each tracked layer with a linear map, for the RCC
         # (one copy per parameter: a weight tied to another, lm_head to the embedding say,
         # shares the copy kept under the parameter's first name)
@@ -587,7 +594,7 @@ class Tracker:
             # (a sharded weight is never gathered for it: each rank iterates on its rows)
             weight = self._lin_param[name] if self._sharded else module.weight
             r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0,
-                              tol=self.op_tol)
+                              tol=self.op_tol, product=self._product(name, weight, state))
             self._op_state[name] = r.state
             v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
             v[f"{name}/op_iters"] = _Ratio(float(r.iters), 1.0)
@@ -598,6 +605,16 @@ class Tracker:
 
     def _pre_step(self, optimizer, args, kwargs):
         self._sync_params()
+        if self._products is not None and self._op_state:
+            # every step is measured: the step computes the next Lanczos product of each
+            # layer in its own pass (spkern.optim on CPU), from the rows it writes
+            self._source.request_products({self._lin_param[n]: (s, self._lin_w0[n]) for n, s in self._op_state.items()})
+
+    def _product(self, name, weight, state):
+        """A^T A state for op(W_t - W_0), when the last optimizer step computed it for this
+        state and the weight has not changed since, else None."""
+        got = self._products().get(weight) if self._products is not None and state is not None else None
+        return got[1] if got is not None and got[0] is state and got[2] == weight._version else None
 
     def _param_stats(self):
         """The parameter statistics: the step's from the optimizer (its own or an adapter's),

@@ -43,29 +43,43 @@ def reduce(values):
     under torch.distributed the sums are added (the maxima taken) over the ranks first."""
     if not values:
         return {}
+    with torch.no_grad():
+        return _reduce(values)
+
+
+def _reduce(values):
     ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
     maxes = [k for k, v in values.items() if isinstance(v, _Max)]
     first = next(iter(values.values()))
     device = (first.num if isinstance(first, _Ratio) else first.value).device
 
     # float64: a sum of squares of activations beyond ~1e19 does not fit in float32
-    def stack(items):  # device scalars (or numbers) -> one float64 vector
-        return torch.stack([x.detach().reshape(()).to(device, torch.float64) if isinstance(x, Tensor)
-                            else torch.tensor(float(x), device=device, dtype=torch.float64) for x in items])
-
-    def with_tensors(items, default):
-        # numbers in one tensor, then the few device scalars put in their places
-        out = torch.tensor([default if isinstance(x, Tensor) else float(x) for x in items], device=device,
-                           dtype=torch.float64)
-        at = [i for i, x in enumerate(items) if isinstance(x, Tensor)]
-        if at:
-            out[torch.tensor(at, device=device)] = stack([items[i] for i in at])
+    def stack(items):
+        """Device scalars and numbers -> one float64 vector: one stack per dtype and device
+        (a few operations for the ~100 values of a measurement, not a few per value)."""
+        groups, at_num, nums = {}, [], []
+        for i, x in enumerate(items):
+            if isinstance(x, Tensor):
+                pos, ts = groups.setdefault((x.dtype, x.device), ([], []))
+                pos.append(i)
+                ts.append(x if x.dim() == 0 else x.reshape(()))
+            else:
+                at_num.append(i)
+                nums.append(float(x))
+        if len(groups) == 1 and not nums:
+            return torch.stack(next(iter(groups.values()))[1]).to(device, torch.float64)
+        out = torch.empty(len(items), device=device, dtype=torch.float64)
+        for pos, ts in groups.values():
+            out[torch.tensor(pos, device=device)] = torch.stack(ts).to(device, torch.float64)
+        if nums:
+            out[torch.tensor(at_num, device=device)] = torch.tensor(nums, device=device, dtype=torch.float64)
         return out
+
     top = stack([values[k].value for k in maxes]) if maxes else None
     num = den = None
     if ratios:
         num = stack([values[k].num for k in ratios])
-        den = with_tensors([values[k].den for k in ratios], 1.0)
+        den = stack([values[k].den for k in ratios])
     if world_size() > 1:  # every rank calls metrics() at the same steps with the same names
         if ratios:
             both = torch.cat([num, den])
@@ -80,7 +94,7 @@ def reduce(values):
         val = torch.where(root, val.clamp_min(0).sqrt(), val)
         scales = [values[k].scale for k in ratios]
         if any(x is not None for x in scales):
-            val = val * with_tensors([1.0 if x is None else x for x in scales], 1.0)
+            val = val * stack([1.0 if x is None else x for x in scales])
         out.append(val)
     if top is not None:
         out.append(top)
