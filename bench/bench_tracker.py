@@ -14,12 +14,19 @@ norms), all in the same run.
 
 Method: bench/harness.py; "every=10" times cycles of 10 steps (one measured) and reports
 the time per step. spkern's probe is a fixed batch of --probe rows (default: the
-training batch size, 128), or 16 rows, or "probe=batch": the training batch itself,
+training batch size, --batch, 128), or 16 rows, or "probe=batch": the training batch itself,
 measured in the step's own forward (as torch-module-monitor measures); "no op norms"
 skips op(W_t - W_0) and the alignment ratios (op_norms=False). "spkern loss and
 optimizer only" is the step with spkern.cross_entropy (with its statistics) and
 spkern.optim.SGD (with its norms) but no tracker: the part of the trackers' overhead
-that is not the tracker. --impls picks a subset.
+that is not the tracker. "floor: the step and the probe's two products" is what a tracker
+measuring every step on a probe cannot avoid (spkern's step, then the probe's paired
+W_t x, W_0 x at every layer); with --interleave every row also gets its time over the
+floor's, the median of the rounds' ratios. --impls picks a subset. The tracker's cost
+goal, measured as
+
+    python bench/bench_tracker.py --widths 2048 --batch 64 --probe 64 --interleave \
+        --impls "spkern Tracker,floor: the step and the probe's two products"
 """
 
 import os

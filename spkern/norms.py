@@ -341,7 +341,7 @@ def converged(gram, v: Tensor, steps: int, fan_ratio: float, tol: Optional[float
     return r._replace(iters=used)
 
 
-def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNorm:
+def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float, first: Optional[Tensor] = None) -> SpectralNorm:
     """(The method before :func:`lanczos`, kept as bench/bench_op_norm.py's baseline.)
     Top singular value of an operator A given by ``gram``: x -> A^T A x (one pass over
     A, two matrix-vector products, or an operator rebuilt block by block), from the unit
@@ -349,8 +349,8 @@ def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float) -> SpectralNo
     sqrt(||A^T A v||) for the last v iterated on: at most the norm, since
     ||A^T A v|| <= ||A||^2 for a unit v, and no further product is needed."""
     tiny = torch.finfo(torch.float32).tiny
-    for _ in range(iters):
-        w = gram(v)
+    for i in range(iters):
+        w = gram(v) if i or first is None else first
         norm = w.norm()
         # A = 0 (say W_t - W_0 before the first step): keep v, a valid start for later calls
         v = torch.where(norm > 0, w / norm.clamp_min(tiny), v)

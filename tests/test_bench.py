@@ -139,6 +139,19 @@ def test_tracker_benchmark_interleaved():
             continue
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_extra_mb"] is None
         assert r["paired_overhead"] > -1 and (impl != "no tracking" or r["paired_overhead"] == 0)
+        assert r["vs_floor"] > 0 and (impl != bench_tracker.FLOOR or r["vs_floor"] == 1)
+
+
+def test_tracker_benchmark_batch_option(tmp_path, capsys):
+    import bench_tracker
+
+    assert bench_tracker.main(["--widths", "16", "--batch", "12", "--repeats", "1", "--interleave", "--impls",
+                               f"spkern Tracker,{bench_tracker.FLOOR}", "--out", str(tmp_path)]) == 0
+    assert "x the floor" in capsys.readouterr().out
+    saved = json.loads(next(tmp_path.glob("tracker_cpu_interleaved_*.json")).read_text())
+    assert {(r["batch"], r["probe_rows"]) for r in saved["results"]} == {(12, 12)}
+    with pytest.raises(SystemExit):
+        bench_tracker.main(["--batch", "0"])
 
 
 @pytest.mark.slow

@@ -776,3 +776,26 @@ def test_operator_norm_product_fused_into_the_step(on, op_iters, monkeypatch):
         for name in ("0", "2", "4"):
             for k in ("delta_w_op", "eff_align"):
                 assert math.isclose(a[f"{name}/{k}"], b[f"{name}/{k}"], rel_tol=1e-5), (name, k)
+
+
+def test_operator_norm_in_training_a_lower_bound_and_with_op_tol_close():
+    # real training moves W_t - W_0 abruptly (Adam's first steps at a large rate): the warm
+    # estimate is a lower bound that may lag there; op_tol follows it
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(512, 10, generator=g), torch.randint(0, 5, (512,), generator=g)
+    worst = {}
+    for tol in (None, 1e-3):
+        model = _mlp(width=64)
+        w0 = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2", "4")}
+        opt = spkern.optim.AdamW(model.named_parameters(), lr=1e-2)
+        tracker = spkern.Tracker(model, opt, probe=X[:32], op_tol=tol)
+        worst[tol] = 0.0
+        for t in range(12):
+            i = torch.randint(0, 512, (32,), generator=g)
+            _train(model, opt, X[i], Y[i], 1, tracker)
+            m = tracker.metrics()
+            for n, w in w0.items():
+                exact = torch.linalg.matrix_norm((model.get_submodule(n).weight - w).double(), 2).item()
+                assert m[f"{n}/delta_w_op"] <= exact * (1 + 1e-5), (tol, t, n)
+                worst[tol] = max(worst[tol], 1 - m[f"{n}/delta_w_op"] / exact)
+    assert worst[1e-3] < 0.01 and worst[1e-3] <= worst[None]

@@ -191,8 +191,9 @@ class Tracker:
             of that search.
         row_l2: also report the row-mean L2 norms of the RCC terms (see above).
         op_norms: measure op(W_t - W_0) and the alignment ratios (warm Lanczos steps per
-            layer and measurement: a few passes over W_t and W_0, which is most of a
-            measurement's cost on a small probe); False skips them.
+            layer and measurement: each a pass over W_t and W_0; measuring every step with
+            an :mod:`spkern.optim` optimizer on CPU, the first comes from the optimizer's
+            step, which computes it from the rows it writes); False skips them.
         op_iters: Lanczos steps per measurement for op(W_t - W_0) (each one product with
             (W_t - W_0)^T (W_t - W_0)), warm-started from the previous measurement's
             vector, so that the estimate keeps converging as W_t moves (the first
@@ -200,7 +201,9 @@ class Tracker:
             per layer, the cost of the power iteration it replaces; at width 4096 with
             sigma2/sigma1 = 0.957 and a 3% random walk a step, 0.09% low where that was
             1.15% low; at a 10% walk 1.3-1.9% low, where 2 steps are within 0.7%
-            (bench/bench_op_norm.py).
+            (bench/bench_op_norm.py). The estimate is a lower bound, and it lags where the
+            top direction of W_t - W_0 turns abruptly (the first steps at a large learning
+            rate, a diverging run): ``op_tol`` follows it there.
         op_tol: None (default): ``op_iters`` steps, no host sync. A relative tolerance:
             rounds of ``op_iters`` steps until two agree to it (a host read per round
             and layer, at most 200 steps).
