@@ -297,17 +297,21 @@ class _NormStats:
         sums = torch.stack([self._stats[p] for p in params])
         if any(is_dtensor(p) for p in params):
             sums = sum_over_shards(sums, params)
+        # every statistic of every parameter in a few operations, then views of them
         roots = sums.clamp_min(0).sqrt()
+        count = torch.tensor([max(p.numel(), 1) for p in params], dtype=roots.dtype, device=roots.device)
+        rms = (roots / count.sqrt()[:, None]).unbind(0)
+        relative = (roots[:, 0] / roots[:, 1]).unbind(0)
+        fro = roots.unbind(0)
+        keys = ["update", "weight", "grad"] + (["drift"] if self.initial_weights else [])
         out = {}
         for i, (group, j, p) in enumerate(keyed):
             names = group.get("param_names")
-            s = roots[i]
-            n = math.sqrt(max(p.numel(), 1))
-            st = {"update_fro": s[0], "weight_fro": s[1], "grad_fro": s[2],
-                  "update_rms": s[0] / n, "weight_rms": s[1] / n, "grad_rms": s[2] / n,
-                  "relative_update": s[0] / s[1]}
-            if self.initial_weights:
-                st.update(drift_fro=s[3], drift_rms=s[3] / n)
+            f, r = fro[i].unbind(0), rms[i].unbind(0)
+            st = {}
+            for k, key in enumerate(keys):
+                st[f"{key}_fro"], st[f"{key}_rms"] = f[k], r[k]
+            st["relative_update"] = relative[i]
             out[names[j] if names else p] = st
         return out
 
