@@ -7,6 +7,7 @@ where installed (bench/peers.py), all measured in the same run.
     python bench/bench_cross_entropy.py --device cuda   # on a GPU: adds the Triton and CUDA backends and
                                                         # the peers; (8192, 50257) and (16384, 131072)
     python bench/bench_cross_entropy.py --loss mse      # squared error on one-hot targets instead
+    python bench/bench_cross_entropy.py --stats-cost    # the statistics' cost, interleaved in one process
 
 Every step starts from x.grad = None, as a training step does; inputs rotate through
 copies that hold twice the last-level cache. Method: bench/harness.py.
@@ -91,8 +92,54 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
     return {**harness.measure(step, device, repeats, before_each=clear, rotation=rotation), "loss_error": error}
 
 
+def stats_cost(rows, vocab, dtype_name, device, rounds, cycle=2, with_eager=True):
+    """The statistics' cost, interleaved: spkern's loss without and with return_stats (and
+    torch eager, one call a round) in this process, in alternation on the same rotated
+    inputs; {impl: [ms per call of each round]} and the median over the rounds of the
+    ratio with stats / without."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    import spkern
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def make(i):
+        x = torch.randn(rows, vocab, device=device, dtype=dtype, generator=g).requires_grad_()
+        return x, torch.randint(0, vocab, (rows,), device=device, generator=g)
+    rotation = harness.Rotation(make, 2 * rows * vocab * dtype.itemsize, device)
+
+    def stepper(loss_of):
+        at = [0]
+
+        def step():
+            x, t = rotation.sets[at[0] % len(rotation.sets)]
+            at[0] += 1
+            x.grad = None
+            loss_of(x, t).backward()
+        return step
+    steps = {"spkern": stepper(lambda x, t: spkern.cross_entropy(x, t)),
+             "spkern +stats": stepper(lambda x, t: spkern.cross_entropy(x, t, return_stats=True)[0])}
+    times = harness.interleave(steps, rounds, cycle, device)
+    if with_eager:  # (slow: one call a round, after the two)
+        times.update(harness.interleave({"torch eager": stepper(F.cross_entropy)}, rounds, 1, device))
+    ratios = [b / a for a, b in zip(times["spkern"], times["spkern +stats"])]
+    out = {"rows": rows, "vocab": vocab, "dtype": dtype_name, "rounds": rounds, "cycle": cycle,
+           "cost": statistics.median(ratios) - 1, **rotation.info(),
+           **{f"{k}_median_ms": statistics.median(v) for k, v in times.items()}}
+    if with_eager:
+        out["stats_vs_eager"] = out["torch eager_median_ms"] / out["spkern +stats_median_ms"]
+    return out
+
+
 def main(argv=None):
     parser = harness.parser(__doc__)
+    parser.add_argument("--stats-cost", action="store_true",
+                        help="only the statistics' cost: spkern without and with return_stats (and torch eager) "
+                             "timed in alternation in one process (--repeats rounds, default 15)")
     parser.add_argument("--shapes", default=None, help="rows x vocab list, e.g. 4096x32768,8192x50257")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--loss", default="ce", choices=["ce", "mse"],
@@ -118,6 +165,23 @@ def main(argv=None):
         impls = [i for i in impls if i in args.impls.split(",")]
 
     info = harness.machine_info(args.device)
+    if args.stats_cost:
+        if args.loss != "ce":
+            parser.error("--stats-cost measures the cross-entropy's statistics (--loss ce)")
+        harness.print_header(f"cost of cross-entropy's per-row statistics, interleaved, {args.dtype}", info,
+                             args.device)
+        rounds = args.repeats or (3 if args.quick else 15)
+        results = []
+        for rows, vocab in shapes:
+            r = stats_cost(rows, vocab, args.dtype, args.device, rounds)
+            results.append(r)
+            print(f"# {rows}x{vocab}: spkern {r['spkern_median_ms']:.1f} ms, +stats {r['spkern +stats_median_ms']:.1f} "
+                  f"ms, torch eager {r['torch eager_median_ms']:.1f} ms: statistics cost {r['cost']:+.1%} (median "
+                  f"of {rounds} rounds' ratios); spkern +stats {r['stats_vs_eager']:.2f}x eager", flush=True)
+        if args.out:
+            harness.save(args.out, f"cross_entropy_stats_cost_{args.device}_{args.dtype}", args.quick, info, results,
+                         rounds=rounds)
+        return 0
     bandwidth = harness.copy_bandwidth(args.device)
     title = "cross-entropy" if args.loss == "ce" else "squared error on one-hot targets"
     harness.print_header(f"{title} forward+backward, {args.dtype}", info, args.device, bandwidth)

@@ -19,6 +19,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -249,16 +251,26 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     // cache, one line per iteration, so that its pass 1 does not wait on memory.
     const char* next = i + 1 < end ? reinterpret_cast<const char*>(X + (i + 1) * sx) : nullptr;
     const int64_t next_bytes = next ? C * int64_t(sizeof(scalar_t)) : 0;
-    c = 0;
-    for (; c + V <= C; c += V) {
-      if (c * int64_t(sizeof(float)) < next_bytes) __builtin_prefetch(next + c * sizeof(float), 0, 2);
-      fVec xc = fVec::loadu(xs + c);
-      fVec e = (xc - vm).exp_u20();
-      vs = vs + e;
-      if (p.stats) vt = at::vec::fmadd(e, at::vec::maximum(xc, vfloor), vt);
-      if (sum_e2) vs2 = at::vec::fmadd(e, e, vs2);
-      if (keep_e) e.store(e_out + c);
-    }
+    // The entropy's sum of e x needs the clamp only where a logit is infinite (or NaN):
+    // then the sum of squares of pass 1 is not finite, so a finite row skips it.
+    const bool clamp = p.stats && !std::isfinite(sq);
+    auto pass2 = [&](auto stats_tag, auto clamp_tag) {
+      constexpr bool kStats = decltype(stats_tag)::value, kClamp = decltype(clamp_tag)::value;
+      int64_t k = 0;
+      for (; k + V <= C; k += V) {
+        if (k * int64_t(sizeof(float)) < next_bytes) __builtin_prefetch(next + k * sizeof(float), 0, 2);
+        fVec xc = fVec::loadu(xs + k);
+        fVec e = (xc - vm).exp_u20();
+        vs = vs + e;
+        if constexpr (kStats) vt = at::vec::fmadd(e, kClamp ? at::vec::maximum(xc, vfloor) : xc, vt);
+        if (sum_e2) vs2 = at::vec::fmadd(e, e, vs2);
+        if (keep_e) e.store(e_out + k);
+      }
+      return k;
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    c = !p.stats ? pass2(no{}, no{}) : clamp ? pass2(yes{}, yes{}) : pass2(yes{}, no{});
     for (; c < C; ++c) {
       float e = std::exp(xs[c] - mc);
       ss += e;
