@@ -236,3 +236,15 @@ def test_bench_op_norm_quick(tmp_path, capsys):
     assert {r["drift"] for r in saved["results"]} == {0.03, 0.1}
     with pytest.raises(SystemExit):
         bench_op_norm.main(["--drifts", "2"])
+
+
+def test_cross_entropy_stats_cost_quick(tmp_path, capsys):
+    import bench_cross_entropy
+
+    assert bench_cross_entropy.main(["--stats-cost", "--shapes", "64x300", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    assert "statistics cost" in capsys.readouterr().out
+    saved = json.loads(next(tmp_path.glob("cross_entropy_stats_cost_cpu_*.json")).read_text())
+    (r,) = saved["results"]
+    assert r["rounds"] == 2 and r["spkern_median_ms"] > 0 and r["stats_vs_eager"] > 0
+    with pytest.raises(SystemExit):
+        bench_cross_entropy.main(["--stats-cost", "--loss", "mse"])

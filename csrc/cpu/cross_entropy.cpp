@@ -254,18 +254,31 @@ void rows_kernel(const Params& p, const scalar_t* X, int64_t sx, const int64_t* 
     // The entropy's sum of e x needs the clamp only where a logit is infinite (or NaN):
     // then the sum of squares of pass 1 is not finite, so a finite row skips it.
     const bool clamp = p.stats && !std::isfinite(sq);
+    // (two vectors an iteration, each with its own sums: the sums' dependency chains do
+    // not then bound the loop)
     auto pass2 = [&](auto stats_tag, auto clamp_tag) {
       constexpr bool kStats = decltype(stats_tag)::value, kClamp = decltype(clamp_tag)::value;
-      int64_t k = 0;
-      for (; k + V <= C; k += V) {
-        if (k * int64_t(sizeof(float)) < next_bytes) __builtin_prefetch(next + k * sizeof(float), 0, 2);
+      fVec vsb(0.f), vtb(0.f);
+      auto one = [&](int64_t k, fVec& s_acc, fVec& t_acc) {
         fVec xc = fVec::loadu(xs + k);
         fVec e = (xc - vm).exp_u20();
-        vs = vs + e;
-        if constexpr (kStats) vt = at::vec::fmadd(e, kClamp ? at::vec::maximum(xc, vfloor) : xc, vt);
+        s_acc = s_acc + e;
+        if constexpr (kStats) t_acc = at::vec::fmadd(e, kClamp ? at::vec::maximum(xc, vfloor) : xc, t_acc);
         if (sum_e2) vs2 = at::vec::fmadd(e, e, vs2);
         if (keep_e) e.store(e_out + k);
+      };
+      int64_t k = 0;
+      for (; k + 2 * V <= C; k += 2 * V) {
+        if (k * int64_t(sizeof(float)) < next_bytes) {  // (a line per vector, as the loads)
+          __builtin_prefetch(next + k * sizeof(float), 0, 2);
+          __builtin_prefetch(next + (k + V) * sizeof(float), 0, 2);
+        }
+        one(k, vs, vt);
+        one(k + V, vsb, vtb);
       }
+      for (; k + V <= C; k += V) one(k, vs, vt);
+      vs = vs + vsb;
+      vt = vt + vtb;
       return k;
     };
     using yes = std::true_type;
