@@ -7,6 +7,7 @@ CPU and "cce" on GPU; Liger Kernel and quack on GPU), all in the same run.
     python bench/bench_linear_cross_entropy.py            # (4096, 1024, 32768), (8192, 768, 50257)
     python bench/bench_linear_cross_entropy.py --device cuda   # (8192, 768, 50257), (16384, 4096, 131072)
     python bench/bench_linear_cross_entropy.py --quick    # one small shape
+    python bench/bench_linear_cross_entropy.py --interleave   # spkern against the floor in one process
     pip install cut-cross-entropy                         # optional peer
 
 Every step starts from x.grad = W.grad = None; inputs rotate through copies that hold
@@ -28,6 +29,53 @@ IMPLS = ["three matmuls", "torch eager", "torch.compile", "torch chunked", *peer
 
 def run_one(impl, N, D, V, dtype_name, device, repeats):
     """Runs in the subprocess: one implementation on one shape."""
+    import torch.nn.functional as F
+
+    made = make_step(impl, N, D, V, dtype_name, device)
+    if isinstance(made, dict):
+        return made
+    step, clear, rotation, loss_of = made
+    r = harness.measure(step, device, repeats, warmup=1, before_each=clear, rotation=rotation)
+    if loss_of is None:
+        r["peak_extra_mb"] = None  # the stand-in gradient is not the method's memory
+    else:
+        r["loss_error"] = harness.loss_error(
+            loss_of, lambda x, w, t: F.cross_entropy(F.linear(x.double(), w.double()), t), rotation.sets[0][:3])
+    return r
+
+
+def interleaved(N, D, V, dtype_name, device, rounds, impls=("three matmuls", "spkern", "spkern +stats")):
+    """The implementations in this process, one call each in turn, ``rounds`` rounds on
+    their own rotated inputs: {impl: [ms of each round]} and each one's median over the
+    rounds of its time / the floor's ("three matmuls") in the same round."""
+    import statistics
+
+    steps = {}
+    for impl in impls:
+        made = make_step(impl, N, D, V, dtype_name, device)
+        if isinstance(made, dict):
+            continue
+        step, clear, rotation, _ = made
+
+        def one(step=step, clear=clear, rotation=rotation, at=[0]):
+            s = rotation.sets[at[0] % len(rotation.sets)]
+            at[0] += 1
+            clear(s)
+            step(s)
+        steps[impl] = one
+    times = harness.interleave(steps, rounds, 1, device)
+    floor = times.get("three matmuls")
+    out = {}
+    for impl, ts in times.items():
+        out[impl] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "rounds": rounds}
+        if floor:
+            out[impl]["vs_floor"] = statistics.median(t / f for t, f in zip(ts, floor))
+    return out
+
+
+def make_step(impl, N, D, V, dtype_name, device):
+    """(step(set), clear(set), rotation, loss function or None for the floor) of one
+    implementation, or {"skipped": why}."""
     import torch
     import torch.nn.functional as F
 
@@ -88,13 +136,7 @@ def run_one(impl, N, D, V, dtype_name, device, repeats):
         s[0].grad = None
         s[1].grad = None
 
-    r = harness.measure(step, device, repeats, warmup=1, before_each=clear, rotation=rotation)
-    if floor:
-        r["peak_extra_mb"] = None  # the stand-in gradient is not the method's memory
-    else:
-        r["loss_error"] = harness.loss_error(
-            loss_of, lambda x, w, t: F.cross_entropy(F.linear(x.double(), w.double()), t), rotation.sets[0][:3])
-    return r
+    return step, clear, rotation, (None if floor else loss_of)
 
 
 def main(argv=None):
@@ -102,6 +144,9 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None, help="N x D x V list, e.g. 4096x1024x32768")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--impls", default=None, help="comma-separated subset of: " + ", ".join(IMPLS))
+    parser.add_argument("--interleave", action="store_true",
+                        help="time against the floor in one process, a call of each in turn (--repeats rounds, "
+                             "default 10; times only: peak memory needs the separate processes)")
     args = harness.parse(parser, argv, run_one)
     if args is None:
         return 0
@@ -118,6 +163,25 @@ def main(argv=None):
         impls = [i for i in IMPLS if i in args.impls.split(",")]
 
     info = harness.machine_info(args.device)
+    if args.interleave:
+        chosen = [i for i in impls if i not in ("three matmuls",)] if args.impls else ["spkern", "spkern +stats"]
+        rounds = args.repeats or (3 if args.quick else 10)
+        harness.print_header(f"linear cross-entropy forward+backward against the three products, interleaved, "
+                             f"{args.dtype}", info, args.device)
+        print("| N x D x V | implementation | median ms | min-max ms | vs floor (median of the rounds' ratios) |")
+        print("|---|---|---|---|---|")
+        results = []
+        for N, D, V in shapes:
+            out = interleaved(N, D, V, args.dtype, args.device, rounds, ["three matmuls", *chosen])
+            for impl, r in out.items():
+                r.update(N=N, D=D, V=V, impl=impl, dtype=args.dtype, device=args.device)
+                results.append(r)
+                print(f"| {N}x{D}x{V} | {impl} | {r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} | "
+                      f"{r.get('vs_floor', 0):.3f}x |", flush=True)
+        if args.out:
+            harness.save(args.out, f"linear_cross_entropy_{args.device}_{args.dtype}_interleaved", args.quick, info,
+                         results, rounds=rounds)
+        return 0
     harness.print_header(f"linear cross-entropy forward+backward, {args.dtype}", info, args.device)
     header = ("| N x D x V | implementation | median ms | min-max ms | vs floor | vs eager "
               "| peak extra MB | extra beyond gradients, of eager's logits+grad |")

@@ -248,3 +248,15 @@ def test_cross_entropy_stats_cost_quick(tmp_path, capsys):
     assert r["rounds"] == 2 and r["spkern_median_ms"] > 0 and r["stats_vs_eager"] > 0
     with pytest.raises(SystemExit):
         bench_cross_entropy.main(["--stats-cost", "--loss", "mse"])
+
+
+def test_linear_cross_entropy_interleaved_quick(tmp_path, capsys):
+    import bench_linear_cross_entropy
+
+    assert bench_linear_cross_entropy.main(["--interleave", "--shapes", "64x16x300", "--repeats", "2",
+                                            "--out", str(tmp_path)]) == 0
+    assert "vs floor" in capsys.readouterr().out
+    saved = json.loads(next(tmp_path.glob("linear_cross_entropy_cpu_float32_interleaved_*.json")).read_text())
+    by = {r["impl"]: r for r in saved["results"]}
+    assert set(by) == {"three matmuls", "spkern", "spkern +stats"} and by["three matmuls"]["vs_floor"] == 1
+    assert all(r["median_ms"] > 0 and r["rounds"] == 2 for r in by.values())
