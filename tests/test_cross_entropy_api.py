@@ -267,3 +267,51 @@ def test_probability_target_gets_its_gradient(backend, shape, reduction, options
         _, plain = spkern.cross_entropy(x, p, reduction=reduction, return_stats=True, **kw)
     for a, b in zip(stats, plain):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# degenerate shapes and options, as torch's own tests use them: torch's numbers
+
+DEGENERATE = [("two-d", (5, 7)), ("one class", (5, 1)), ("one row", (1, 7)), ("unbatched", (7,)),
+              ("spatial 1-d", (3, 7, 4)), ("spatial 2-d", (2, 7, 3, 4)), ("spatial 3-d", (2, 5, 2, 3, 2)),
+              ("empty batch", (0, 7)), ("empty spatial", (2, 7, 0))]
+
+
+@pytest.mark.slow_on_triton
+@pytest.mark.parametrize("name, shape", DEGENERATE, ids=[n for n, _ in DEGENERATE])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_degenerate_shapes_and_options_match_torch(backend, name, shape, kind):
+    # every reduction, with smoothing, class weights, an ignored class and every target
+    # ignored (mean: NaN, as torch), in float32 and float64: loss and gradient as torch's
+    C = shape[1] if len(shape) > 1 else shape[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "index":
+        target = torch.randint(0, C, (shape[0], *shape[2:]) if len(shape) > 1 else (), generator=g)
+    else:
+        target = torch.randn(shape, generator=g, dtype=torch.float64).softmax(1 if len(shape) > 1 else 0)
+    weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+    options = [{}, {"label_smoothing": 0.3}, {"weight": weight}]
+    if kind == "index":
+        options += [{"ignore_index": min(1, C - 1)}, {"ignore_index": -100, "all_ignored": True},
+                    {"weight": weight, "label_smoothing": 0.1, "all_ignored": True}]
+    for opts, reduction, dtype in [(o, r, d) for o in options for r in ("mean", "sum", "none")
+                                   for d in (torch.float32, torch.float64)]:
+        opts = dict(opts)
+        t = target.clone()
+        if opts.pop("all_ignored", False):
+            t.fill_(-100)
+        t = t.to(dtype) if kind == "prob" else t
+        opts = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+        a, b = x.to(dtype).requires_grad_(), x.to(dtype).requires_grad_()
+        want = F.cross_entropy(a, t, reduction=reduction, **opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (float64 on the reference path)
+            got = spkern.cross_entropy(b, t, reduction=reduction, **opts)
+        where = (name, kind, reduction, dtype, sorted(opts))
+        assert got.shape == want.shape and got.dtype == want.dtype, where
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True, msg=str(where))
+        if want.numel():
+            want.sum().backward()
+            got.sum().backward()
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, equal_nan=True, msg=str(where))
