@@ -37,6 +37,20 @@ CUDA_IMPLS = {
 PEERS = peers.CROSS_ENTROPY  # cross-entropy only (--loss ce)
 
 
+def logit_sets(rows, vocab, dtype_name, device):
+    """The rotated input sets, (logits requiring grad, class targets): one call reads the
+    logits and writes their gradient."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def make(i):
+        x = torch.randn(rows, vocab, device=device, dtype=dtype, generator=g).requires_grad_()
+        return x, torch.randint(0, vocab, (rows,), device=device, generator=g)
+    return harness.Rotation(make, 2 * rows * vocab * dtype.itemsize, device)
+
+
 def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
     """Runs in the subprocess: one implementation on one shape."""
     import torch
@@ -52,15 +66,7 @@ def run_one(impl, rows, vocab, dtype_name, device, repeats, loss="ce"):
         backend, stats = "peer", False
     else:
         backend, stats = {**IMPLS, **CUDA_IMPLS}[impl]
-    dtype = getattr(torch, dtype_name)
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def make(i):
-        x = torch.randn(rows, vocab, device=device, dtype=dtype, generator=g).requires_grad_()
-        return x, torch.randint(0, vocab, (rows,), device=device, generator=g)
-
-    # one call reads the logits and writes their gradient
-    rotation = harness.Rotation(make, 2 * rows * vocab * dtype.itemsize, device)
+    rotation = logit_sets(rows, vocab, dtype_name, device)
     if loss == "mse":  # squared error of the logits against one-hot targets, mean over rows x classes
         def torch_loss(x, target):
             return F.mse_loss(x, F.one_hot(target, x.shape[1]).to(x.dtype))
@@ -99,18 +105,11 @@ def stats_cost(rows, vocab, dtype_name, device, rounds, cycle=2, with_eager=True
     ratio with stats / without."""
     import statistics
 
-    import torch
     import torch.nn.functional as F
 
     import spkern
 
-    dtype = getattr(torch, dtype_name)
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def make(i):
-        x = torch.randn(rows, vocab, device=device, dtype=dtype, generator=g).requires_grad_()
-        return x, torch.randint(0, vocab, (rows,), device=device, generator=g)
-    rotation = harness.Rotation(make, 2 * rows * vocab * dtype.itemsize, device)
+    rotation = logit_sets(rows, vocab, dtype_name, device)
 
     def stepper(loss_of):
         at = [0]
