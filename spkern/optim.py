@@ -107,8 +107,8 @@ class _NormStats:
             self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
         self._placements_checked = set()  # ids of the sharded parameters whose placement was checked
-        self._product_requests = {}  # parameter -> v, for the next step (request_products)
-        self._products = {}  # parameter -> (v, (W_{t+1} - W_0)^T (W_{t+1} - W_0) v) of the last step
+        self._product_requests = {}  # parameter -> (v, W_0), for the next step (request_products)
+        self._products = {}  # parameter -> (v, (W_{t+1} - W_0)^T (W_{t+1} - W_0) v, version) of the last step
 
     def add_param_group(self, param_group):
         """torch's add_param_group; with drift tracked, the new parameters' initial

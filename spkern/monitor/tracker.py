@@ -597,7 +597,7 @@ class Tracker:
             # (a sharded weight is never gathered for it: each rank iterates on its rows)
             weight = self._lin_param[name] if self._sharded else module.weight
             r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0,
-                              tol=self.op_tol, product=self._product(name, weight, state))
+                              tol=self.op_tol, product=self._product(weight, state))
             self._op_state[name] = r.state
             v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
             v[f"{name}/op_iters"] = _Ratio(float(r.iters), 1.0)
@@ -613,7 +613,7 @@ class Tracker:
             # layer in its own pass (spkern.optim on CPU), from the rows it writes
             self._source.request_products({self._lin_param[n]: (s, self._lin_w0[n]) for n, s in self._op_state.items()})
 
-    def _product(self, name, weight, state):
+    def _product(self, weight, state):
         """A^T A state for op(W_t - W_0), when the last optimizer step computed it for this
         state and the weight has not changed since, else None."""
         got = self._products().get(weight) if self._products is not None and state is not None else None
