@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_stats_cpu", &spkern::cpu::pair_stats,
         "per-row ||a||^2, ||b||^2, ||a-b||^2, <a,b>, zeros(a) of (rows, features) CPU tensors",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none());
+  m.def("multi_pair_stats_cpu", &spkern::cpu::multi_pair_stats,
+        "pair_stats_cpu of many (a, b or None) pairs in one call: (pairs, 5) totals", pybind11::arg("a"),
+        pybind11::arg("b"));
   m.def("gram_matvec_cpu", &spkern::cpu::gram_matvec, "(a - b)^T (a - b) v in one pass over a and b, CPU",
         pybind11::arg("a"), pybind11::arg("b") = pybind11::none(), pybind11::arg("v"));
   using pybind11::arg;

@@ -40,6 +40,10 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
 // ||a - b||^2, <a, b> and the number of exact zeros of a, per row. csrc/cpu/pair_stats.cpp.
 at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b);
 
+// pair_stats of many pairs (a[i], b[i]; each b[i] optional, each pair of its own shape and
+// dtype) in one call: a (pairs, 5) float64 tensor of each pair's sums over all its rows.
+at::Tensor multi_pair_stats(const std::vector<at::Tensor>& a, const std::vector<c10::optional<at::Tensor>>& b);
+
 // One power-iteration step for the operator norm of a - b (b optional: else 0), a and b of
 // shape (m, n) in float32, bfloat16 or float16, v a float32 (n,) vector: (a - b)^T (a - b) v
 // in float32, in one pass over a and b. csrc/cpu/gram.cpp.

@@ -17,7 +17,7 @@ float64, so that ``||a||^2`` of float32 entries of 1e30 is 1e60, not inf. Backen
 ``triton`` (kernels/features.py), ``cuda`` (csrc/cuda/pair_stats.cu), ``reference``.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -67,17 +67,7 @@ def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
     (float64 for a row where float32 would overflow or underflow) and float64 across
     rows. Nothing is read back to the host.
     """
-    if not isinstance(a, Tensor) or not a.is_floating_point():
-        raise TypeError(f"a must be a floating-point Tensor, got {type(a).__name__ if not isinstance(a, Tensor) else a.dtype}")
-    if b is not None:
-        if not isinstance(b, Tensor):
-            raise TypeError(f"b must be None or a Tensor, got {type(b).__name__}")
-        if b.shape != a.shape:
-            raise ValueError(f"b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}")
-        if b.dtype != a.dtype:
-            raise ValueError(f"b has dtype {b.dtype} but a has dtype {a.dtype}")
-        if b.device != a.device:
-            raise ValueError(f"b is on device {b.device} but a is on device {a.device}")
+    _check_pair(a, b)
     a2, b2 = _rows(a), (_rows(b) if b is not None else None)
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(a2):
         rows = _pair_stats_op(a2, b2)
@@ -87,7 +77,61 @@ def pair_stats(a: Tensor, b: Optional[Tensor] = None, *, per_row: bool = False):
     return (total, rows) if per_row else total
 
 
-__all__ = ["PAIR_COLUMNS", "pair_stats", "pair_stats_reference"]
+def _check_pair(a, b, what=""):
+    if not isinstance(a, Tensor) or not a.is_floating_point():
+        raise TypeError(f"{what}a must be a floating-point Tensor, got "
+                        f"{type(a).__name__ if not isinstance(a, Tensor) else a.dtype}")
+    if b is not None:
+        if not isinstance(b, Tensor):
+            raise TypeError(f"{what}b must be None or a Tensor, got {type(b).__name__}")
+        if b.shape != a.shape:
+            raise ValueError(f"{what}b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}")
+        if b.dtype != a.dtype:
+            raise ValueError(f"{what}b has dtype {b.dtype} but a has dtype {a.dtype}")
+        if b.device != a.device:
+            raise ValueError(f"{what}b is on device {b.device} but a is on device {a.device}")
+
+
+def pair_by_pair(pair_kernel):
+    """A ``multi_pair_stats`` kernel from a backend's ``pair_stats`` kernel: one call per
+    pair (backends without a fused one)."""
+    def fn(a, b):
+        return torch.stack([pair_kernel(x, y).sum(0) for x, y in zip(a, b)])
+    return fn
+
+
+def each_pair(check):
+    """A backend's check of a ``multi_pair_stats`` call: ``check`` of each pair's ``a``."""
+    def fn(tensor, pairs=()):
+        return check(tensor) or next((f"pair {i}: {why}" for i, (a, _) in enumerate(pairs)
+                                      if (why := check(a)) is not None), None)
+    return fn
+
+
+def multi_pair_stats(pairs: Sequence[tuple]) -> Tensor:
+    """:func:`pair_stats` of many pairs in one call: ``pairs`` is a sequence of ``(a, b)``
+    (``b`` None: against 0), each pair of its own shape and dtype, all on one device; the
+    result is a float64 ``(len(pairs), 5)`` tensor whose row ``i`` is
+    ``pair_stats(*pairs[i])``. On CPU one kernel sums the rows of every pair in one
+    parallel loop (the tracker's statistics of a whole measurement: one call, not one per
+    activation); the other backends make one call of their ``pair_stats`` kernel per pair."""
+    pairs = [(p[0], p[1] if len(p) > 1 else None) if isinstance(p, (tuple, list)) else (p, None) for p in pairs]
+    if not pairs:
+        raise ValueError("pairs must hold at least one (a, b) pair")
+    device = None
+    for i, (a, b) in enumerate(pairs):
+        _check_pair(a, b, f"pairs[{i}]: ")
+        if device is None:
+            device = a.device
+        elif a.device != device:
+            raise ValueError(f"pairs[{i}] is on device {a.device} but pairs[0] is on device {device}")
+    rows = [(_rows(a), _rows(b) if b is not None else None) for a, b in pairs]
+    if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(a) for a, _ in rows):
+        return torch.stack([pair_stats(a, b) for a, b in rows])  # (pair_stats' custom op)
+    return registry.resolve("multi_pair_stats", rows[0][0], rows).fn([a for a, _ in rows], [b for _, b in rows])
+
+
+__all__ = ["PAIR_COLUMNS", "multi_pair_stats", "pair_stats", "pair_stats_reference"]
 
 
 def paired_linear(x: Tensor, weight: Tensor, weight0: Tensor):

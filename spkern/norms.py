@@ -12,6 +12,7 @@ Definitions (all norms of a tensor flattened to a vector unless said otherwise):
 without a host sync; :func:`spectral_norm` returns op and rms_op.
 """
 
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -166,6 +167,13 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
         raise ValueError(f"matrix must have at least 2 dimensions, got shape {tuple(matrix.shape)}")
     if is_dtensor(matrix) or is_dtensor(minus):
         return _sharded_spectral_norm(matrix, state, iters, minus, tol, max_iters)
+    gram, v, n_iter, product, fan_ratio = _prepared(matrix, state, iters, minus, product)
+    return converged(gram, v, n_iter, fan_ratio, tol, max_iters, product)
+
+
+def _prepared(matrix, state, iters, minus, product):
+    """spectral_norm's checked call: (x -> A^T A x, start vector, steps, product or None,
+    fan_in / fan_out)."""
     A = matrix.detach().reshape(matrix.shape[0], -1)
     fan_out, fan_in = A.shape
     B = None
@@ -184,8 +192,72 @@ def spectral_norm(matrix: Tensor, state: Optional[Tensor] = None, iters: Optiona
             raise ValueError(f"product must be a ({fan_in},) vector on {A.device}, got "
                              f"{tuple(product.shape) if isinstance(product, Tensor) else type(product).__name__}")
         product = product.float()
-    gram = registry.resolve("spectral_norm", A, B).fn(A, B)
-    return converged(gram, v, n_iter, fan_in / fan_out, tol, max_iters, product)
+    return registry.resolve("spectral_norm", A, B).fn(A, B), v, n_iter, product, fan_in / fan_out
+
+
+def spectral_norm_steps(matrices: Sequence[Tensor], states: Sequence[Tensor], *,
+                        minus: Optional[Sequence[Optional[Tensor]]] = None,
+                        products: Optional[Sequence[Optional[Tensor]]] = None) -> list:
+    """One warm Lanczos step for each of many matrices: ``[spectral_norm(m, s, 1, minus=b,
+    product=p) for ...]`` (the same estimates and states, up to rounding), with the
+    estimates and next states of all the matrices computed together, in a few operations
+    rather than a few per matrix (a tracker's measurement: one step per layer). ``states``
+    are the previous calls' states (a cold start needs :func:`spectral_norm`); ``minus``
+    and ``products`` are lists whose entries may be None, as the arguments of
+    :func:`spectral_norm`; a product not given is one pass over its matrix. Matrices that
+    are DTensors, or not all on one device, take :func:`spectral_norm` one by one."""
+    L = len(matrices)
+    minus = list(minus) if minus is not None else [None] * L
+    products = list(products) if products is not None else [None] * L
+    if not (len(states) == len(minus) == len(products) == L):
+        raise ValueError(f"states, minus and products must have one entry per matrix ({L})")
+    for m in matrices:
+        if not isinstance(m, Tensor) or not m.is_floating_point() or m.dim() < 2:
+            raise TypeError("matrices must be floating-point Tensors of at least 2 dimensions")
+    if any(s is None for s in states):
+        raise ValueError("spectral_norm_steps continues warm estimates: every state must be given")
+    if L == 0:
+        return []
+    if (any(is_dtensor(m) or is_dtensor(b) for m, b in zip(matrices, minus))
+            or len({m.device for m in matrices}) > 1):
+        return [spectral_norm(m, s, 1, minus=b, product=p) for m, s, b, p in zip(matrices, states, minus, products)]
+    op, rms, states = _steps(matrices, states, minus, products)
+    return [SpectralNorm(o, r, s, 1) for o, r, s in zip(op.unbind(0), rms.unbind(0), states)]
+
+
+def _steps(matrices, states, minus, products):
+    """spectral_norm_steps of plain tensors on one device: (op (L,), rms_op (L,), states)."""
+    ws, vs, ratios = [], [], []
+    for m, s, b, p in zip(matrices, states, minus, products):
+        gram, v, _, p, ratio = _prepared(m, s, 1, b, p)
+        vs.append(v)
+        ws.append(gram(v) if p is None else p)
+        ratios.append(ratio)
+    return _lanczos_step_many(ws, vs, ratios)
+
+
+def _lanczos_step_many(ws, vs, fan_ratios):
+    """:func:`lanczos` with one step (the estimate |A^T A v|^2 / |A v|^2 and the next state
+    A^T A v / |A^T A v|) of many operators at once, given w = A^T A v of each: float64 sums
+    (no squares overflow or underflow), one operation for all of them at each stage;
+    (op (L,), rms_op (L,), states)."""
+    sizes = [v.numel() for v in vs]
+    lengths, ratios = _segments(tuple(sizes), tuple(fan_ratios), vs[0].device)
+    w, v = torch.cat(ws), torch.cat(vs)
+    wd = w.double()
+    sums = torch.segment_reduce(torch.stack([wd * v.double(), wd * wd], 1), "sum", lengths=lengths, axis=0)
+    a, nsq = sums.unbind(1)  # |A v|^2, |A^T A v|^2
+    op = (nsq / a).where(a > 0, 0.0).sqrt().float()
+    scale = torch.repeat_interleave(nsq.rsqrt().where(nsq > 0, 0.0).float(), lengths, output_size=w.numel())
+    u = (w * scale).where(scale > 0, v)  # (A = 0: keep v, a valid start for later calls)
+    return op, op * ratios, u.split(sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _segments(sizes, fan_ratios, device):
+    """The lengths of vectors laid end to end, and sqrt(fan_in / fan_out) of each matrix."""
+    return (torch.tensor(sizes, device=device),
+            torch.tensor(fan_ratios, dtype=torch.float32, device=device).sqrt())
 
 
 def _sharded_spectral_norm(matrix, state, iters, minus, tol=None, max_iters=200):
@@ -358,4 +430,5 @@ def power_iteration(gram, v: Tensor, iters: int, fan_ratio: float, first: Option
     return SpectralNorm(op, op * math.sqrt(fan_ratio), v, iters)
 
 
-__all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "power_iteration", "spectral_norm"]
+__all__ = ["NORM_COLUMNS", "SpectralNorm", "multi_tensor_norms", "power_iteration", "spectral_norm",
+           "spectral_norm_steps"]

@@ -388,6 +388,18 @@ class _NormStats:
                     out[p]["drift_rms"] = st["drift_rms"]
         return out
 
+    def last_step_sums(self):
+        """``(parameters, sums, drift)`` of the last step, for a reader that takes its own
+        square roots (the tracker, at its one host transfer): ``sums`` is the (P, 4)
+        float32 device tensor of each parameter's ||W_{t+1} - W_t||^2, ||W_{t+1}||^2,
+        ||grad||^2 and ||W_{t+1} - W_0||^2, ``drift`` whether that last column is measured
+        at every step; None when a parameter is sharded (its sums are a shard's, which
+        :meth:`norm_stats` adds over the ranks) or none was stepped."""
+        params = [p for group in self.param_groups for p in group["params"] if p in self._stats]
+        if not params or any(is_dtensor(p) for p in params):
+            return None
+        return params, torch.stack([self._stats[p] for p in params]), bool(self.initial_weights) and self.drift_every == 1
+
     def request_products(self, vectors):
         """Asks the next step for ``(W_{t+1} - W_0)^T (W_{t+1} - W_0) v`` of the matrices
         in ``vectors`` ({parameter: (float32 (fan_in,) vector v, W_0)}): a tracker's next

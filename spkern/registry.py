@@ -44,6 +44,7 @@ OPS = {
     "cross_entropy": "logit losses: per-row loss, statistics and gradient (spkern.cross_entropy)",
     "multi_tensor_norms": "squared norms of many tensors and their differences (spkern.norms)",
     "pair_stats": "activation-pair sums (spkern.features.pair_stats)",
+    "multi_pair_stats": "the sums of many activation pairs in one call (spkern.features.multi_pair_stats)",
     "paired_linear": "x W^T and x W0^T in one pass over x (spkern.features.paired_linear)",
     "spectral_norm": "the products x -> (A - B)^T (A - B) x of its power iteration",
     "sgd_step": "spkern.optim.SGD's fused step with its norms",

@@ -1,4 +1,5 @@
-"""spkern.pair_stats against the float64 reference, per backend, dtype and shape."""
+"""spkern.pair_stats (and multi_pair_stats, many pairs in one call) against the float64 reference,
+per backend, dtype and shape."""
 
 import pytest
 import torch
@@ -77,6 +78,64 @@ def test_compiles_without_graph_break():
 def test_bad_input(a, b, error, match):
     with pytest.raises(error, match=match):
         spkern.pair_stats(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_pair_stats_against_reference(backend, dtype):
+    # pairs of several shapes (one without rows, rows that are not a multiple of the tile,
+    # a vector) in one call; with and without b; row i is pair_stats of pair i
+    shapes = [(3, 7), (0, 5), (37, 1100), (2, 3, 50), (9,), (1, 1)]
+    pairs = []
+    for i, shape in enumerate(shapes):
+        a, b = _pair(shape, dtype, seed=i)
+        pairs.append((a, b if i % 2 == 0 else None))
+    before = [(a.clone(), None if b is None else b.clone()) for a, b in pairs]
+    got = spkern.features.multi_pair_stats(pairs)
+    assert got.shape == (len(pairs), 5) and got.dtype == torch.float64
+    for i, (a, b) in enumerate(pairs):
+        rows = a.reshape(-1, a.shape[-1]) if a.dim() > 1 else a.reshape(1, -1)
+        ref = pair_stats_reference(rows, None if b is None else b.reshape(rows.shape)).sum(0)
+        torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
+        assert got[i, 4].item() == (a == 0).sum().item()
+    for (a, b), (a0, b0) in zip(pairs, before):
+        assert torch.equal(a, a0) and (b is None or torch.equal(b, b0))
+
+
+def test_multi_pair_stats_mixed_dtypes_and_overflow():
+    # each pair its own dtype; a row of 1e30 entries is summed in float64 there as in pair_stats
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 300, generator=g)
+    a[1] *= 1e30
+    pairs = [(a, a * 0.5), (a[:2].bfloat16(), None), (torch.randn(5, 17, generator=g).half(), None)]
+    got = spkern.features.multi_pair_stats(pairs)
+    assert torch.isfinite(got).all()
+    for i, (x, y) in enumerate(pairs):
+        torch.testing.assert_close(got[i], spkern.pair_stats(x, y), rtol=1e-6, atol=0)
+
+
+def test_multi_pair_stats_same_for_any_thread_count():
+    pairs = [_pair((64, 2048), torch.float32, seed=s) for s in range(3)] + [(torch.randn(64, 10), None)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = spkern.features.multi_pair_stats(pairs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(spkern.features.multi_pair_stats(pairs), one)
+
+
+@pytest.mark.parametrize("pairs, error, match", [
+    ([], ValueError, "at least one"),
+    ([(torch.ones(3, 4), torch.ones(3, 5))], ValueError, r"pairs\[0\]: b has shape"),
+    ([(torch.ones(2), None), (torch.ones(3, 4), torch.ones(3, 4, dtype=torch.float64))], ValueError,
+     r"pairs\[1\]: b has dtype"),
+    ([(torch.ones(3, dtype=torch.long), None)], TypeError, "floating"),
+    ([(torch.ones(3, 4), "b")], TypeError, "b must be"),
+    ([(torch.ones(3), None), (torch.ones(3, device="meta"), None)], ValueError, r"pairs\[1\] is on device meta"),
+])
+def test_multi_pair_stats_bad_input(pairs, error, match):
+    with pytest.raises(error, match=match):
+        spkern.features.multi_pair_stats(pairs)
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 3), (17, 70, 33), (4, 2, 65, 40)], ids=str)

@@ -38,6 +38,7 @@ def _calls():
         "cross_entropy": lambda: spkern.cross_entropy(x, t),
         "multi_tensor_norms": lambda: spkern.multi_tensor_norms([x, h], [x * 2, h]),
         "pair_stats": lambda: spkern.pair_stats(h, h * 0.5),
+        "multi_pair_stats": lambda: spkern.features.multi_pair_stats([(h, h * 0.5), (x, None)]),
         "paired_linear": lambda: spkern.features.paired_linear(h, w, w * 0.5),
         "spectral_norm": lambda: spkern.spectral_norm(w, minus=w * 0.5).op,
         "sgd_step": sgd,

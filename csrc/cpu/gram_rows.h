@@ -17,19 +17,24 @@ namespace spkern {
 namespace cpu {
 namespace {
 
-// (x - y) . v over n floats (y optional: 0).
+// (x - y) . v over n floats (y optional: 0). Four independent sums, so that the loop runs
+// at the speed of its loads rather than of one chain of dependent multiply-adds.
 inline float dot_difference(const float* x, const float* y, const float* v, int64_t n) {
   using fVec = at::vec::Vectorized<float>;
-  fVec acc(0.f);
-  float tail = 0.f;
+  constexpr int64_t W = fVec::size();
+  fVec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
+  auto d = [&](int64_t i) { return y ? fVec::loadu(x + i) - fVec::loadu(y + i) : fVec::loadu(x + i); };
   int64_t i = 0;
-  for (; i + fVec::size() <= n; i += fVec::size()) {
-    fVec d = fVec::loadu(x + i);
-    if (y) d = d - fVec::loadu(y + i);
-    acc = at::vec::fmadd(d, fVec::loadu(v + i), acc);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    acc0 = at::vec::fmadd(d(i), fVec::loadu(v + i), acc0);
+    acc1 = at::vec::fmadd(d(i + W), fVec::loadu(v + i + W), acc1);
+    acc2 = at::vec::fmadd(d(i + 2 * W), fVec::loadu(v + i + 2 * W), acc2);
+    acc3 = at::vec::fmadd(d(i + 3 * W), fVec::loadu(v + i + 3 * W), acc3);
   }
+  for (; i + W <= n; i += W) acc0 = at::vec::fmadd(d(i), fVec::loadu(v + i), acc0);
+  float tail = 0.f;
   for (; i < n; ++i) tail += (y ? x[i] - y[i] : x[i]) * v[i];
-  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc) + tail;
+  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), (acc0 + acc1) + (acc2 + acc3)) + tail;
 }
 
 // w += u (x - y) over n floats (y optional: 0).

@@ -2,6 +2,7 @@
 
 import torch
 
+from spkern.features import each_pair
 from spkern.registry import compiled, dtype_reason, register
 
 
@@ -35,6 +36,11 @@ def multi_tensor_norms(a, b):
 @register("pair_stats", "cpu", available)
 def pair_stats(a, b):
     return compiled().pair_stats_cpu(a, b)
+
+
+@register("multi_pair_stats", "cpu", each_pair(available))  # (one kernel for all the pairs)
+def multi_pair_stats(a, b):
+    return compiled().multi_pair_stats_cpu(a, b)
 
 
 @register("spectral_norm", "cpu", _gram_check)

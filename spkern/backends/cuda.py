@@ -1,5 +1,6 @@
 """The cuda backend: the CUDA kernels of spkern._C (csrc/cuda), when it is built with CUDA."""
 
+from spkern.features import each_pair, pair_by_pair
 from spkern.registry import compiled, dtype_reason, register
 
 
@@ -24,3 +25,8 @@ def multi_tensor_norms(a, b):
 @register("pair_stats", "cuda", available)
 def pair_stats(a, b):
     return compiled().pair_stats_cuda(a, b)
+
+
+@register("multi_pair_stats", "cuda", each_pair(available))
+def multi_pair_stats(a, b):
+    return pair_by_pair(compiled().pair_stats_cuda)(a, b)

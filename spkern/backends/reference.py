@@ -24,12 +24,13 @@ def _paired_linear(x, w, w0):
 
 def _register():
     from spkern.cross_entropy import cross_entropy_reference
-    from spkern.features import pair_stats_reference
+    from spkern.features import pair_by_pair, pair_stats_reference
     from spkern.norms import multi_tensor_norms_reference
 
     register("cross_entropy", "reference")(cross_entropy_reference)
     register("multi_tensor_norms", "reference")(multi_tensor_norms_reference)
     register("pair_stats", "reference")(pair_stats_reference)
+    register("multi_pair_stats", "reference")(pair_by_pair(pair_stats_reference))
     register("paired_linear", "reference")(_paired_linear)
     register("spectral_norm", "reference")(_torch_gram)
 

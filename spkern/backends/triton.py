@@ -1,6 +1,7 @@
 """The triton backend: the Triton kernels of spkern.kernels (kernels/), on CUDA tensors,
 and on CPU tensors through the Triton interpreter (how they are tested without a GPU)."""
 
+from spkern.features import each_pair, pair_by_pair
 from spkern.registry import dtype_reason, register, triton_interpreted, triton_kernels
 
 
@@ -34,6 +35,11 @@ def multi_tensor_norms(a, b):
 @register("pair_stats", "triton", _available("features"))
 def pair_stats(a, b):
     return triton_kernels("features").pair_stats(a, b)
+
+
+@register("multi_pair_stats", "triton", each_pair(_available("features")))
+def multi_pair_stats(a, b):
+    return pair_by_pair(triton_kernels("features").pair_stats)(a, b)
 
 
 @register("paired_linear", "triton", _available("features"))

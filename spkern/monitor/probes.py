@@ -84,7 +84,7 @@ class FixedProbe:
                 warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run with a "
                               "tensor argument): only the parameters are measured until it does",
                               RuntimeWarning, stacklevel=3)
-            t._cur = {}
+            t._cur, t._sums, t._steps = {}, None, None
             t._finish()
             return True
         self.measure()
@@ -94,7 +94,7 @@ class FixedProbe:
         t = self.t
         if self.probe is None:
             raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
-        t._cur = {}
+        t._cur, t._sums, t._steps = {}, None, None
         t._output_stats(t._model_output(self.forward("current")), self.ref_out)
         t._finish()
 
@@ -151,6 +151,7 @@ class TrainingBatch:
                          t._paired_linear if paired else None, restore_buffers=True):
                 out = t.model(*args, **kwargs)
             t._output_stats(t._model_output(out), self.ref_out)
+            t._flush_sums()  # (its activations are not kept through the training step)
         finally:
             t._capture = None
             t._ref, self.ref_out = {}, None
@@ -180,7 +181,7 @@ class TrainingBatch:
                 or (t.steps + 1) % t.every != 0):
             return None
         self.measured_step = t.steps
-        t._cur, t._ref = {}, {}
+        t._cur, t._ref, t._sums, t._steps = {}, {}, None, None
         model = t._ref_model if t._ref_model is not None else t.model
         if t._ref_model is not None:
             state, weights = None, t._linear_weights(model)
@@ -232,6 +233,7 @@ class TrainingBatch:
             return None
         t._capture = None
         t._output_stats(t._model_output(output), self.ref_out)
+        t._flush_sums()
         t._ref, self.ref_out = {}, None  # free the reference activations
         return None
 
@@ -245,7 +247,7 @@ class TrainingBatch:
         if self.measured_step != t.steps - 1:
             warnings.warn("spkern.Tracker(probe='batch'): the model ran no forward with gradients before "
                           "this step: only the parameters were measured", RuntimeWarning, stacklevel=3)
-            t._cur = {}
+            t._cur, t._sums, t._steps = {}, None, None
         t._finish()
         return True
 

@@ -140,14 +140,37 @@ from spkern.monitor.capture import PROBE_FORMS, first_tensor, model_output, own_
 from spkern.monitor.log import MetricsLog
 from spkern.monitor.params import STEP_KEYS, step_stats_of
 from spkern.monitor.probes import FixedProbe, TrainingBatch
-from spkern.monitor.values import _Max, _Ratio, reduce, rms
-from spkern.norms import multi_tensor_norms, spectral_norm
+from spkern.monitor.values import PairSums, Table, _Max, _Ratio, reduce, rms
+from spkern.norms import _steps as spectral_norm_steps, multi_tensor_norms, spectral_norm
 
 
 def _default_tracked(m):
     """What the tracker measures by default: every layer with a linear map (Linear, HF
     Conv1D, Embedding, convolutions, registered ones) and every norm layer (duck-typed)."""
     return linear_map(m) is not None or is_norm(m)
+
+
+class _OpSteps(Table):
+    """The warm Lanczos steps of a measurement's layers, one each, taken together
+    (:func:`spkern.norms.spectral_norm_steps`) when its pass is over: :meth:`add` gives a
+    layer's op(W_t - W_0) and its inverse (the scale of eff_align) as table entries; the
+    layers' next states are written into ``states``."""
+
+    def __init__(self, states):
+        self._states, self._asked = states, []
+        super().__init__(self._take)
+
+    def add(self, name, weight, w0, state, product):
+        i = len(self._asked)
+        self._asked.append((name, weight, w0, state, product))
+        return self[2 * i], self[2 * i + 1]
+
+    def _take(self):
+        names, weights, w0s, states, products = zip(*self._asked)
+        self._asked = []
+        op, _, new = spectral_norm_steps(weights, states, w0s, products)
+        self._states.update(zip(names, new))
+        return torch.stack([op, 1 / op.clamp_min(torch.finfo(op.dtype).tiny)], 1)
 
 
 class Tracker:
@@ -271,6 +294,8 @@ class Tracker:
         self.measurements = 0
         self._values = {}  # name -> _Ratio or _Max of the latest measurement (device tensors)
         self._cur = {}  # the measurement being taken
+        self._sums = None  # its pair statistics, computed together (PairSums)
+        self._steps = None  # its operator-norm steps, taken together (_OpSteps)
         self._zref = {}  # probe="batch": Linear name -> W_0 x_0 of the reference pass
         self._floats = None
         self._capture = None  # during a probe pass: "reference" or "current"
@@ -482,6 +507,8 @@ class Tracker:
             with torch.no_grad():
                 for args in pending or ():
                     self._measure(*args)
+                # (the pair statistics wait for the model's output's, taken after the pass)
+                self._flush_sums(pairs=False)
         finally:
             self._capture = None
             self._pending = None
@@ -530,8 +557,9 @@ class Tracker:
                     y = (mp.without_bias(module, h.detach()) if mp is not None and self.rcc and name not in self._paired
                          else None)
                     self._pending.append((name, module, x, h.detach(), y))
-                else:  # the training forward (probe="batch")
+                else:  # the training forward (probe="batch"): its tensors are not kept past the module
                     self._measure(name, module, x, h.detach())
+                    self._flush_sums()
         return hook
 
     def _measure(self, name, module, x, h, h_less_bias=None):
@@ -540,10 +568,10 @@ class Tracker:
         v = self._cur
         n = h.numel()
         if ref is not None and ref["h"].shape == h.shape:
-            s = pair_stats(h, ref["h"].to(h.dtype))
+            s = self._pair(h, ref["h"].to(h.dtype))
             v[f"{name}/change_rms"] = rms(s[Sum.DIFF_SQ], n)
         else:
-            s = pair_stats(h)
+            s = self._pair(h)
         v[f"{name}/act_rms"] = rms(s[Sum.A_SQ], n)
         v[f"{name}/zero_frac"] = _Ratio(s[Sum.ZEROS], n)
         mp = self._maps.get(name)
@@ -554,7 +582,7 @@ class Tracker:
         sx = None
         if mp.float_input:
             sx, rows = pair_stats(x, ref["x"].to(x.dtype), per_row=True) if row_l2 else (
-                pair_stats(x, ref["x"].to(x.dtype)), None)
+                self._pair(x, ref["x"].to(x.dtype)), None)
             nx = x.numel()
             v[f"{name}/input_rms"] = rms(sx[Sum.A_SQ], nx)
             v[f"{name}/input_change_rms"] = rms(sx[Sum.DIFF_SQ], nx)
@@ -572,10 +600,10 @@ class Tracker:
             with torch.no_grad():
                 z = mp.apply(module, x, self._whole(w0)).float()
             y = (mp.without_bias(module, h) if h_less_bias is None else h_less_bias).float()
-        eff = pair_stats(y, z, per_row=row_l2)
-        prop = pair_stats(z, ref["z"], per_row=row_l2)
         if row_l2:
-            (eff, eff_rows), (prop, prop_rows) = eff, prop
+            (eff, eff_rows), (prop, prop_rows) = pair_stats(y, z, per_row=True), pair_stats(z, ref["z"], per_row=True)
+        else:
+            eff, prop = self._pair(y, z), self._pair(z, ref["z"])
         eff, prop = eff[Sum.DIFF_SQ], prop[Sum.DIFF_SQ]  # ||(W_t - W_0) x_t||^2, ||W_0 (x_t - x_0)||^2
         if row_l2:
             v[f"{name}/eff_row_l2"] = _Ratio(eff_rows[:, Sum.DIFF_SQ].sqrt().sum(), eff_rows.shape[0])
@@ -589,22 +617,48 @@ class Tracker:
         tiny = torch.finfo(torch.float32).tiny
         if self._batch and self.steps == 0 and self._ref_model is None:
             # the first step's forward: W_t = W_0, so no power iteration (nor its warm state)
-            v[f"{name}/delta_w_op"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
+            v[f"{name}/delta_w_op"] = _Ratio(torch.zeros((), device=h.device), 1.0)
             if aligned:
-                v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=eff.device), 1.0)
+                v[f"{name}/eff_align"] = _Ratio(torch.zeros((), device=h.device), 1.0)
         else:
             state = self._op_state.get(name)
             # (a sharded weight is never gathered for it: each rank iterates on its rows)
             weight = self._lin_param[name] if self._sharded else module.weight
-            r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0,
-                              tol=self.op_tol, product=self._product(weight, state))
-            self._op_state[name] = r.state
-            v[f"{name}/delta_w_op"] = _Ratio(r.op, 1.0)
-            v[f"{name}/op_iters"] = _Ratio(float(r.iters), 1.0)
+            product = self._product(weight, state)
+            if state is not None and self.op_iters == 1 and self.op_tol is None and not self._sharded:
+                # the default: one warm step, taken with the other layers' when the pass is over
+                if self._steps is None:
+                    self._steps = _OpSteps(self._op_state)
+                op, inv = self._steps.add(name, weight, w0, state, product)
+                iters = 1.0
+            else:
+                r = spectral_norm(weight, state, self.op_iters if state is not None else None, minus=w0,
+                                  tol=self.op_tol, product=product)
+                self._op_state[name] = r.state
+                op, inv, iters = r.op, 1 / r.op.clamp_min(tiny), float(r.iters)
+            v[f"{name}/delta_w_op"] = _Ratio(op, 1.0)
+            v[f"{name}/op_iters"] = _Ratio(iters, 1.0)
             if aligned:
-                v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, 1 / r.op.clamp_min(tiny))
+                v[f"{name}/eff_align"] = _Ratio(eff, sx[Sum.A_SQ], True, inv)
         if aligned:
             v[f"{name}/prop_align"] = _Ratio(prop, sx[Sum.DIFF_SQ], True, 1 / self._op_w0[name].clamp_min(tiny))
+
+    def _pair(self, a, b=None):
+        """The pair statistics of (a, b) in this measurement: computed with the others of its
+        pass in one call (:meth:`_flush_sums`), read by column."""
+        if self._sums is None:
+            self._sums = PairSums()
+        return self._sums.add(a, b)
+
+    def _flush_sums(self, pairs=True):
+        """Takes the operator-norm steps asked for so far (of the weights as they are now)
+        and, with ``pairs``, computes the pair statistics (and lets their tensors go)."""
+        if self._steps is not None:
+            self._steps.compute()
+            self._steps = None
+        if pairs and self._sums is not None:
+            self._sums.compute()
+            self._sums = None
 
     def _pre_step(self, optimizer, args, kwargs):
         self._sync_params()
@@ -623,11 +677,28 @@ class Tracker:
         """The parameter statistics: the step's from the optimizer (its own or an adapter's),
         then what they lack (drift, weights, gradients) measured here, in one call each."""
         v = self._cur
-        stats = self._source.last_step_stats() if self._source is not None else {}
-        for n, p in self.params:
-            for k, value in stats.get(p, {}).items():
-                if k in STEP_KEYS or k == "drift_rms":
-                    v[f"{n}/{k}"] = _Ratio(value, 1.0)
+        sums = getattr(self._source, "last_step_sums", None)
+        sums = sums() if sums is not None else None
+        if sums is not None:  # the step's sums, as a table: the roots taken at metrics()
+            params, table, drift = sums
+            t, at = Table(lambda: table), {id(p): 4 * i for i, p in enumerate(params)}
+            for n, p in self.params:
+                i = at.get(id(p))
+                if i is None:
+                    continue
+                count = max(p.numel(), 1)
+                v[f"{n}/update_rms"] = _Ratio(t[i], count, True)
+                v[f"{n}/weight_rms"] = _Ratio(t[i + 1], count, True)
+                v[f"{n}/grad_rms"] = _Ratio(t[i + 2], count, True)
+                v[f"{n}/relative_update"] = _Ratio(t[i], t[i + 1], True)
+                if drift:
+                    v[f"{n}/drift_rms"] = _Ratio(t[i + 3], count, True)
+        else:
+            stats = self._source.last_step_stats() if self._source is not None else {}
+            for n, p in self.params:
+                for k, value in stats.get(p, {}).items():
+                    if k in STEP_KEYS or k == "drift_rms":
+                        v[f"{n}/{k}"] = _Ratio(value, 1.0)
         lacking = [(n, p) for n, p in self.params if f"{n}/drift_rms" not in v or f"{n}/weight_rms" not in v]
         if lacking:
             drift = multi_tensor_norms([p for _, p in lacking], [self._w0[n] for n, _ in lacking])
@@ -663,15 +734,16 @@ class Tracker:
             return
         out = out.detach()
         if ref is not None and ref.shape == out.shape:
-            s = pair_stats(out, ref.to(out.dtype))
+            s = self._pair(out, ref.to(out.dtype))
             self._cur[f"{self.output_key}/change_rms"] = rms(s[Sum.DIFF_SQ], out.numel())
         else:
-            s = pair_stats(out)
+            s = self._pair(out)
         self._cur[f"{self.output_key}/rms"] = rms(s[Sum.A_SQ], out.numel())
         self._cur[f"{self.output_key}/max_abs"] = _Max(out.abs().amax().float())
 
     def _finish(self):
         """Completes a measurement: the parameter statistics, then it becomes the latest."""
+        self._flush_sums()
         self._param_stats()
         keep = {k: t for k, t in self._values.items() if k.startswith("train/")}
         self._values, self._cur = {**self._cur, **keep}, {}

@@ -2,15 +2,21 @@
 
 A metric is kept as the sums behind it (:class:`_Ratio`: numerator, denominator, root,
 scale) or as a maximum (:class:`_Max`), device tensors all: no host sync while training.
+A number may be an entry of a :class:`Table`, the values of a measurement computed
+together (the pair statistics of every layer in one call, say).
 :func:`reduce` reads them all in one transfer; under ``torch.distributed`` it first adds
 the sums over the ranks (and takes the largest maximum), so that the values are those of
 one process measuring every rank's rows.
 """
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+
+from spkern.constants import Sum
+from spkern.features import multi_pair_stats
 
 
 def world_size():
@@ -33,6 +39,69 @@ class _Max(NamedTuple):
     value: Tensor
 
 
+class _Col(NamedTuple):
+    """Entry ``index`` of a :class:`Table`'s flat tensor (a number of :func:`reduce`'s,
+    gathered from the table with the table's other entries, in one operation)."""
+    table: "Table"
+    index: int
+
+
+class Table:
+    """Values of a measurement computed together, in a few operations, once the
+    measurement has asked for all of them: ``compute`` gives a tensor, and ``table[i]``
+    stands for entry ``i`` of it, flattened, until :func:`reduce` reads it. The tensor is
+    computed by :meth:`compute` (the tracker calls it when a pass is over) or when first
+    read."""
+
+    def __init__(self, compute=None):
+        self._compute, self._sums = compute, None
+
+    def __getitem__(self, index) -> _Col:
+        return _Col(self, int(index))
+
+    def compute(self):
+        if self._compute is not None:
+            fn, self._compute = self._compute, None  # (and whatever it holds is let go)
+            self._sums = fn().reshape(-1)
+
+    @property
+    def sums(self) -> Tensor:
+        """The table's values, a flat tensor."""
+        self.compute()
+        return self._sums
+
+
+class _Pair:
+    """The sums of one pair of a :class:`PairSums`: ``s[Sum.A_SQ]`` and so on."""
+    __slots__ = ("table", "row")
+
+    def __init__(self, table, row):
+        self.table, self.row = table, row
+
+    def __getitem__(self, col):
+        return _Col(self.table, self.row * len(Sum) + int(col))
+
+
+class PairSums(Table):
+    """The :func:`spkern.features.pair_stats` sums a measurement asks for (:meth:`add`
+    gives each pair's sums, read by column), computed for all its pairs in one
+    :func:`spkern.features.multi_pair_stats` call."""
+
+    def __init__(self):
+        self._pairs = []
+        super().__init__(lambda: multi_pair_stats(self._pairs))
+
+    def add(self, a, b=None) -> _Pair:
+        if self._compute is None:
+            raise RuntimeError("PairSums: the sums are computed already")
+        self._pairs.append((a, b))
+        return _Pair(self, len(self._pairs) - 1)
+
+    def compute(self):
+        super().compute()
+        self._pairs = []  # (the activations are not kept)
+
+
 def rms(sq, numel):
     """rms from a sum of squares over ``numel`` entries."""
     return _Ratio(sq, numel, True)
@@ -47,56 +116,111 @@ def reduce(values):
         return _reduce(values)
 
 
-def _reduce(values):
-    ratios = [k for k, v in values.items() if isinstance(v, _Ratio)]
-    maxes = [k for k, v in values.items() if isinstance(v, _Max)]
-    first = next(iter(values.values()))
-    device = (first.num if isinstance(first, _Ratio) else first.value).device
-
-    # float64: a sum of squares of activations beyond ~1e19 does not fit in float32
-    def stack(items):
-        """Device scalars and numbers -> one float64 vector: one stack per dtype and device
-        (a few operations for the ~100 values of a measurement, not a few per value)."""
-        groups, at_num, nums = {}, [], []
-        for i, x in enumerate(items):
+def _device(values):
+    """The device of the values' tensors."""
+    for v in values.values():
+        for x in ((v.num, v.den, v.scale) if isinstance(v, _Ratio) else (v.value,)):
             if isinstance(x, Tensor):
-                pos, ts = groups.setdefault((x.dtype, x.device), ([], []))
-                pos.append(i)
-                ts.append(x if x.dim() == 0 else x.reshape(()))
-            else:
-                at_num.append(i)
-                nums.append(float(x))
-        if len(groups) == 1 and not nums:
-            return torch.stack(next(iter(groups.values()))[1]).to(device, torch.float64)
-        out = torch.empty(len(items), device=device, dtype=torch.float64)
-        for pos, ts in groups.values():
-            out[torch.tensor(pos, device=device)] = torch.stack(ts).to(device, torch.float64)
-        if nums:
-            out[torch.tensor(at_num, device=device)] = torch.tensor(nums, device=device, dtype=torch.float64)
-        return out
+                return x.device
+            if isinstance(x, _Col):
+                return x.table.sums.device
+    return torch.device("cpu")
 
-    top = stack([values[k].value for k in maxes]) if maxes else None
-    num = den = None
-    if ratios:
-        num = stack([values[k].num for k in ratios])
-        den = stack([values[k].den for k in ratios])
-    if world_size() > 1:  # every rank calls metrics() at the same steps with the same names
-        if ratios:
-            both = torch.cat([num, den])
-            torch.distributed.all_reduce(both)
-            num, den = both.split(len(ratios))
-        if top is not None:
-            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    out = []
-    if ratios:
-        val = num / den.clamp_min(torch.finfo(torch.float64).tiny)
-        root = torch.tensor([values[k].root for k in ratios], device=device)
-        val = torch.where(root, val.clamp_min(0).sqrt(), val)
-        scales = [values[k].scale for k in ratios]
-        if any(x is not None for x in scales):
-            val = val * stack([1.0 if x is None else x for x in scales])
-        out.append(val)
-    if top is not None:
-        out.append(top)
-    got = dict(zip(ratios + maxes, torch.cat(out).tolist()))
-    return {k: got[k] for k in values}
+
+def _gather(items, device) -> Tensor:
+    """Table entries (:class:`_Col`), device scalars and Python numbers -> one float64
+    vector on ``device``: every table read once, the scalars stacked per dtype and device,
+    the numbers in one tensor, laid end to end, then one gather (a few operations for the
+    ~100 values of a measurement, not a few per value)."""
+    slots = {}  # table id, (dtype, device) or "numbers" -> [slot number, table or list]
+    refs = []  # per item: (slot number, position in it)
+    for x in items:
+        if type(x) is _Col:
+            got = slots.get(id(x.table))
+            if got is None:
+                got = slots[id(x.table)] = [len(slots), x.table]
+            refs.append((got[0], x.index))
+        elif isinstance(x, Tensor):
+            got = slots.get((x.dtype, x.device))
+            if got is None:
+                got = slots[(x.dtype, x.device)] = [len(slots), []]
+            refs.append((got[0], len(got[1])))
+            got[1].append(x if x.dim() == 0 else x.reshape(()))
+        else:
+            got = slots.get("numbers")
+            if got is None:
+                got = slots["numbers"] = [len(slots), []]
+            refs.append((got[0], len(got[1])))
+            got[1].append(float(x))
+    parts = []
+    for key, (_, held) in slots.items():  # (in slot order: dicts keep insertion order)
+        if isinstance(held, Table):
+            parts.append(held.sums.to(device, torch.float64))
+        elif key == "numbers":
+            parts.append(torch.tensor(held, dtype=torch.float64, device=device))
+        else:
+            parts.append(torch.stack(held).to(device, torch.float64))
+    offsets, at = [], 0
+    for part in parts:
+        offsets.append(at)
+        at += part.numel()
+    idx = torch.tensor([offsets[slot] + i for slot, i in refs], device=device)
+    return (torch.cat(parts) if len(parts) > 1 else parts[0])[idx]
+
+
+def _reduce(values):
+    # float64 throughout: a sum of squares of activations beyond ~1e19 does not fit in float32.
+    # The tensors (and table entries) are gathered into one vector per reduction over the
+    # ranks (sums: numerators and denominators; none: scales; maximum) and read in one
+    # transfer; the ratios are then taken on the host. Under torch.distributed the Python
+    # numbers (counts of rows) are summed over the ranks too, so they go to the device.
+    dist = world_size() > 1
+    summed, kept, maxed = [], [], []
+    plan = []  # per value: (num, den, root, scale); each a float or (group, index); a maximum: den None
+
+    def ref(x, to):
+        if not dist and (type(x) is float or type(x) is int):
+            return float(x)
+        to.append(x)
+        return to, len(to) - 1
+
+    for v in values.values():
+        if type(v) is _Max:
+            plan.append((ref(v.value, maxed), None, False, None))
+        else:
+            plan.append((ref(v.num, summed), ref(v.den, summed), v.root,
+                         None if v.scale is None else ref(v.scale, kept)))
+    device = _device(values)
+    got = {}
+    for group in (summed, kept, maxed):
+        if group:
+            got[id(group)] = _gather(group, device)
+    if dist:
+        if summed:
+            torch.distributed.all_reduce(got[id(summed)])
+        if maxed:
+            torch.distributed.all_reduce(got[id(maxed)], op=torch.distributed.ReduceOp.MAX)
+    # one transfer: the groups laid end to end
+    order = [id(g) for g in (summed, kept, maxed) if g]
+    flat = torch.cat([got[i] for i in order]).tolist() if order else []
+    host, at = {}, 0
+    for i in order:
+        host[i] = flat[at:at + got[i].numel()]
+        at += got[i].numel()
+
+    def read(r):
+        return r if type(r) is float else host[id(r[0])][r[1]]
+
+    tiny = torch.finfo(torch.float64).tiny
+    out = {}
+    for k, (num, den, root, scale) in zip(values, plan):
+        if den is None:
+            out[k] = read(num)
+            continue
+        val = read(num) / max(read(den), tiny)
+        if root:
+            val = math.sqrt(max(val, 0.0))  # (nan stays nan)
+        if scale is not None:
+            val *= read(scale)
+        out[k] = val
+    return out
