@@ -1,4 +1,5 @@
-"""spkern.multi_tensor_norms and spkern.spectral_norm against float64 computed the slow way."""
+"""spkern.multi_tensor_norms, spkern.spectral_norm and spectral_norm_steps against float64 computed the
+slow way."""
 
 import math
 
@@ -128,6 +129,54 @@ def test_spectral_norm_of_a_difference_and_dtypes():
     rc = spkern.spectral_norm(conv.bfloat16())
     exact = torch.linalg.matrix_norm(conv.bfloat16().double().reshape(16, -1), ord=2).item()
     assert abs(rc.op.item() / exact - 1) < 0.01 and rc.state.shape == (75,)
+
+
+def test_spectral_norm_steps_are_one_warm_step_each(backend):
+    # many matrices at once (shapes, dtypes, with and without minus and a given product, a
+    # zero difference, a convolution weight): the estimates and states of spectral_norm(.., 1)
+    g = torch.Generator().manual_seed(6)
+    W0 = [torch.randn(s, generator=g) for s in [(70, 33), (9, 140), (16, 3, 5, 5), (40, 40), (1, 7)]]
+    W = [w + 0.3 * torch.randn(w.shape, generator=g) for w in W0]
+    W[3] = W0[3].clone()  # W_t = W_0: op 0, and the state kept
+    W[1], W0[1] = W[1].bfloat16(), W0[1].bfloat16()
+    minus = [W0[0], W0[1], None, W0[3], W0[4]]
+    states = []
+    for w, b in zip(W, minus):
+        v = torch.randn(w.numel() // w.shape[0], generator=g)
+        states.append(v / v.norm())
+    products = [None] * len(W)
+    A = (W[0].double() - W0[0].double())
+    products[0] = (A.t() @ (A @ states[0].double())).float()  # as spkern.optim's step gives it
+    got = spkern.spectral_norm_steps(W, states, minus=minus, products=products)
+    for w, s, b, p, r in zip(W, states, minus, products, got):
+        one = spkern.spectral_norm(w, s, 1, minus=b, product=p)
+        assert r.iters == 1 and r.state.shape == s.shape and r.op.dtype == torch.float32
+        torch.testing.assert_close(r.op, one.op, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r.rms_op, one.rms_op, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r.state, one.state, rtol=1e-4, atol=1e-6)
+    assert got[3].op.item() == 0 and torch.equal(got[3].state, states[3])
+    # a lower bound of the norm, that later steps bring up to it
+    rs = got
+    for _ in range(30):
+        rs = spkern.spectral_norm_steps(W, [r.state for r in rs], minus=minus)
+    for w, b, r in zip(W, minus, rs):
+        A = w.double().reshape(w.shape[0], -1) - (b.double().reshape(w.shape[0], -1) if b is not None else 0)
+        exact = torch.linalg.matrix_norm(A, ord=2).item()
+        assert r.op.item() <= exact * (1 + 1e-5) and r.op.item() >= exact * 0.99 - 1e-6
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: spkern.spectral_norm_steps([torch.ones(3, 2)], [None]), ValueError, "every state"),
+    (lambda: spkern.spectral_norm_steps([torch.ones(3, 2)], [torch.ones(3)]), ValueError, "state"),
+    (lambda: spkern.spectral_norm_steps([torch.ones(3)], [torch.ones(3)]), TypeError, "2 dimensions"),
+    (lambda: spkern.spectral_norm_steps([torch.ones(3, 2)], [torch.ones(2), torch.ones(2)]), ValueError,
+     "one entry per matrix"),
+    (lambda: spkern.spectral_norm_steps([torch.ones(3, 2)], [torch.ones(2)], products=[torch.ones(3)]), ValueError,
+     "product"),
+])
+def test_spectral_norm_steps_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 @pytest.mark.parametrize("call, error, match", [

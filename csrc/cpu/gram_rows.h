@@ -17,24 +17,19 @@ namespace spkern {
 namespace cpu {
 namespace {
 
-// (x - y) . v over n floats (y optional: 0). Four independent sums, so that the loop runs
-// at the speed of its loads rather than of one chain of dependent multiply-adds.
+// (x - y) . v over n floats (y optional: 0).
 inline float dot_difference(const float* x, const float* y, const float* v, int64_t n) {
   using fVec = at::vec::Vectorized<float>;
-  constexpr int64_t W = fVec::size();
-  fVec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
-  auto d = [&](int64_t i) { return y ? fVec::loadu(x + i) - fVec::loadu(y + i) : fVec::loadu(x + i); };
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    acc0 = at::vec::fmadd(d(i), fVec::loadu(v + i), acc0);
-    acc1 = at::vec::fmadd(d(i + W), fVec::loadu(v + i + W), acc1);
-    acc2 = at::vec::fmadd(d(i + 2 * W), fVec::loadu(v + i + 2 * W), acc2);
-    acc3 = at::vec::fmadd(d(i + 3 * W), fVec::loadu(v + i + 3 * W), acc3);
-  }
-  for (; i + W <= n; i += W) acc0 = at::vec::fmadd(d(i), fVec::loadu(v + i), acc0);
+  fVec acc(0.f);
   float tail = 0.f;
+  int64_t i = 0;
+  for (; i + fVec::size() <= n; i += fVec::size()) {
+    fVec d = fVec::loadu(x + i);
+    if (y) d = d - fVec::loadu(y + i);
+    acc = at::vec::fmadd(d, fVec::loadu(v + i), acc);
+  }
   for (; i < n; ++i) tail += (y ? x[i] - y[i] : x[i]) * v[i];
-  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), (acc0 + acc1) + (acc2 + acc3)) + tail;
+  return at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc) + tail;
 }
 
 // w += u (x - y) over n floats (y optional: 0).
@@ -66,6 +61,22 @@ void gram_rows_into(const TA* a, const TB* b, const float* v, int64_t r0, int64_
     const float* y = b ? as_float(b + r * n, bbuf, n) : nullptr;
     axpy_difference(dot_difference(x, y, v, n), x, y, acc, n);
   }
+}
+
+// acc += u (a - b) for one row of n elements whose u = (a - b) . v the caller has (a fused
+// optimizer step sums it while it writes the row), b of any of the kernels' float dtypes;
+// scratch holds 2 n floats.
+template <typename TA>
+void gram_row_axpy_any(float u, const TA* a, const at::Tensor& b, int64_t offset, int64_t n, float* acc,
+                       float* scratch) {
+  const float* x = as_float(a, scratch, n);
+  const float* y;
+  switch (b.scalar_type()) {
+    case at::kBFloat16: y = as_float(b.const_data_ptr<at::BFloat16>() + offset, scratch + n, n); break;
+    case at::kHalf: y = as_float(b.const_data_ptr<at::Half>() + offset, scratch + n, n); break;
+    default: y = b.const_data_ptr<float>() + offset;
+  }
+  axpy_difference(u, x, y, acc, n);
 }
 
 // gram_rows_into with b of any of the kernels' float dtypes (float32, bfloat16, float16).

@@ -8,8 +8,9 @@
 // The work is cut into chunks across all parameters (a large weight and many biases
 // keep every thread busy); chunk sums are reduced per parameter in a fixed order.
 // Requested matrices also get the Lanczos product (W_{t+1} - W_0)^T (W_{t+1} - W_0) v of
-// the tracker's operator norm: their chunks are whole rows, and each chunk's rows, just
-// written and still in cache, go through csrc/cpu/gram_rows.h after the step.
+// the tracker's operator norm: their chunks are whole rows; the step sums each row's
+// (W_{t+1} - W_0) . v as it writes it, then adds that times the row, still in L1, into
+// the product (csrc/cpu/gram_rows.h; rows longer than 16K elements after the chunk).
 
 #include "../spkern.h"
 #include "chunks.h"
@@ -61,11 +62,19 @@ struct GramRequests {
   int64_t tile(int64_t i, int64_t default_tile) const {
     return slot[i] >= 0 && row[i] <= kRowTile ? row[i] : default_tile;
   }
-  // after the step of a tile: its rows' terms, when the tile is whole rows; else (rows
-  // longer than kRowTile) at the end of the chunk (finish_chunk)
+  // v of parameter i when its rows are taken one tile each (the step then sums each row's
+  // (W_{t+1} - W_0) . v as it writes it: add_row), else nullptr (rows longer than kRowTile:
+  // finish_chunk, at the end of the chunk)
+  const float* row_v(int64_t i) const { return slot[i] >= 0 && row[i] <= kRowTile ? v[i] : nullptr; }
+  // this thread's partial product of parameter i
+  float* acc(int64_t i) { return partials[slot[i]].of_this_thread(); }
+  // after the step of the row at t0 of parameter i, with its dot product with v
   template <typename scalar_t>
-  void add_tile(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t t0, int64_t count) {
-    if (slot[i] >= 0 && row[i] <= kRowTile) add<scalar_t>(i, p, w0, t0, t0 + count);
+  void add_row(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t t0, float dot) {
+    const int64_t n = row[i];
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < 2 * n) scratch.resize(2 * n);
+    gram_row_axpy_any<scalar_t>(dot, p + t0, w0, t0, n, partials[slot[i]].of_this_thread(), scratch.data());
   }
   template <typename scalar_t>
   void finish_chunk(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t b, int64_t e) {
@@ -194,6 +203,25 @@ inline float rnd(float x) {
 struct Sums {
   fVec u{0.f}, w{0.f}, g{0.f}, d{0.f};
   std::array<double, 4> total{0, 0, 0, 0};
+  // a Gram request's v (GramRequests::row_v; tiles are then whole rows), and the row's
+  // (W_{t+1} - W_0) . v so far
+  const float* gv = nullptr;
+  fVec dv{0.f};
+  float take_dot() {
+    const float r = at::vec::vec_reduce_all<float>(std::plus<fVec>(), dv);
+    dv = fVec(0.f);
+    return r;
+  }
+  // float32 parameters: the previous row's Gram term, acc += u (x - y), added a vector at
+  // a time while this row is stepped (the arithmetic runs while the row's loads wait on
+  // memory); the chunk's last row's after the chunk (finish_rows)
+  const float *px = nullptr, *py = nullptr;
+  float pu = 0.f, *pacc = nullptr;
+  void pipe(const float* x, const float* y, float u, float* acc) { px = x, py = y, pu = u, pacc = acc; }
+  void finish_rows(int64_t n) {
+    if (px) axpy_difference(pu, px, py, pacc, n);
+    px = nullptr;
+  }
   void add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k, int64_t count);
   // the two float halves of a reduced-precision vector of `count` elements at k
   void add_halves(const std::pair<fVec, fVec>& pn, const std::pair<fVec, fVec>& pk,
@@ -243,6 +271,11 @@ inline void Sums::add(fVec pn, fVec pk, fVec gk, const float* w0, int64_t k, int
   if (w0) {
     const fVec dd = pn - load(w0 + k, count);  // zero lanes: pn = 0, so dd = 0 there
     d = at::vec::fmadd(dd, dd, d);
+    if (gv) dv = at::vec::fmadd(dd, load(gv + k, count), dv);
+  }
+  if (px) {
+    const fVec t = load(px + k, count) - load(py + k, count);
+    store(at::vec::fmadd(fVec(pu), t, load(pacc + k, count)), pacc + k, count);
   }
 }
 
@@ -308,14 +341,16 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   chunked(params, stats, [&](int64_t i, int64_t b, int64_t e) {
     const bool fresh = has_mom && buf_is_new[i];
     const int64_t tile = gram.tile(i, kTile);
-    std::vector<float> w0buf(tile);
+    std::vector<float> w0buf(2 * tile);  // (two rows: a pipelined Gram term reads the last one's)
+    int64_t rows_done = 0;
     Sums sums;
+    sums.gv = gram.row_v(i);
     scalar_t* const pp = params[i].data_ptr<scalar_t>();
     scalar_t* const gp = grads[i].data_ptr<scalar_t>();
     scalar_t* const bp = has_mom ? bufs[i].data_ptr<scalar_t>() : nullptr;
     for (int64_t t0 = b; t0 < e; t0 += tile) {
       const int64_t n = std::min(t0 + tile, e) - t0;
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data());
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data() + (rows_done++ % 2) * tile);
       if constexpr (std::is_same_v<scalar_t, float>) {
         float *p = pp + t0, *g = gp + t0, *buf = has_mom ? bp + t0 : nullptr;
         over(n, [&](int64_t k, int64_t c) {
@@ -343,8 +378,14 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
         }
       }
       sums.flush();
-      if (gram.any()) gram.add_tile<scalar_t>(i, pp, init[i], t0, n);
+      if (sums.gv) {
+        if constexpr (std::is_same_v<scalar_t, float>)
+          sums.pipe(pp + t0, w0, sums.take_dot(), gram.acc(i));  // (added during the next row)
+        else
+          gram.add_row<scalar_t>(i, pp, init[i], t0, sums.take_dot());
+      }
     }
+    sums.finish_rows(tile);
     if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
     return sums.total;
   }, gram);
@@ -383,8 +424,10 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
     const double bc1 = 1 - std::pow(beta1, steps[i]), bc2 = 1 - std::pow(beta2, steps[i]);
     const float neg = static_cast<float>(-(lr / bc1)), bc2s = static_cast<float>(std::pow(bc2, 0.5));
     const int64_t tile = gram.tile(i, kTile);
-    std::vector<float> w0buf(tile);
+    std::vector<float> w0buf(2 * tile);  // (two rows: a pipelined Gram term reads the last one's)
+    int64_t rows_done = 0;
     Sums sums;
+    sums.gv = gram.row_v(i);
     scalar_t* const pp = params[i].data_ptr<scalar_t>();
     scalar_t* const gp = grads[i].data_ptr<scalar_t>();
     scalar_t* const mp = exp_avgs[i].data_ptr<scalar_t>();
@@ -392,7 +435,7 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
     scalar_t* const xp = amsgrad ? max_exp_avg_sqs[i].data_ptr<scalar_t>() : nullptr;
     for (int64_t t0 = b; t0 < e; t0 += tile) {
       const int64_t n = std::min(t0 + tile, e) - t0;
-      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data());
+      const float* w0 = init.empty() ? nullptr : init_as_float(init[i], t0, n, w0buf.data() + (rows_done++ % 2) * tile);
       scalar_t *p = pp + t0, *g = gp + t0, *m = mp + t0, *v = vp + t0, *x = amsgrad ? xp + t0 : nullptr;
       if constexpr (std::is_same_v<scalar_t, float>) {
         over(n, [&](int64_t k, int64_t c) {
@@ -426,8 +469,14 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
         }
       }
       sums.flush();
-      if (gram.any()) gram.add_tile<scalar_t>(i, pp, init[i], t0, n);
+      if (sums.gv) {
+        if constexpr (std::is_same_v<scalar_t, float>)
+          sums.pipe(pp + t0, w0, sums.take_dot(), gram.acc(i));  // (added during the next row)
+        else
+          gram.add_row<scalar_t>(i, pp, init[i], t0, sums.take_dot());
+      }
     }
+    sums.finish_rows(tile);
     if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
     return sums.total;
   }, gram);
