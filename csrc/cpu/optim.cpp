@@ -286,6 +286,27 @@ inline float add_scalar(double x) {
   return rnd<scalar_t>(static_cast<float>(x));
 }
 
+// After the step of the tile at t0 of parameter i: its sums flushed and, for a Gram
+// request, the row's term (float32 parameters: added while the next row is stepped).
+template <typename scalar_t>
+void end_tile(Sums& sums, GramRequests& gram, int64_t i, const scalar_t* pp, const std::vector<at::Tensor>& init,
+              int64_t t0, const float* w0) {
+  sums.flush();
+  if (!sums.gv) return;
+  if constexpr (std::is_same_v<scalar_t, float>)
+    sums.pipe(pp + t0, w0, sums.take_dot(), gram.acc(i));
+  else
+    gram.add_row<scalar_t>(i, pp, init[i], t0, sums.take_dot());
+}
+
+// After the chunk [b, e) of parameter i: the Gram terms still to add.
+template <typename scalar_t>
+void end_chunk(Sums& sums, GramRequests& gram, int64_t i, const scalar_t* pp, const std::vector<at::Tensor>& init,
+               int64_t b, int64_t e, int64_t tile) {
+  sums.finish_rows(tile);
+  if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
+}
+
 struct SgdArgs {
   float lr, momentum, damp1, weight_decay, momentum_mul;  // add alphas, and buf.mul_(momentum)
   bool nesterov, maximize;
@@ -377,16 +398,9 @@ void sgd_typed(const std::vector<at::Tensor>& params, const std::vector<at::Tens
           sums.add_halves({n0, n1}, {p0, p1}, {g0, g1}, w0, k, c);
         }
       }
-      sums.flush();
-      if (sums.gv) {
-        if constexpr (std::is_same_v<scalar_t, float>)
-          sums.pipe(pp + t0, w0, sums.take_dot(), gram.acc(i));  // (added during the next row)
-        else
-          gram.add_row<scalar_t>(i, pp, init[i], t0, sums.take_dot());
-      }
+      end_tile<scalar_t>(sums, gram, i, pp, init, t0, w0);
     }
-    sums.finish_rows(tile);
-    if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
+    end_chunk<scalar_t>(sums, gram, i, pp, init, b, e, tile);
     return sums.total;
   }, gram);
   gram.finish();
@@ -468,16 +482,9 @@ void adamw_typed(const std::vector<at::Tensor>& params, const std::vector<at::Te
           sums.add_halves({n0, n1}, {p0, p1}, {g0, g1}, w0, k, c);
         }
       }
-      sums.flush();
-      if (sums.gv) {
-        if constexpr (std::is_same_v<scalar_t, float>)
-          sums.pipe(pp + t0, w0, sums.take_dot(), gram.acc(i));  // (added during the next row)
-        else
-          gram.add_row<scalar_t>(i, pp, init[i], t0, sums.take_dot());
-      }
+      end_tile<scalar_t>(sums, gram, i, pp, init, t0, w0);
     }
-    sums.finish_rows(tile);
-    if (gram.any()) gram.finish_chunk<scalar_t>(i, pp, init[i], b, e);
+    end_chunk<scalar_t>(sums, gram, i, pp, init, b, e, tile);
     return sums.total;
   }, gram);
   gram.finish();
