@@ -799,3 +799,62 @@ def test_operator_norm_in_training_a_lower_bound_and_with_op_tol_close():
                 assert m[f"{n}/delta_w_op"] <= exact * (1 + 1e-5), (tol, t, n)
                 worst[tol] = max(worst[tol], 1 - m[f"{n}/delta_w_op"] / exact)
     assert worst[1e-3] < 0.01 and worst[1e-3] <= worst[None]
+
+
+@pytest.mark.parametrize("on", ["probe", "batch"])
+def test_a_measurement_takes_its_statistics_in_a_few_calls(on, monkeypatch):
+    # every activation pair of a pass in one multi_pair_stats call (no pair_stats call per
+    # activation), the layers' warm Lanczos steps in one spectral_norm_steps call; with
+    # probe="batch" the training forward's statistics are taken module by module (its
+    # activations are not kept through the step): one call each
+    import spkern.monitor.tracker as tracker_module
+    import spkern.monitor.values as values_module
+
+    calls = {"pairs": [], "steps": 0, "single": 0}
+    real_pairs, real_steps = values_module.multi_pair_stats, tracker_module.spectral_norm_steps
+
+    def pairs(p):
+        calls["pairs"].append(len(p))
+        return real_pairs(p)
+
+    def steps(*args):
+        calls["steps"] += 1
+        return real_steps(*args)
+
+    def single(*args, **kwargs):
+        calls["single"] += 1
+        return real_single(*args, **kwargs)
+    real_single = tracker_module.pair_stats
+    monkeypatch.setattr(values_module, "multi_pair_stats", pairs)
+    monkeypatch.setattr(tracker_module, "spectral_norm_steps", steps)
+    monkeypatch.setattr(tracker_module, "pair_stats", single)
+    x, y = _data()
+    model = _mlp()
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.5)
+    tracker = spkern.Tracker(model, opt, probe=x[:16] if on == "probe" else "batch")
+    _train(model, opt, x, y, 2, tracker)
+    for k in calls:
+        calls[k] = [] if k == "pairs" else 0
+    _train(model, opt, x, y, 1, tracker)
+    m = tracker.metrics()
+    if on == "probe":  # 3 Linear layers: output, input, effective and propagating update; the logits
+        assert calls["pairs"] == [3 * 4 + 1] and calls["steps"] == 1
+    else:
+        assert calls["pairs"] == [4, 4, 4, 1] and calls["steps"] == 3
+    assert calls["single"] == 0
+    assert m["4/delta_w_op"] > 0 and m["2/eff_rms"] > 0 and m["logits/change_rms"] > 0
+
+
+def test_reduce_reads_tables_scalars_and_numbers_in_one_gather():
+    from spkern.monitor.values import Table, _Max, _Ratio, reduce
+
+    t = Table(lambda: torch.tensor([[4.0, 9.0], [16.0, 2.0]], dtype=torch.float64))
+    s = torch.tensor(3.0)
+    values = {"a": _Ratio(t[0], 1.0, True), "b": _Ratio(t[1], t[3]), "c": _Ratio(s, 2, False, t[2]),
+              "d": _Max(torch.tensor(-1.5)), "e": _Ratio(t[2], 4, True, torch.tensor(0.5)),
+              "f": _Ratio(torch.tensor(-1.0), 1, True), "g": _Ratio(torch.tensor(1.0), 0.0)}
+    got = reduce(values)
+    assert list(got) == list(values)
+    assert got["a"] == 2.0 and got["b"] == 4.5 and got["c"] == 24.0 and got["d"] == -1.5
+    assert got["e"] == 1.0 and got["f"] == 0.0 and got["g"] > 1e300  # (a root of a negative: 0; no division by 0)
+    assert math.isnan(reduce({"n": _Ratio(torch.tensor(float("nan")), 1, True)})["n"])

@@ -83,7 +83,11 @@ propagating updates split the change of a Linear layer's output (bias aside):
 h_t - h_0 = (W_t - W_0) x_t + W_0 (x_t - x_0). During the probe pass each tracked
 Linear layer computes W_t x_t and W_0 x_t together (:func:`spkern.features.paired_linear`:
 one pass over x_t on GPU, both products rounded alike), so the RCC costs one extra
-product with W_0 per layer, plus the fused statistics.
+product with W_0 per layer, plus the fused statistics. Those are taken when the pass is
+over, for all the layers together: one :func:`spkern.multi_pair_stats` call for every
+activation pair of the pass, one :func:`spkern.spectral_norm_steps` for the layers' warm
+Lanczos steps; the values are entries of those results until :meth:`metrics` gathers them
+(a few operations and one host transfer per measurement, not a few per layer).
 
 Parameter statistics are read through one protocol, :class:`spkern.monitor.StepStats`:
 :mod:`spkern.optim`'s optimizers implement it (fused into the step, no copies); for any
