@@ -858,3 +858,16 @@ def test_reduce_reads_tables_scalars_and_numbers_in_one_gather():
     assert got["a"] == 2.0 and got["b"] == 4.5 and got["c"] == 24.0 and got["d"] == -1.5
     assert got["e"] == 1.0 and got["f"] == 0.0 and got["g"] > 1e300  # (a root of a negative: 0; no division by 0)
     assert math.isnan(reduce({"n": _Ratio(torch.tensor(float("nan")), 1, True)})["n"])
+
+
+def test_pairs_on_a_second_device_are_taken_apart():
+    # a model across devices: the first device's pairs go to one call, the others' one by one
+    from spkern.monitor.values import _Pair
+
+    x, _ = _data()
+    tracker = spkern.Tracker(_mlp(), probe=x[:8])
+    first = tracker._pair(torch.randn(3, 4))
+    other = tracker._pair(torch.randn(3, 4, device="meta"))
+    assert isinstance(first, _Pair) and isinstance(other, torch.Tensor) and other.device.type == "meta"
+    tracker._flush_sums()
+    assert first[0].table.sums.shape == (5,)

@@ -160,8 +160,8 @@ class _OpSteps(Table):
     layer's op(W_t - W_0) and its inverse (the scale of eff_align) as table entries; the
     layers' next states are written into ``states``."""
 
-    def __init__(self, states):
-        self._states, self._asked = states, []
+    def __init__(self, states, device):
+        self._states, self._asked, self.device = states, [], device
         super().__init__(self._take)
 
     def add(self, name, weight, w0, state, product):
@@ -629,10 +629,12 @@ class Tracker:
             # (a sharded weight is never gathered for it: each rank iterates on its rows)
             weight = self._lin_param[name] if self._sharded else module.weight
             product = self._product(weight, state)
-            if state is not None and self.op_iters == 1 and self.op_tol is None and not self._sharded:
-                # the default: one warm step, taken with the other layers' when the pass is over
+            if (state is not None and self.op_iters == 1 and self.op_tol is None and not self._sharded
+                    and (self._steps is None or self._steps.device == weight.device)):
+                # the default: one warm step, taken with the other layers' (on the same device)
+                # when the pass is over
                 if self._steps is None:
-                    self._steps = _OpSteps(self._op_state)
+                    self._steps = _OpSteps(self._op_state, weight.device)
                 op, inv = self._steps.add(name, weight, w0, state, product)
                 iters = 1.0
             else:
@@ -652,6 +654,8 @@ class Tracker:
         pass in one call (:meth:`_flush_sums`), read by column."""
         if self._sums is None:
             self._sums = PairSums()
+        elif self._sums.device != a.device:  # (a model across devices: the first device's pairs together)
+            return pair_stats(a, b)
         return self._sums.add(a, b)
 
     def _flush_sums(self, pairs=True):

@@ -88,12 +88,17 @@ class PairSums(Table):
     :func:`spkern.features.multi_pair_stats` call."""
 
     def __init__(self):
-        self._pairs = []
+        self._pairs, self.device = [], None
         super().__init__(lambda: multi_pair_stats(self._pairs))
 
     def add(self, a, b=None) -> _Pair:
+        """The sums of (a, b), on the device of the pairs added before (:attr:`device`)."""
         if self._compute is None:
             raise RuntimeError("PairSums: the sums are computed already")
+        if self.device is None:
+            self.device = a.device
+        elif a.device != self.device:
+            raise ValueError(f"PairSums holds pairs on {self.device}, got one on {a.device}")
         self._pairs.append((a, b))
         return _Pair(self, len(self._pairs) - 1)
 
