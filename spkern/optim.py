@@ -285,16 +285,21 @@ class _NormStats:
                             else torch.zeros(len(params), device=params[0].device)], 1)
         return sums, bool(inits)
 
+    def _last_sums(self):
+        """((group, index, parameter) of every parameter a step has measured, their (P, 4)
+        sums of the last step as one tensor, of the local shards), or ([], None)."""
+        keyed = [(group, j, p) for group in self.param_groups for j, p in enumerate(group["params"])
+                 if p in self._stats]
+        return keyed, torch.stack([self._stats[p] for _, _, p in keyed]) if keyed else None
+
     def norm_stats(self):
         """{name or parameter: {statistic: device tensor}}; see the module docstring. With
         sharded parameters the shards' sums are added over the ranks here, in one
         all-reduce: every rank must call it."""
-        keyed = [(group, j, p) for group in self.param_groups for j, p in enumerate(group["params"])
-                 if p in self._stats]
+        keyed, sums = self._last_sums()
         if not keyed:
             return {}
         params = [p for _, _, p in keyed]
-        sums = torch.stack([self._stats[p] for p in params])
         if any(is_dtensor(p) for p in params):
             sums = sum_over_shards(sums, params)
         # every statistic of every parameter in a few operations, then views of them
@@ -395,10 +400,11 @@ class _NormStats:
         ||grad||^2 and ||W_{t+1} - W_0||^2, ``drift`` whether that last column is measured
         at every step; None when a parameter is sharded (its sums are a shard's, which
         :meth:`norm_stats` adds over the ranks) or none was stepped."""
-        params = [p for group in self.param_groups for p in group["params"] if p in self._stats]
+        keyed, sums = self._last_sums()
+        params = [p for _, _, p in keyed]
         if not params or any(is_dtensor(p) for p in params):
             return None
-        return params, torch.stack([self._stats[p] for p in params]), bool(self.initial_weights) and self.drift_every == 1
+        return params, sums, bool(self.initial_weights) and self.drift_every == 1
 
     def request_products(self, vectors):
         """Asks the next step for ``(W_{t+1} - W_0)^T (W_{t+1} - W_0) v`` of the matrices

@@ -68,13 +68,17 @@ struct GramRequests {
   const float* row_v(int64_t i) const { return slot[i] >= 0 && row[i] <= kRowTile ? v[i] : nullptr; }
   // this thread's partial product of parameter i
   float* acc(int64_t i) { return partials[slot[i]].of_this_thread(); }
+  // this thread's buffer for two rows of n floats (reduced precision converted)
+  static float* scratch(int64_t n) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < 2 * n) buf.resize(2 * n);
+    return buf.data();
+  }
   // after the step of the row at t0 of parameter i, with its dot product with v
   template <typename scalar_t>
   void add_row(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t t0, float dot) {
     const int64_t n = row[i];
-    thread_local std::vector<float> scratch;
-    if (static_cast<int64_t>(scratch.size()) < 2 * n) scratch.resize(2 * n);
-    gram_row_axpy_any<scalar_t>(dot, p + t0, w0, t0, n, partials[slot[i]].of_this_thread(), scratch.data());
+    gram_row_axpy_any<scalar_t>(dot, p + t0, w0, t0, n, acc(i), scratch(n));
   }
   template <typename scalar_t>
   void finish_chunk(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t b, int64_t e) {
@@ -86,10 +90,7 @@ struct GramRequests {
   void add(int64_t i, const scalar_t* p, const at::Tensor& w0, int64_t b, int64_t e) {
     if (slot[i] < 0) return;
     const int64_t n = row[i];
-    thread_local std::vector<float> scratch;
-    if (static_cast<int64_t>(scratch.size()) < 2 * n) scratch.resize(2 * n);
-    gram_rows_into_any<scalar_t>(p, w0, v[i], b / n, e / n, n, partials[slot[i]].of_this_thread(),
-                                 scratch.data());
+    gram_rows_into_any<scalar_t>(p, w0, v[i], b / n, e / n, n, acc(i), scratch(n));
   }
   void finish() {
     for (size_t i = 0; i < slot.size(); ++i)

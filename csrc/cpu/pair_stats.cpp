@@ -88,20 +88,6 @@ std::array<double, kPairColumns> row_sums(const T* a, const T* b, int64_t n) {
   return out;
 }
 
-template <typename T>
-void all_rows(const at::Tensor& a, const at::Tensor* b, at::Tensor& out) {
-  const int64_t rows = a.size(0), n = a.size(1);
-  const T* pa = a.const_data_ptr<T>();
-  const T* pb = b ? b->const_data_ptr<T>() : nullptr;
-  double* o = out.data_ptr<double>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const auto s = row_sums<T>(pa + r * n, pb ? pb + r * n : nullptr, n);
-      for (int k = 0; k < kPairColumns; ++k) o[kPairColumns * r + k] = s[k];
-    }
-  });
-}
-
 void check_pair(const char* where, const at::Tensor& a, const at::Tensor* b) {
   const auto dtype = a.scalar_type();
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.device().is_cpu() &&
@@ -137,16 +123,15 @@ at::Tensor multi_pair_stats(const std::vector<at::Tensor>& a, const std::vector<
   const auto P = static_cast<int64_t>(a.size());
   std::vector<const at::Tensor*> bs(P, nullptr);
   std::vector<int64_t> first(P + 1, 0);  // the pairs' rows, numbered across all pairs
-  int64_t elements = 0;
+  int64_t elements = 0, max_rows = 0;
   for (int64_t i = 0; i < P; ++i) {
     bs[i] = b[i].has_value() && b[i]->defined() ? &*b[i] : nullptr;
     check_pair("spkern cpu multi_pair_stats", a[i], bs[i]);
     first[i + 1] = first[i] + a[i].size(0);
     elements += a[i].numel();
+    max_rows = std::max(max_rows, a[i].size(0));
   }
   const int64_t rows = first[P];
-  int64_t max_rows = 0;
-  for (int64_t i = 0; i < P; ++i) max_rows = std::max(max_rows, a[i].size(0));
   std::vector<double> per_row(static_cast<size_t>(rows) * kPairColumns);
   // row r of every pair, then row r + 1: pairs that share a tensor (the tracker's h_t in
   // (h_t, h_0) and (h_t, W_0 x_t), say) read its row once from memory, then from cache
@@ -173,11 +158,14 @@ at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
   const at::Tensor* pb = b.has_value() && b->defined() ? &*b : nullptr;
   check_pair("spkern cpu pair_stats", a, pb);
   at::Tensor out = at::empty({a.size(0), kPairColumns}, a.options().dtype(at::kDouble));
-  switch (a.scalar_type()) {
-    case at::kBFloat16: all_rows<at::BFloat16>(a, pb, out); break;
-    case at::kHalf: all_rows<at::Half>(a, pb, out); break;
-    default: all_rows<float>(a, pb, out);
-  }
+  double* o = out.data_ptr<double>();
+  at::parallel_for(0, a.size(0), std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(a.size(1), 1)),
+                   [&](int64_t lo, int64_t hi) {
+                     for (int64_t r = lo; r < hi; ++r) {
+                       const auto sums = row_sums_of(a, pb, r);
+                       std::copy(sums.begin(), sums.end(), o + kPairColumns * r);
+                     }
+                   });
   return out;
 }
 

@@ -84,7 +84,7 @@ class FixedProbe:
                 warnings.warn("spkern.Tracker: no probe yet (no probe= given and the model has not run with a "
                               "tensor argument): only the parameters are measured until it does",
                               RuntimeWarning, stacklevel=3)
-            t._cur, t._sums, t._steps = {}, None, None
+            t._start_measurement()
             t._finish()
             return True
         self.measure()
@@ -94,7 +94,7 @@ class FixedProbe:
         t = self.t
         if self.probe is None:
             raise RuntimeError("the tracker has no probe yet: pass probe= or run the model once")
-        t._cur, t._sums, t._steps = {}, None, None
+        t._start_measurement()
         t._output_stats(t._model_output(self.forward("current")), self.ref_out)
         t._finish()
 
@@ -181,7 +181,8 @@ class TrainingBatch:
                 or (t.steps + 1) % t.every != 0):
             return None
         self.measured_step = t.steps
-        t._cur, t._ref, t._sums, t._steps = {}, {}, None, None
+        t._start_measurement()
+        t._ref = {}
         model = t._ref_model if t._ref_model is not None else t.model
         if t._ref_model is not None:
             state, weights = None, t._linear_weights(model)
@@ -247,7 +248,7 @@ class TrainingBatch:
         if self.measured_step != t.steps - 1:
             warnings.warn("spkern.Tracker(probe='batch'): the model ran no forward with gradients before "
                           "this step: only the parameters were measured", RuntimeWarning, stacklevel=3)
-            t._cur, t._sums, t._steps = {}, None, None
+            t._start_measurement()
         t._finish()
         return True
 

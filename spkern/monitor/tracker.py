@@ -649,6 +649,10 @@ class Tracker:
         if aligned:
             v[f"{name}/prop_align"] = _Ratio(prop, sx[Sum.DIFF_SQ], True, 1 / self._op_w0[name].clamp_min(tiny))
 
+    def _start_measurement(self):
+        """A new measurement: no values, pairs or Lanczos steps asked for yet."""
+        self._cur, self._sums, self._steps = {}, None, None
+
     def _pair(self, a, b=None):
         """The pair statistics of (a, b) in this measurement: computed with the others of its
         pass in one call (:meth:`_flush_sums`), read by column."""
