@@ -116,7 +116,7 @@ def worker(kind, width, parallel, rounds, cycle, device):
     _, model, opt, tracker = arms["tracked"]
     params = opt.stepped_parameters()  # (the shards; model.parameters() may hold FSDP2's gathered copies)
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
-    memory = {"params": _local_bytes(params), "w0": _local_bytes(tracker._w0.values()),
+    memory = {"params": _local_bytes(params), "w0": _local_bytes(tracker.reference.tensors()),
               "optimizer_state": _local_bytes(state)}
     memory["total"] = sum(memory.values())
     for _, _, _, t in arms.values():

@@ -134,32 +134,40 @@ def multi_pair_stats(pairs: Sequence[tuple]) -> Tensor:
 __all__ = ["PAIR_COLUMNS", "multi_pair_stats", "pair_stats", "pair_stats_reference"]
 
 
-def paired_linear(x: Tensor, weight: Tensor, weight0: Tensor):
+def paired_linear(x: Tensor, weight: Tensor, weight0: Optional[Tensor] = None):
     """``(x W^T, x W0^T)`` in float32, for the refined coordinate check of a Linear layer
     (bias-free): their difference is the effective update ``(W - W0) x`` and
-    ``x W0^T`` minus its value at initialisation the propagating update.
+    ``x W0^T`` minus its value at initialisation the propagating update. With
+    ``weight0`` None, ``x W^T`` alone, computed as the first of a pair (bitwise the same).
 
     ``x`` is ``(..., in_features)``; ``weight`` and ``weight0`` are ``(out_features,
-    in_features)`` (``weight0`` may be kept in another float dtype). The Triton backend
-    (CUDA) reads each tile of ``x`` once and multiplies it with both weights in the same
-    order, in full float32 precision (no TF32), so that the difference of the two
-    products is accurate; on CPU it is two products of the same shape, which the BLAS
-    library rounds alike.
+    in_features)`` (``weight0`` may be kept in another float dtype). The products are
+    float32 products of float32 values (an x or W of another dtype is converted, exactly
+    for bfloat16 and float16), equal for every backend up to the order of the sums: the
+    Triton backend (CUDA) reads each tile of ``x`` once and multiplies it with both
+    weights in the same order, in full float32 precision (no TF32), so that the
+    difference of the two products is accurate; on CPU it is two products of the same
+    shape, which the BLAS library rounds alike.
     """
     for name, t in (("x", x), ("weight", weight), ("weight0", weight0)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
+        if (t is not None or name != "weight0") and (not isinstance(t, Tensor) or not t.is_floating_point()):
             raise TypeError(f"{name} must be a floating-point Tensor")
-    if weight.dim() != 2 or weight0.shape != weight.shape:
+    if weight.dim() != 2 or (weight0 is not None and weight0.shape != weight.shape):
         raise ValueError(f"weight and weight0 must be (out, in) of one shape, got {tuple(weight.shape)} and "
-                         f"{tuple(weight0.shape)}")
+                         f"{tuple(weight0.shape) if weight0 is not None else None}")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but weight takes {weight.shape[1]}")
-    if not (x.device == weight.device == weight0.device):
+    if not (x.device == weight.device and (weight0 is None or weight0.device == x.device)):
         raise ValueError("x, weight and weight0 must be on one device")
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, x.shape[-1])
-    y, z = registry.resolve("paired_linear", x2).fn(x2, weight.detach(), weight0.detach())
-    return y.reshape(*lead, -1), z.reshape(*lead, -1)
+    weight = weight.detach()
+    if x2.dtype != weight.dtype or x2.dtype == torch.float64:  # (float32 products of the exact values)
+        x2, weight = x2.float(), weight.float()
+    w0 = weight0.detach() if weight0 is not None else None
+    y, z = registry.resolve("paired_linear", x2).fn(x2, weight, w0)
+    y = y.reshape(*lead, -1)
+    return y if weight0 is None else (y, z.reshape(*lead, -1))
 
 
 __all__ += ["paired_linear"]

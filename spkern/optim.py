@@ -14,8 +14,9 @@ No copy of the previous weights, no extra pass, no host sync. ``track_drift=True
 keeps a copy of the initial weights, in ``drift_dtype`` (bfloat16 halves its memory);
 ``initial_weights=`` takes them from the caller instead.
 
-:meth:`norm_stats` turns the sums into norms (device tensors), keyed by parameter name
-when the optimizer was built from ``named_parameters()``, else by the parameter:
+:meth:`norm_stats` turns the sums of the last step into norms (device tensors), keyed by
+parameter name when the optimizer was built from ``named_parameters()``, else by the
+parameter; a parameter the last step did not step (its gradient was None) is absent:
 
     *_fro   Frobenius norm, sqrt(sum of squares)
     *_rms   Frobenius norm / sqrt(numel)
@@ -106,6 +107,7 @@ class _NormStats:
         elif track_drift:
             self.initial_weights = {p: p.detach().clone().to(drift_dtype or p.dtype) for p in params}
         self._stats = {}  # parameter -> (4,) float32 device tensor of the sums above
+        self._fresh = set()  # the parameters the last step stepped (a frozen one, without a gradient, is not)
         self._placements_checked = set()  # ids of the sharded parameters whose placement was checked
         self._product_requests = {}  # parameter -> (v, W_0), for the next step (request_products)
         self._products = {}  # parameter -> (v, (W_{t+1} - W_0)^T (W_{t+1} - W_0) v, version) of the last step
@@ -187,6 +189,7 @@ class _NormStats:
                 loss = closure()
         self._check_lr()
         self._products = {}
+        self._fresh = set()
         return loss
 
     def _end_step(self):
@@ -271,6 +274,7 @@ class _NormStats:
             if not measured_drift and p in self._stats:
                 sums[i, 3] = self._stats[p][3]  # keep the last drift
             self._stats[p] = sums[i]
+            self._fresh.add(p)
 
     def _fallback(self, params, grads, torch_step):
         """torch's own step; the statistics (of the local shards) from a copy taken before it."""
@@ -286,10 +290,12 @@ class _NormStats:
         return sums, bool(inits)
 
     def _last_sums(self):
-        """((group, index, parameter) of every parameter a step has measured, their (P, 4)
-        sums of the last step as one tensor, of the local shards), or ([], None)."""
+        """((group, index, parameter) of every parameter the last step stepped, their (P, 4)
+        sums as one tensor, of the local shards), or ([], None). A parameter without a
+        gradient at that step is not stepped: its statistics are absent, not the step's
+        before."""
         keyed = [(group, j, p) for group in self.param_groups for j, p in enumerate(group["params"])
-                 if p in self._stats]
+                 if p in self._fresh]
         return keyed, torch.stack([self._stats[p] for _, _, p in keyed]) if keyed else None
 
     def norm_stats(self):

@@ -64,7 +64,8 @@ def test_sharded_numbers_equal_one_process(runs):
         if k == "/world" or "vs_torch" in k:
             continue
         assert k in a, k
-        assert math.isclose(a[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, a[k], v)
+        same = (math.isnan(a[k]) and math.isnan(v)) or math.isclose(a[k], v, rel_tol=1e-4, abs_tol=1e-6)
+        assert same, (k, a[k], v)  # (NaN: an alignment of an input that never moves, 0/0)
         compared += 1
     assert compared > 1500
 

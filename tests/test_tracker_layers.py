@@ -128,7 +128,7 @@ def test_norm_layers_by_duck_type_and_parameters_of_no_layer():
         def forward(self, x):
             t = self.patch(x).flatten(2).transpose(1, 2)
             t = torch.cat([self.cls_token.expand(len(x), -1, -1), t], 1) + self.pos_embed
-            return self.head(self.rms(self.norm(t))[:, 0])
+            return self.head(self.rms(self.norm(t)).mean(1))  # (every token: the patches learn)
 
     torch.manual_seed(0)
     model = ViT()
@@ -147,7 +147,7 @@ def test_norm_layers_by_duck_type_and_parameters_of_no_layer():
     assert is_norm(model.norm) and is_norm(model.rms) and not is_norm(model.head) and linear_map(model.norm) is None
 
 
-def test_register_layer_and_unknown_layers_named():
+def test_layers_of_your_own_by_their_forward_and_register_layer():
     class Scaled(nn.Module):  # a layer of its own: y = 2 x W^T
         def __init__(self):
             super().__init__()
@@ -158,10 +158,26 @@ def test_register_layer_and_unknown_layers_named():
 
     torch.manual_seed(0)
     model = nn.Sequential(Scaled(), nn.Tanh())
-    with pytest.raises(ValueError, match=r"cannot measure '0' \(Scaled\).*register_layer"):
-        spkern.Tracker(model, probe=torch.randn(3, 6), modules=["0"])
-    spkern.Tracker(model, probe=torch.randn(3, 6), modules=["0"], rcc=False).close()  # output statistics only
-    assert linear_map(model[0]) is None  # not measured unless asked: the default set skips it
+    x = torch.randn(3, 6)
+
+    def train_one(tracker_kw):
+        w0 = model[0].weight.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        tracker = spkern.Tracker(model, opt, probe=x, **tracker_kw)
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        dw = (model[0].weight.detach() - w0).double()
+        m = tracker.metrics()
+        tracker.close()
+        return m, 2 * x.double() @ dw.t(), dw
+
+    # unknown: measured through its own forward, f(x; θ_t) - f(x; θ_0); no operator norm
+    m, eff, _ = train_one({})
+    assert linear_map(model[0]) is None and m["0/eff_rms"] > 0
+    assert math.isclose(m["0/eff_rms"], _rms(eff), rel_tol=1e-5) and "0/delta_w_op" not in m
+    m, *_ = train_one({"modules": ["0"], "rcc": False})  # output statistics only
+    assert "0/act_rms" in m and "0/eff_rms" not in m
 
     class ScaledMap(spkern.monitor.LinearMap):
         def apply(self, module, x, weight):
@@ -169,16 +185,10 @@ def test_register_layer_and_unknown_layers_named():
 
     spkern.monitor.register_layer(Scaled, ScaledMap())
     try:
-        x = torch.randn(3, 6)
-        w0 = model[0].weight.detach().clone()
-        opt = torch.optim.SGD(model.parameters(), lr=0.2)
-        tracker = spkern.Tracker(model, opt, probe=x)
-        assert tracker.names == ["0"]
-        opt.zero_grad()
-        model(x).sum().backward()
-        opt.step()
-        eff = 2 * x.double() @ (model[0].weight.detach() - w0).double().t()
-        assert math.isclose(tracker.metrics()["0/eff_rms"], _rms(eff), rel_tol=1e-5)
+        m, eff, dw = train_one({})
+        assert math.isclose(m["0/eff_rms"], _rms(eff), rel_tol=1e-5)
+        exact = torch.linalg.matrix_norm(dw, 2).item()  # (one step of SGD: a rank-one change, found at once)
+        assert math.isclose(m["0/delta_w_op"], exact, rel_tol=1e-4) and 0 <= m["0/eff_align"] <= 1
         with pytest.raises(TypeError, match="LinearMap"):
             spkern.monitor.register_layer(Scaled, object())
     finally:
@@ -204,7 +214,7 @@ def test_hf_gpt2_every_projection_measured():
         out.loss.backward()
         opt.step()
     m = tracker.metrics()
-    args, kwargs = tracker._probe
+    args, kwargs = tracker.probe
     assert not args and torch.equal(kwargs["attention_mask"], mask) and torch.equal(kwargs["labels"], ids)
     projections = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                           "mlp.c_proj")]
@@ -217,7 +227,7 @@ def test_hf_gpt2_every_projection_measured():
         logits = model(**kwargs).logits
     assert math.isclose(m["logits/rms"], _rms(logits), rel_tol=1e-5)  # the ModelOutput's logits
     # the tied head shares the embedding's initial copy
-    assert tracker._lin_w0["lm_head"] is tracker._w0["transformer.wte.weight"]
+    assert tracker.reference.weight0(tracker.layers["lm_head"]) is tracker.reference.w0["transformer.wte.weight"]
 
 
 def _tiny_gpt2(seed=0):

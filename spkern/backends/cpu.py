@@ -60,14 +60,19 @@ def paired_linear(x, weight, weight0):
     # A probe of a few rows against a large weight: W x^T rather than x W^T, so that BLAS
     # packs the small operand, x, and streams the weights (measured on AMD EPYC, torch 2.13
     # CPU, 2 threads: 1.3-1.65x faster at 16 rows and widths 1024-2048, 1.1x at 64 rows;
-    # slower for 256 rows or widths of 256). Both products take the same path, so they
-    # round alike. (Two BLAS products: blocking makes one pass over x pointless on CPU.)
+    # slower for 256 rows or widths of 256). Both products take the same path, in float32
+    # (x and the weights converted: exact for bfloat16 and float16), so they round alike.
+    # (Two BLAS products: blocking makes one pass over x pointless on CPU.)
+    x = x.float()
     if x.shape[0] > 64 or weight.numel() < (1 << 19):
-        return (torch.nn.functional.linear(x, weight.to(x.dtype)).float(),
-                torch.nn.functional.linear(x, weight0.to(x.dtype)).float())
-    x = x.contiguous()
-    return ((weight.to(x.dtype) @ x.t()).t().float().contiguous(),
-            (weight0.to(x.dtype) @ x.t()).t().float().contiguous())
+        def one(w):
+            return torch.nn.functional.linear(x, w.float())
+    else:
+        x = x.contiguous()
+
+        def one(w):
+            return (w.float() @ x.t()).t().contiguous()
+    return one(weight), (one(weight0) if weight0 is not None else None)
 
 
 @register("sgd_step", "cpu", _optim_check)

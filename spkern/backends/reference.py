@@ -19,7 +19,7 @@ def _torch_gram(A, B):
 
 
 def _paired_linear(x, w, w0):
-    return tuple(t.float() for t in (x.double() @ w.double().t(), x.double() @ w0.double().t()))
+    return tuple(None if b is None else (x.double() @ b.double().t()).float() for b in (w, w0))
 
 
 def _register():

@@ -44,6 +44,8 @@ def multi_pair_stats(a, b):
 
 @register("paired_linear", "triton", _available("features"))
 def paired_linear(x, weight, weight0):
+    if weight0 is None:  # (one product, computed as the first of a pair: bitwise the same)
+        return triton_kernels("features").paired_linear(x, weight, weight)[0], None
     return triton_kernels("features").paired_linear(x, weight, weight0)
 
 

@@ -1,47 +1,94 @@
-"""The tracker's own passes over a model, and how they see the Linear products.
+"""The tracker's own passes over a model, and how they see the layers.
 
 A pass of the tracker's own (the probe, the reference) must leave training as it was: it
-runs without gradients, restores the random number generators, every module's own mode
-and, when asked, the buffers, and it edits no module: the products on tracked Linear
-weights are taken by capturing ``F.linear`` for the duration of the pass.
+runs without gradients and without autocast (its activations then have one precision,
+whatever context the training step runs in), restores the random number generators,
+every module's own mode and every tensor the pass wrote (:class:`WriteGuard`: BatchNorm's
+running statistics in training mode, an ``nn.Embedding(max_norm=...)``'s renormalised
+rows), and it edits no module: the layers of kind "linear" are seen where ``F.linear``
+applies their weight (:class:`Recorder`, a ``TorchFunctionMode``; inside
+``F.multi_head_attention_forward`` too).
 """
 
 import contextlib
 import dataclasses
+import types
+import warnings
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+_MHA = F.multi_head_attention_forward
 
-class _LinearCapture(TorchFunctionMode):
-    """Inside a tracker pass, ``F.linear`` on a tracked weight runs ``linear(name, x,
-    weight, bias)`` instead: the tracker's products without editing any module (an
-    instance-patched forward, accelerate's hooks or an adapter still run as they are).
-    ``weights`` is {name: weight}, or a function giving it now (FSDP2 puts a gathered
-    weight in place of the sharded one for the duration of a module's forward)."""
+
+def _mha_body():
+    """multi_head_attention_forward without its own torch-function check, so that the
+    ``F.linear`` calls inside it reach the recorder (the check would hand the whole call to
+    the mode, whose handler runs with the mode off)."""
+    fn = _MHA
+    body = types.FunctionType(fn.__code__, {**fn.__globals__, "has_torch_function": lambda *_: False},
+                              fn.__name__, fn.__defaults__, fn.__closure__)
+    body.__kwdefaults__ = fn.__kwdefaults__
+    return body
+
+
+_MHA_BODY = _mha_body()
+
+
+class Recorder(TorchFunctionMode):
+    """While active, ``F.linear`` on the weight of a layer of kind "linear" runs
+    ``linear(layer, x, weight, bias, rows)`` instead (``rows``: the rows of the layer's
+    weight a view applies, attention's split projections, or None). ``weights`` is
+    {id(weight): layer}, or a function giving {layer: weight} now (FSDP2 puts a gathered
+    weight in place of the sharded one for the duration of a module's forward).
+    ``paused``: everything runs as it is."""
 
     def __init__(self, weights, linear):
         super().__init__()
         self.linear = linear
         self.current = weights if callable(weights) else None
-        self.names = {} if callable(weights) else {id(w): n for n, w in weights.items()}
+        self.by_id = {} if callable(weights) else weights
+        self.paused = False
+
+    def _find(self, weight):
+        layer = self.by_id.get(id(weight))
+        if layer is None and self.current is not None:
+            self.by_id = {id(w): layer for layer, w in self.current().items()}
+            layer = self.by_id.get(id(weight))
+        return layer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         if func is F.linear:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.names.get(id(weight))
-            if name is None and self.current is not None:
-                self.names = {id(w): n for n, w in self.current().items()}
-                name = self.names.get(id(weight))
-            if name is not None:
+            layer, rows = self._find(weight), None
+            base = getattr(weight, "_base", None)
+            if layer is None and base is not None and weight.dim() == 2 and weight.stride() == base.stride():
+                layer = self._find(base)
+                if layer is not None:
+                    r0 = (weight.storage_offset() - base.storage_offset()) // max(base.stride(0), 1)
+                    rows = (r0, r0 + weight.shape[0])
+            if layer is not None:
                 x = args[0] if args else kwargs["input"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return self.linear(name, x, weight, bias)
+                return self.linear(layer, x, weight, bias, rows)
+        elif func is _MHA:
+            with self:
+                return _MHA_BODY(*args, **kwargs)
         return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def pause(self):
+        was, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = was
 
 
 def first_tensor(out):
@@ -123,28 +170,114 @@ def reshard(model):
             m.reshard()
 
 
+def _written_by_design(model):
+    """Tensors a forward is known to write: an Embedding's weight under ``max_norm``, and
+    the power-iteration vectors of spectral norms (old and new API)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            out.append(m.weight)
+        for n, b in m.named_buffers(recurse=False):
+            if n in ("_u", "_v") or n.endswith(("_u", "_v")):
+                out.append(b)
+    return out
+
+
+class WriteGuard:
+    """Restores what a pass of the tracker's own writes. The first pass saves every
+    parameter and buffer and learns, from their version counters, which the model's
+    forward writes; later passes save those (and every buffer, in training mode) and
+    restore them after the pass. A tensor written that was not saved (a forward whose
+    writes depend on its input) is named in a warning and saved from then on."""
+
+    def __init__(self, model):
+        self.model = model
+        self.written = {id(t): t for t in _written_by_design(model)}
+        self.learned = False
+
+    @contextlib.contextmanager
+    def __call__(self, training: bool):
+        tensors = {id(t): t for t in list(self.model.parameters()) + list(self.model.buffers())}
+        if not self.learned:
+            keep = tensors
+        else:
+            keep = dict(self.written)
+            if training:
+                keep.update({id(b): b for b in self.model.buffers()})
+        versions = {i: t._version for i, t in tensors.items()}
+        with torch.no_grad():
+            saved = [(t, t.detach().clone()) for t in keep.values()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, value in saved:
+                    if t._version != versions.get(id(t), -1):
+                        t.copy_(value)
+            lost = [i for i, t in tensors.items() if t._version != versions[i] and i not in keep
+                    and i not in self.written]
+            for i, t in tensors.items():
+                if t._version != versions[i]:
+                    self.written[i] = t
+            self.learned = True
+            if lost:
+                names = {id(t): n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
+                warnings.warn("spkern.Tracker: a pass of the tracker's own wrote "
+                              f"{', '.join(repr(names.get(i, '?')) for i in lost)}, which it had not saved (the model's "
+                              "forward writes it on some inputs only): training may differ from here on; it is saved "
+                              "from the next pass on", RuntimeWarning, stacklevel=4)
+
+
 @contextlib.contextmanager
-def own_pass(model, training, weights=None, linear=None, restore_buffers=False):
-    """Every module of ``model`` in ``training`` mode, without gradients, and ``F.linear``
-    on the weights ``weights`` ({name: tensor}, or a function giving it) running
-    ``linear(name, x, weight, bias)``.
-    Afterwards each module has its own mode again (restored one by one) and the random
-    number generators their state, so that the training run with the tracker is the run
-    without it; with ``restore_buffers`` (a training-mode pass on a model's own buffers)
-    the buffers are restored too."""
-    modes = [(m, m.training) for m in model.modules()]
-    devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
-    buffers = [(b, b.clone()) for b in model.buffers()] if restore_buffers else []
+def no_autocast():
+    """Autocast off (CPU and CUDA): the tracker's own arithmetic (its products, norms and
+    sums) in the precision it documents, whatever context the training step runs in."""
+    with contextlib.ExitStack() as stack:
+        for d in ("cpu", "cuda"):
+            if torch.amp.is_autocast_available(d):
+                stack.enter_context(torch.autocast(device_type=d, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def own_state(module):
+    """A call of the tracker's own on ``module`` (a layer's map): every submodule in eval
+    mode, the random number generators and the modes restored after it."""
+    modes = [(m, m.training) for m in module.modules()]
+    devices = sorted({t.device.index or 0 for t in module.parameters() if t.is_cuda})
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=devices))
-            stack.enter_context(torch.no_grad())
-            if linear is not None:
-                stack.enter_context(_LinearCapture(weights, linear))
-            model.train(training)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            module.eval()
             yield
     finally:
         for m, mode in modes:
             m.training = mode
-        for b, saved in buffers:
-            b.copy_(saved)
+
+
+@contextlib.contextmanager
+def own_pass(model, training, guard, recorder=None, autocast_off=True):
+    """Every module of ``model`` in ``training`` mode, without gradients and (with
+    ``autocast_off``) autocast, and without attention's fast path (which applies its
+    weights where nothing sees them), with the ``recorder`` active. Afterwards each module has its own mode again (restored one by
+    one), the random number generators their state and the tensors the pass wrote their
+    values (``guard``, a :class:`WriteGuard`), so that training with the tracker is
+    training without it."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+    fast = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(torch.no_grad())
+            if autocast_off:
+                stack.enter_context(no_autocast())
+            stack.enter_context(guard(training))
+            torch.backends.mha.set_fastpath_enabled(False)
+            if recorder is not None:
+                stack.enter_context(recorder)
+            model.train(training)
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m, mode in modes:
+            m.training = mode

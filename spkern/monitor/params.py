@@ -12,6 +12,7 @@ The tracker never looks at the optimizer's type nor writes its attributes.
 from typing import Callable, Optional, Protocol, runtime_checkable
 
 from spkern.constants import Sum
+from spkern.monitor.values import Table, _Ratio, rms
 from spkern.norms import multi_tensor_norms
 
 # what a step's statistics hold per parameter (device scalars); drift_rms only when the
@@ -61,14 +62,14 @@ class TorchStepStats:
         self._before = None
         out = {p: {} for p in params}
         moved = multi_tensor_norms(params, before)  # ||W_{t+1} - W_t||^2, ||W_{t+1}||^2
-        grads = [p.grad for p in params]
-        gsq = multi_tensor_norms(grads)[:, Sum.A_SQ] if all(g is not None for g in grads) else None
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]  # (a frozen one has none)
+        gsq = multi_tensor_norms([params[i].grad for i in with_grad])[:, Sum.A_SQ] if with_grad else None
         for i, p in enumerate(params):
             n = max(p.numel(), 1) ** 0.5
             out[p]["update_rms"] = moved[i, Sum.DIFF_SQ].clamp_min(0).sqrt() / n
             out[p]["relative_update"] = (moved[i, Sum.DIFF_SQ] / moved[i, Sum.A_SQ]).clamp_min(0).sqrt()
-            if gsq is not None:
-                out[p]["grad_rms"] = gsq[i].clamp_min(0).sqrt() / n
+        for j, i in enumerate(with_grad):
+            out[params[i]]["grad_rms"] = gsq[j].clamp_min(0).sqrt() / max(params[i].numel(), 1) ** 0.5
         return out
 
 
@@ -78,3 +79,52 @@ def step_stats_of(optimizer, params, measuring) -> StepStats:
     if isinstance(optimizer, StepStats):
         return optimizer
     return TorchStepStats(optimizer, params, measuring)
+
+
+def param_values(params, source, w0, after_step: bool) -> dict:
+    """{name: value} of the parameter statistics of a measurement: the step's, from the
+    optimizer (its own sums, or an adapter's), then what they lack (drift and weight
+    against ``w0`` {name: W_0}, gradients) measured here, in one call each.
+    ``after_step``: the measurement follows an optimizer step, so that a parameter the
+    optimizer has but did not step (no gradient: frozen) moved by exactly 0 (its
+    ``grad_rms`` is absent)."""
+    v = {}
+    sums = getattr(source, "last_step_sums", None)
+    sums = sums() if sums is not None else None
+    if sums is not None:  # the step's sums, as a table: the roots taken at metrics()
+        stepped, table, drift = sums
+        t, at = Table(lambda: table), {id(p): 4 * i for i, p in enumerate(stepped)}
+        for n, p in params:
+            i = at.get(id(p))
+            if i is None:
+                continue
+            count = max(p.numel(), 1)
+            v[f"{n}/update_rms"] = _Ratio(t[i], count, True)
+            v[f"{n}/weight_rms"] = _Ratio(t[i + 1], count, True)
+            v[f"{n}/grad_rms"] = _Ratio(t[i + 2], count, True)
+            v[f"{n}/relative_update"] = _Ratio(t[i], t[i + 1], True)
+            if drift:
+                v[f"{n}/drift_rms"] = _Ratio(t[i + 3], count, True)
+    else:
+        stats = source.last_step_stats() if source is not None else {}
+        for n, p in params:
+            for k, value in stats.get(p, {}).items():
+                if k in STEP_KEYS or k == "drift_rms":
+                    v[f"{n}/{k}"] = _Ratio(value, 1.0)
+    if after_step and source is not None:
+        for n, p in params:
+            if f"{n}/update_rms" not in v:  # not stepped: it did not move
+                v[f"{n}/update_rms"] = _Ratio(0.0, 1.0)
+                v[f"{n}/relative_update"] = _Ratio(0.0, 1.0)
+    lacking = [(n, p) for n, p in params if f"{n}/drift_rms" not in v or f"{n}/weight_rms" not in v]
+    if lacking:
+        drift = multi_tensor_norms([p for _, p in lacking], [w0[n] for n, _ in lacking])
+        for i, (n, p) in enumerate(lacking):
+            v.setdefault(f"{n}/drift_rms", rms(drift[i, Sum.DIFF_SQ], max(p.numel(), 1)))
+            v.setdefault(f"{n}/weight_rms", rms(drift[i, Sum.A_SQ], max(p.numel(), 1)))
+    lacking = [(n, p) for n, p in params if f"{n}/grad_rms" not in v and p.grad is not None]
+    if lacking:
+        gsq = multi_tensor_norms([p.grad for _, p in lacking])[:, Sum.A_SQ]
+        for i, (n, p) in enumerate(lacking):
+            v[f"{n}/grad_rms"] = rms(gsq[i], max(p.numel(), 1))
+    return v

@@ -1,7 +1,10 @@
 """The tracker's metrics as sums and the reduction that turns them into floats.
 
 A metric is kept as the sums behind it (:class:`_Ratio`: numerator, denominator, root,
-scale) or as a maximum (:class:`_Max`), device tensors all: no host sync while training.
+scale; :class:`_Align`: an alignment ratio), or as a maximum (:class:`_Max`), device
+tensors all: no host sync while training. A numerator or denominator may be a tuple of
+entries, added up when read (a layer applied several times in a pass: the sums of all
+its applications).
 A number may be an entry of a :class:`Table`, the values of a measurement computed
 together (the pair statistics of every layer in one call, say).
 :func:`reduce` reads them all in one transfer; under ``torch.distributed`` it first adds
@@ -26,12 +29,24 @@ def world_size():
 
 class _Ratio(NamedTuple):
     """A metric as ``(num / den) ** (1/2 if root) * scale``: num and den are sums over the
-    measured rows, which under torch.distributed are summed over the ranks before the
-    ratio is taken (a value the same on every rank is given with den=1: its mean)."""
-    num: Tensor
-    den: Union[Tensor, float]
+    measured rows (or tuples of them, added), which under torch.distributed are summed
+    over the ranks before the ratio is taken (a value the same on every rank is given
+    with den=1: its mean)."""
+    num: Union[Tensor, float, tuple]
+    den: Union[Tensor, float, tuple]
     root: bool = False
     scale: Optional[Tensor] = None  # the same on every rank
+
+
+class _Align(NamedTuple):
+    """An alignment ratio ``sqrt(num / den) / op`` in [0, 1]: ``num`` = ||A X||^2 and
+    ``den`` = ||X||^2 summed over the rows (and the ranks), ``op`` an estimate of op(A)
+    (the same on every rank). The ratio is at most 1 when ``op`` is exact; the estimates
+    are lower bounds, so it is clamped at 1. Nothing moved (``num`` = 0 with ``op`` or
+    ``den`` = 0) is 0/0: NaN. A NaN in gives NaN."""
+    num: Union[Tensor, float, tuple]
+    den: Union[Tensor, float, tuple]
+    op: Union[Tensor, float]
 
 
 class _Max(NamedTuple):
@@ -124,11 +139,13 @@ def reduce(values):
 def _device(values):
     """The device of the values' tensors."""
     for v in values.values():
-        for x in ((v.num, v.den, v.scale) if isinstance(v, _Ratio) else (v.value,)):
-            if isinstance(x, Tensor):
-                return x.device
-            if isinstance(x, _Col):
-                return x.table.sums.device
+        parts = (v.value,) if type(v) is _Max else (v.num, v.den, v.op) if type(v) is _Align else (v.num, v.den, v.scale)
+        for x in parts:
+            for y in (x if type(x) is tuple else (x,)):
+                if isinstance(y, Tensor):
+                    return y.device
+                if isinstance(y, _Col):
+                    return y.table.sums.device
     return torch.device("cpu")
 
 
@@ -173,6 +190,17 @@ def _gather(items, device) -> Tensor:
     return (torch.cat(parts) if len(parts) > 1 else parts[0])[idx]
 
 
+def _alignment(num, den, op):
+    """sqrt(num / den) / op clamped to [0, 1]; NaN for 0/0 and for a NaN in."""
+    if math.isnan(num) or math.isnan(den) or math.isnan(op):
+        return math.nan
+    if num <= 0:
+        return math.nan if (den <= 0 or op <= 0) else 0.0
+    if den <= 0 or op <= 0:
+        return 1.0  # (a bound of 0 under a change that is not: the estimate lags; clamped)
+    return min(1.0, math.sqrt(num / den) / op)
+
+
 def _reduce(values):
     # float64 throughout: a sum of squares of activations beyond ~1e19 does not fit in float32.
     # The tensors (and table entries) are gathered into one vector per reduction over the
@@ -184,6 +212,8 @@ def _reduce(values):
     plan = []  # per value: (num, den, root, scale); each a float or (group, index); a maximum: den None
 
     def ref(x, to):
+        if type(x) is tuple:  # entries added up when read
+            return [ref(y, to) for y in x]
         if not dist and (type(x) is float or type(x) is int):
             return float(x)
         to.append(x)
@@ -192,6 +222,8 @@ def _reduce(values):
     for v in values.values():
         if type(v) is _Max:
             plan.append((ref(v.value, maxed), None, False, None))
+        elif type(v) is _Align:
+            plan.append((ref(v.num, summed), ref(v.den, summed), "align", ref(v.op, kept)))
         else:
             plan.append((ref(v.num, summed), ref(v.den, summed), v.root,
                          None if v.scale is None else ref(v.scale, kept)))
@@ -214,6 +246,8 @@ def _reduce(values):
         at += got[i].numel()
 
     def read(r):
+        if type(r) is list:
+            return sum(read(x) for x in r) if r else 0.0
         return r if type(r) is float else host[id(r[0])][r[1]]
 
     tiny = torch.finfo(torch.float64).tiny
@@ -221,6 +255,9 @@ def _reduce(values):
     for k, (num, den, root, scale) in zip(values, plan):
         if den is None:
             out[k] = read(num)
+            continue
+        if root == "align":
+            out[k] = _alignment(read(num), read(den), read(scale))
             continue
         val = read(num) / max(read(den), tiny)
         if root:
