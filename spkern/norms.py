@@ -247,7 +247,7 @@ def _lanczos_step_many(ws, vs, fan_ratios):
     wd = w.double()
     sums = torch.segment_reduce(torch.stack([wd * v.double(), wd * wd], 1), "sum", lengths=lengths, axis=0)
     a, nsq = sums.unbind(1)  # |A v|^2, |A^T A v|^2
-    op = (nsq / a).where(a > 0, 0.0).sqrt().float()
+    op = (nsq / a).where((a > 0) | a.isnan() | nsq.isnan(), 0.0).sqrt().float()  # (a NaN in A: NaN)
     scale = torch.repeat_interleave(nsq.rsqrt().where(nsq > 0, 0.0).float(), lengths, output_size=w.numel())
     u = (w * scale).where(scale > 0, v)  # (A = 0: keep v, a valid start for later calls)
     return op, op * ratios, u.split(sizes)
@@ -329,13 +329,14 @@ def lanczos(gram, v: Tensor, steps: int, fan_ratio: float, first: Optional[Tenso
         a, norm = w @ v, _norm(w)  # |A v|^2, |A^T A v|
         theta = torch.where(a > 0, norm * (norm / a.clamp_min(tiny)), 0.0)  # (no |A^T A v|^2: it overflows first)
         u = torch.where(norm > 0, w / norm.clamp_min(tiny), v)  # (A = 0: keep v, a valid start for later calls)
-        op = theta.clamp_min(0).sqrt()
-        return SpectralNorm(op, op * math.sqrt(fan_ratio), u, k)
+        return _result(theta.clamp_min(0).sqrt(), u, v, w, fan_ratio, k)
     V = v.new_zeros(k + 1, v.numel())  # Q and, last, r / |r|
     alpha, beta = v.new_zeros(k), v.new_zeros(k)
     V[0] = v
     for j in range(k):
         w = gram(V[j]) if j or first is None else first
+        if j == 0:
+            w_first = w
         alpha[j] = w @ V[j]
         Q = V[: j + 1]
         w = w - Q.t() @ (Q @ w)
@@ -360,8 +361,15 @@ def lanczos(gram, v: Tensor, steps: int, fan_ratio: float, first: Optional[Tenso
     u = torch.where(u @ v < 0, -u, u)  # (the sign of an eigenvector is arbitrary: on v's side)
     norm = _norm(u)
     u = torch.where(norm > 0, u / norm.clamp_min(tiny), v)  # (A = 0: keep v, a valid start for later calls)
-    op = theta.clamp_min(0).sqrt()
-    return SpectralNorm(op, op * math.sqrt(fan_ratio), u, k)
+    return _result(theta.clamp_min(0).sqrt(), u, v, w_first, fan_ratio, k)
+
+
+def _result(op, u, v, w, fan_ratio, k):
+    """The estimate; NaN where A has a NaN (``w``, a product with A^T A, has one): the
+    state then stays ``v``, a valid start once A is finite again."""
+    bad = w.isnan().any()
+    op = torch.where(bad, torch.full_like(op, float("nan")), op)
+    return SpectralNorm(op, op * math.sqrt(fan_ratio), torch.where(bad, v, u), k)
 
 
 def _norm(w: Tensor) -> Tensor:
@@ -406,7 +414,7 @@ def converged(gram, v: Tensor, steps: int, fan_ratio: float, tol: Optional[float
     while used < max_iters:
         nxt = lanczos(gram, r.state, min(steps, max_iters - used), fan_ratio)
         used += nxt.iters
-        done = bool((nxt.op - r.op).abs() <= tol * nxt.op)  # (the host read of this round)
+        done = bool(((nxt.op - r.op).abs() <= tol * nxt.op) | nxt.op.isnan())  # (the host read of this round)
         r = nxt
         if done:
             break

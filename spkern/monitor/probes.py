@@ -26,10 +26,11 @@ def _ran_unseen(t):
     have new gradients since the last step), or None."""
     if not t.new_gradients():
         return None
-    return ("the model ran (its parameters have new gradients) but the tracker's hooks did not fire: torch.compile "
-            "reused a graph compiled before they were attached (dynamo does not guard on hooks added later, "
-            "torch._dynamo.config.skip_nnmodule_hook_guards); make the tracker before the first compiled call, "
-            "call torch.compiler.reset() after making it, or give probe=")
+    return ("the model ran (its parameters have new gradients) but the tracker's hooks did not fire: most likely "
+            "torch.compile reused a graph compiled before they were attached (dynamo does not guard on hooks added "
+            "later: torch._dynamo.config.skip_nnmodule_hook_guards), else a call of model.forward, which skips "
+            "hooks; make the tracker before the first compiled call of this architecture, call "
+            "torch.compiler.reset() after making it, or give probe= a batch")
 
 
 class FixedProbe:
@@ -108,11 +109,19 @@ class FixedProbe:
         t.finish(out, self.ref_out, after_step)
 
     def state_dict(self):
-        return {"probe": self.probe, "ref_out": self.ref_out, "refs": self.t.recording.refs}
+        """The probe and its reference activations (plain tensors, dicts and lists: a file
+        ``torch.load`` reads with ``weights_only=True``)."""
+        refs = {n: [{"x": a.x, "h": a.h, "z": a.z} for a in apps] for n, apps in self.t.recording.refs.items()}
+        return {"probe": self.probe, "ref_out": self.ref_out, "refs": refs}
 
     def load_state_dict(self, state):
+        from spkern.monitor.measure import RefApp
+
         self.probe, self.ref_out = state["probe"], state["ref_out"]
-        self.t.recording.refs = state["refs"]
+        if self.probe is not None:
+            self.probe = (tuple(self.probe[0]), dict(self.probe[1]))
+        self.t.recording.refs = {n: [RefApp(a["x"], a["h"], a["z"]) for a in apps]
+                                 for n, apps in state["refs"].items()}
         if self.probe is not None and self._first_hook is not None:
             self._first_hook.remove()
 

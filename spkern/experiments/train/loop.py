@@ -6,7 +6,9 @@ the step's training loss (a device scalar; the tracker has it already). The loop
 the first step whose loss was NaN, infinite or above ``diverge_loss`` in a device flag,
 reads it at every measurement (and after every step where ``check_every_step``: on CPU,
 where reading costs nothing, a diverged run stops at its first bad loss) and stops there;
-at every ``track_every``-th step and the last it appends ``history_row(step, metrics)``.
+at every ``track_every``-th step and the last it appends ``history_row(step, metrics)``,
+``step`` the one the metrics were measured at (the last step, when it is not a
+``track_every``-th, is measured on the tracker's probe then).
 """
 
 import torch
@@ -32,5 +34,9 @@ def run(items, total, train_step, tracker, *, track_every, diverge_loss, device,
             if fb >= 0:
                 return history, done, fb
         if measure:
-            history.append(history_row(done, tracker.metrics()))
+            if tracker.measured_step != done and tracker.probe is not None:
+                tracker.measure()  # (the last step, between two measured ones)
+            m = tracker.metrics()
+            if not history or history[-1]["step"] != m["step"]:
+                history.append(history_row(m["step"], m))
     return history, done, None
