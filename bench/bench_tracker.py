@@ -27,8 +27,17 @@ goal, measured as
 
     python bench/bench_tracker.py --widths 2048 --batch 64 --probe 64 --interleave \
         --impls "spkern Tracker,floor: the step and the probe's two products"
+
+A change to the tracker against the code before it, in one run: ``--baseline DIR`` (a
+checkout of the earlier commit, its extension built: ``git worktree add DIR COMMIT``,
+then ``./run.sh setup`` there or a copy of spkern/_C*.so) adds "spkern Tracker
+(baseline)", spkern imported from DIR; every implementation then runs in a worker
+process of its own (this file, with DIR first on the path for the baseline), and the
+workers' cycles are interleaved one at a time, each timing its own steps.
 """
 
+import argparse
+import json
 import os
 import sys
 
@@ -221,6 +230,86 @@ def interleaved(width, probe_rows, device, repeats, impls=IMPLS, cycle=10, model
     return {impl: out[impl] for impl in impls}
 
 
+BASELINE = "spkern Tracker (baseline)"
+
+
+def _worker(spec):
+    """A worker of --baseline: builds ``spec``'s step, then for each line N of stdin runs N
+    steps and prints the milliseconds per step ("quit" ends it)."""
+    import time
+
+    import torch
+
+    import spkern
+
+    impl, width, probe_rows, device, model_kind, batch = spec
+    made = make_step("spkern Tracker" if impl == BASELINE else impl, width, probe_rows, device, model_kind, batch)
+    print(json.dumps({"ready": True, "spkern": os.path.dirname(os.path.dirname(os.path.abspath(spkern.__file__)))}
+                     if not isinstance(made, dict) else made), flush=True)
+    if isinstance(made, dict):
+        return
+    step = made[0]
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            return
+        n = int(line)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        print((time.perf_counter() - t0) * 1e3 / n, flush=True)
+
+
+def with_baseline(baseline, width, probe_rows, device, repeats, impls, cycle=10, model_kind="mlp", batch=BATCH):
+    """:func:`interleaved` with every implementation in a worker process, "spkern Tracker
+    (baseline)" importing spkern from the checkout ``baseline``: one cycle of each worker
+    in turn, ``repeats`` rounds after one of warm-up."""
+    import statistics
+    import subprocess
+
+    workers, out = {}, {}
+    for impl in impls:
+        env = dict(os.environ)
+        if impl == BASELINE:
+            env["PYTHONPATH"] = os.path.abspath(baseline) + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker",
+                                 json.dumps([impl, width, probe_rows, device, model_kind, batch])],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        hello = json.loads(proc.stdout.readline() or '{"error": "the worker did not start"}')
+        if not hello.get("ready"):
+            out[impl] = hello
+            proc.wait()
+            continue
+        workers[impl] = proc
+        out[impl] = {"spkern_from": hello["spkern"]}
+    times = {impl: [] for impl in workers}
+    try:
+        for r in range(repeats + 1):  # the first round warms up
+            for impl, proc in workers.items():
+                proc.stdin.write(f"{cycle}\n")
+                proc.stdin.flush()
+                ms = float(proc.stdout.readline())
+                if r:
+                    times[impl].append(ms)
+    finally:
+        for proc in workers.values():
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait()
+    base, floor = times.get("no tracking"), times.get(FLOOR)
+    for impl, ts in times.items():
+        out[impl].update({"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+                          "peak_extra_mb": None, "method": f"worker processes, interleaved cycles of {cycle} steps"})
+        if base:
+            out[impl]["paired_overhead"] = statistics.median(t / b for t, b in zip(ts, base)) - 1
+        if floor:
+            out[impl]["vs_floor"] = statistics.median(t / f for t, f in zip(ts, floor))
+    return {impl: out[impl] for impl in impls}
+
+
 def main(argv=None):
     parser = harness.parser(__doc__)
     parser.add_argument("--widths", default=None, help="model widths, e.g. 1024,2048")
@@ -233,6 +322,12 @@ def main(argv=None):
                         help="comma-separated subset of: " + ", ".join(IMPLS) + " (no tracking is always run)")
     parser.add_argument("--interleave", action="store_true",
                         help="time all implementations in one process, in alternation (for noisy machines)")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also time the tracker of the spkern checkout DIR (an earlier commit), every "
+                             "implementation in a worker process, interleaved")
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    if argv is None and "--_worker" in sys.argv:
+        return _worker(json.loads(sys.argv[sys.argv.index("--_worker") + 1]))
     args = harness.parse(parser, argv, run_one)
     if args is None:
         return 0
@@ -248,6 +343,11 @@ def main(argv=None):
         if unknown:
             parser.error(f"--impls: unknown {unknown[0]!r}; choose from {', '.join(IMPLS)}")
         impls = ["no tracking"] + [i for i in IMPLS if i in chosen and i != "no tracking"]
+    if args.baseline is not None:
+        if not os.path.isfile(os.path.join(args.baseline, "spkern", "__init__.py")):
+            parser.error(f"--baseline: {args.baseline} is not an spkern checkout")
+        impls = impls + [BASELINE]
+        args.interleave = True
     info = harness.machine_info(args.device)
     harness.print_header("training step with metric tracking", info, args.device)
     print("| width | implementation | median ms | min-max ms | overhead vs no tracking | peak extra MB |")
@@ -255,8 +355,12 @@ def main(argv=None):
     results = []
     for width in widths:
         base = None
-        together = (interleaved(width, args.probe, args.device, repeats, impls, model_kind=args.model, batch=args.batch)
-                    if args.interleave else None)
+        if args.baseline is not None:
+            together = with_baseline(args.baseline, width, args.probe, args.device, repeats, impls,
+                                     model_kind=args.model, batch=args.batch)
+        else:
+            together = (interleaved(width, args.probe, args.device, repeats, impls, model_kind=args.model,
+                                    batch=args.batch) if args.interleave else None)
         for impl in impls:
             r = (together[impl] if together is not None
                  else harness.run_isolated(__file__, [impl, width, args.probe, args.device, repeats, args.model, args.batch]))
@@ -278,7 +382,15 @@ def main(argv=None):
     if args.out:
         name = ("tracker_" + ("" if args.model == "mlp" else args.model + "_") + args.device
                 + ("_interleaved" if args.interleave else ""))
-        harness.save(args.out, name, args.quick, info, results, repeats=repeats)
+        extra = {}
+        if args.baseline is not None:
+            import subprocess
+
+            commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+            extra["baseline"] = {"dir": os.path.abspath(args.baseline), "commit": commit or None}
+            name += "_vs_baseline"
+        harness.save(args.out, name, args.quick, info, results, repeats=repeats, **extra)
     return 0
 
 

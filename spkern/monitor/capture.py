@@ -228,15 +228,23 @@ class WriteGuard:
                               "from the next pass on", RuntimeWarning, stacklevel=4)
 
 
-@contextlib.contextmanager
+_AUTOCAST_DEVICES = [d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)]
+
+
+def autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
+
+
 def no_autocast():
     """Autocast off (CPU and CUDA): the tracker's own arithmetic (its products, norms and
     sums) in the precision it documents, whatever context the training step runs in."""
-    with contextlib.ExitStack() as stack:
-        for d in ("cpu", "cuda"):
-            if torch.amp.is_autocast_available(d):
-                stack.enter_context(torch.autocast(device_type=d, enabled=False))
-        yield
+    on = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+    if not on:  # (the common case, and inside the tracker's own passes: nothing to do)
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for d in on:
+        stack.enter_context(torch.autocast(device_type=d, enabled=False))
+    return stack
 
 
 @contextlib.contextmanager

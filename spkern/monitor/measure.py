@@ -23,6 +23,7 @@ the applications. :class:`Measurement` holds those sums for one step, computed t
 :meth:`spkern.Tracker.metrics` (:meth:`Measurement.values`).
 """
 
+import collections
 import dataclasses
 from typing import Optional
 
@@ -76,8 +77,10 @@ def products(layer, x: Tensor, weights, call=None) -> list:
     also needs the layer's ``call``, ``(args, kwargs)``, x its first argument). θ is the
     layer's state: its parameters and its buffers (W_0 of a parametrized weight is
     computed with the parametrization's state at initialisation)."""
-    from spkern.monitor.capture import no_autocast
+    from spkern.monitor.capture import autocast_on, no_autocast
 
+    if layer.kind == "linear" and not torch.is_grad_enabled() and not autocast_on():
+        return linear_products(x.detach(), list(weights))  # (a pass of the tracker's own: nothing to switch)
     with torch.no_grad(), no_autocast():  # (in a training forward under autocast too: float32)
         if layer.kind == "linear":
             return linear_products(x.detach(), list(weights))
@@ -109,7 +112,9 @@ class _Sums:
         self.den.append(den)
 
     def ratio(self, root=True):
-        return _Ratio(tuple(self.num), tuple(float(d) if not isinstance(d, Tensor) else d for d in self.den), root)
+        if len(self.num) == 1:  # (one application: the entries themselves)
+            return _Ratio(self.num[0], self.den[0], root)
+        return _Ratio(tuple(self.num), tuple(self.den), root)
 
 
 class Measurement:
@@ -121,7 +126,7 @@ class Measurement:
         self.step = step
         self.row_l2 = row_l2
         self._pairs = None
-        self._sums = {}  # (layer name, statistic) -> _Sums
+        self._sums = {}  # layer name -> {statistic: _Sums}
         self.values = {}  # name -> value of spkern.monitor.values: what is not a sum of applications
         self.applied = {}  # layer name -> applications seen
 
@@ -139,16 +144,10 @@ class Measurement:
             self._pairs.compute()
             self._pairs = None
 
-    def _sum(self, name, stat):
-        got = self._sums.get((name, stat))
-        if got is None:
-            got = self._sums[(name, stat)] = _Sums()
-        return got
-
-    def _rows(self, name, stat, a, b):
+    def _rows(self, acc, stat, a, b):
         """Row-mean L2 norm sums of a - b (row_l2=True)."""
         _, rows = pair_stats(a, b, per_row=True)
-        self._sum(name, stat).add(rows[:, Sum.DIFF_SQ if b is not None else Sum.A_SQ].sqrt().sum(), rows.shape[0])
+        acc[stat].add(rows[:, Sum.DIFF_SQ if b is not None else Sum.A_SQ].sqrt().sum(), rows.shape[0])
 
     def add(self, layer, x: Optional[Tensor], h: Tensor, ref: Optional[RefApp], y=None, z=None):
         """One application of ``layer``: input ``x`` (None: not an activation), output ``h``,
@@ -156,54 +155,62 @@ class Measurement:
         check y = f(x_t; θ_t), z = f(x_t; θ_0)."""
         n = layer.name
         self.applied[n] = self.applied.get(n, 0) + 1
+        acc = self._sums.get(n)
+        if acc is None:
+            acc = self._sums[n] = collections.defaultdict(_Sums)
+        numel = h.numel()
         if ref is not None and ref.h.shape == h.shape:
             s = self._pair(h, ref.h.to(h.dtype))
-            self._sum(n, "change_rms").add(s[Sum.DIFF_SQ], h.numel())
+            acc["change_rms"].add(s[Sum.DIFF_SQ], numel)
         else:
             s = self._pair(h)
-        self._sum(n, "act_rms").add(s[Sum.A_SQ], h.numel())
-        self._sum(n, "zero_frac").add(s[Sum.ZEROS], h.numel())
+        acc["act_rms"].add(s[Sum.A_SQ], numel)
+        acc["zero_frac"].add(s[Sum.ZEROS], numel)
         if not layer.rcc:
             return
         rows = self.row_l2 and (layer.map is None or layer.map.per_row)
-        sx = None
         if x is not None and x.is_floating_point():
+            numel = x.numel()
             x0 = ref.x if ref is not None and ref.x is not None and ref.x.shape == x.shape else None
             sx = self._pair(x, x0.to(x.dtype) if x0 is not None else None)
-            self._sum(n, "input_rms").add(sx[Sum.A_SQ], x.numel())
-            self._sum(n, "input_zero_frac").add(sx[Sum.ZEROS], x.numel())
+            acc["input_rms"].add(sx[Sum.A_SQ], numel)
+            acc["input_zero_frac"].add(sx[Sum.ZEROS], numel)
             if x0 is not None:
-                self._sum(n, "input_change_rms").add(sx[Sum.DIFF_SQ], x.numel())
-                self._sum(n, "prop_align_den").add(sx[Sum.DIFF_SQ], 1)
-            self._sum(n, "eff_align_den").add(sx[Sum.A_SQ], 1)
+                acc["input_change_rms"].add(sx[Sum.DIFF_SQ], numel)
+                acc["prop_align_den"].add(sx[Sum.DIFF_SQ], 1)
+            acc["eff_align_den"].add(sx[Sum.A_SQ], 1)
             if rows:
-                self._rows(n, "input_row_l2", x, None)
+                self._rows(acc, "input_row_l2", x, None)
                 if x0 is not None:
-                    self._rows(n, "input_change_row_l2", x, x0.to(x.dtype))
+                    self._rows(acc, "input_change_row_l2", x, x0.to(x.dtype))
         if y is None:
             return
+        numel = z.numel()
         eff = self._pair(y, z)[Sum.DIFF_SQ]
-        self._sum(n, "eff_rms").add(eff, z.numel())
-        self._sum(n, "eff_align_num").add(eff, 1)
+        acc["eff_rms"].add(eff, numel)
+        acc["eff_align_num"].add(eff, 1)
         if rows:
-            self._rows(n, "eff_row_l2", y, z)
+            self._rows(acc, "eff_row_l2", y, z)
         if ref is not None and ref.z is not None and ref.z.shape == z.shape:
             prop = self._pair(z, ref.z)[Sum.DIFF_SQ]
-            self._sum(n, "prop_rms").add(prop, z.numel())
-            self._sum(n, "prop_align_num").add(prop, 1)
+            acc["prop_rms"].add(prop, numel)
+            acc["prop_align_num"].add(prop, 1)
             if rows:
-                self._rows(n, "prop_row_l2", z, ref.z)
+                self._rows(acc, "prop_row_l2", z, ref.z)
 
     def align(self, layer, op: Optional[Tensor], op_w0: Optional[Tensor]):
         """The alignments of a layer whose map has them: ||ΔW X|| / (op(ΔW) ||X||) and
         ||W_0 dX|| / (op(W_0) ||dX||) over its applications, ``op`` = op(W_t - W_0)."""
         n = layer.name
-        if op is not None and (n, "eff_align_num") in self._sums:
-            self.values[f"{n}/eff_align"] = _Align(tuple(self._sums[(n, "eff_align_num")].num),
-                                                   tuple(self._sums[(n, "eff_align_den")].num), op)
-        if op_w0 is not None and (n, "prop_align_num") in self._sums and (n, "prop_align_den") in self._sums:
-            self.values[f"{n}/prop_align"] = _Align(tuple(self._sums[(n, "prop_align_num")].num),
-                                                    tuple(self._sums[(n, "prop_align_den")].num), op_w0)
+        acc = self._sums.get(n, {})
+
+        def total(stat):
+            num = acc[stat].num
+            return num[0] if len(num) == 1 else tuple(num)
+        if op is not None and "eff_align_num" in acc:
+            self.values[f"{n}/eff_align"] = _Align(total("eff_align_num"), total("eff_align_den"), op)
+        if op_w0 is not None and "prop_align_num" in acc and "prop_align_den" in acc:
+            self.values[f"{n}/prop_align"] = _Align(total("prop_align_num"), total("prop_align_den"), op_w0)
 
     def output(self, key: str, out: Optional[Tensor], ref: Optional[Tensor]):
         """The model's output on the probe, reported under ``key``."""
@@ -224,9 +231,10 @@ class Measurement:
     def layer_values(self) -> dict:
         """{name: value} of the layers' statistics, in the order they were seen."""
         out = {}
-        for (n, stat), sums in self._sums.items():
-            if stat in self._ROOTS:
-                out[f"{n}/{stat}"] = sums.ratio(root=True)
-            elif stat in self._MEANS:
-                out[f"{n}/{stat}"] = sums.ratio(root=False)
+        for n, acc in self._sums.items():
+            for stat, sums in acc.items():
+                if stat in self._ROOTS:
+                    out[f"{n}/{stat}"] = sums.ratio(root=True)
+                elif stat in self._MEANS:
+                    out[f"{n}/{stat}"] = sums.ratio(root=False)
         return out

@@ -47,6 +47,7 @@ class Recording:
         self._originals = []  # a reference pass's recorded tensors and their versions
         self._clone = set()  # layers whose output or input is changed in place after them
         self.recorder = None
+        self._owners = {}
         self.hooks = []
         for m in (model, model_ref):
             if m is None:
@@ -70,9 +71,12 @@ class Recording:
                 first.setdefault(id(p), n)
             return {id(state[first[id(getattr(layer.module, layer.weight))]]): layer for layer in linear
                     if id(getattr(layer.module, layer.weight)) in first}
-        modules = dict(model.named_modules())
-        owner = {layer.name: modules[layer.name] if layer.hooked else modules[layer.name.rsplit(".", 1)[0]]
-                 if "." in layer.name else model for layer in linear}
+        owner = self._owners.get(id(model))
+        if owner is None:  # (the module holding each weight: found once per model)
+            modules = dict(model.named_modules())
+            owner = self._owners[id(model)] = {
+                layer.name: modules[layer.name] if layer.hooked else modules[layer.name.rsplit(".", 1)[0]]
+                if "." in layer.name else model for layer in linear}
         if self.sharded and model is self.model:
             return lambda: {layer: getattr(owner[layer.name], layer.weight) for layer in linear}
         return {id(getattr(owner[layer.name], layer.weight)): layer for layer in linear}
