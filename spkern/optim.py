@@ -177,7 +177,7 @@ class _NormStats:
             if w0.device != p.device:
                 raise ValueError(f"initial_weights[{i}] is on device {w0.device} but its parameter is on "
                                  f"device {p.device}")
-            check_like(w0, p, f"initial_weights[{i}]", f"its parameter")
+            check_like(w0, p, f"initial_weights[{i}]", "its parameter")
             out[p] = w0.detach().to(drift_dtype or w0.dtype).contiguous()
         return out
 

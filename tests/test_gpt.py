@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import spkern
 from spkern.experiments import cli, sweep
 from spkern.experiments.gpt import GPT, GPTConfig
 from spkern.experiments.text import load_tokens, read_shard, write_modded_shard

@@ -278,3 +278,18 @@ def test_operator_norm_warm_with_a_tolerance_follows_a_fast_moving_matrix():
 def test_operator_norm_of_zero_keeps_its_start():
     r = spkern.spectral_norm(torch.zeros(5, 4))
     assert r.op.item() == 0 and torch.isfinite(r.state).all() and abs(r.state.norm().item() - 1) < 1e-6
+
+
+def test_a_nan_in_the_matrix_gives_a_nan_norm():
+    # (not 0: a NaN weight must not read as a weight that has not moved)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 7, generator=g)
+    w[3, 2] = float("nan")
+    for iters in (1, 4):
+        r = spkern.spectral_norm(w, None, iters)
+        assert math.isnan(r.op.item()) and not r.state.isnan().any()  # (the state stays a valid start)
+    assert math.isnan(spkern.spectral_norm(w, tol=1e-3).op.item())
+    warm = spkern.spectral_norm(torch.randn(9, 7, generator=g)).state
+    ops = [r.op.item() for r in spkern.spectral_norm_steps([w, torch.randn(5, 5, generator=g)],
+                                                            [warm, torch.randn(5, generator=g)])]
+    assert math.isnan(ops[0]) and ops[1] > 0

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import spkern
 import spkern.functional
@@ -53,7 +52,7 @@ def test_same_numbers_as_torch_on_its_own_samples(backend, op):
                 warnings.simplefilter("ignore")  # (torch's chunking notes, spkern's float64 fallback)
                 try:
                     want = op.op(s.input, *s.args, **s.kwargs)
-                except Exception as e:  # torch refuses the call: so must the drop-in
+                except Exception:  # torch refuses the call: so must the drop-in
                     with pytest.raises(Exception):
                         ours(mine.input, *mine.args, **mine.kwargs)
                     continue

@@ -278,6 +278,20 @@ def test_alignments_stay_in_their_range():
     assert aligned > 20
 
 
+@pytest.mark.parametrize("optim", ["spkern", "torch"])
+def test_a_relative_update_of_nothing_is_nan(optim):
+    # a zero-initialised bias that does not move: ||dW|| / ||W|| is 0/0, not 0 nor 1e150
+    x, y = _data()
+    model = _mlp()
+    with torch.no_grad():
+        model[2].bias.zero_()
+    opt = (spkern.optim.SGD if optim == "spkern" else torch.optim.SGD)(model.parameters(), lr=0.0)
+    tracker = spkern.Tracker(model, opt, probe=x)
+    _step(model, opt, x, y)
+    m = tracker.metrics()
+    assert math.isnan(m["2.bias/relative_update"]) and m["2.weight/relative_update"] == 0
+
+
 def test_a_nan_weight_gives_nan():
     x, y = _data()
     model = _mlp()

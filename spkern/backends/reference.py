@@ -3,8 +3,6 @@ statistics it computes in float64 and is the ground truth every kernel is tested
 for paired_linear and the power iteration it is the float32 torch products. It implements
 no optimizer step: spkern.optim then runs torch's own step and measures around it."""
 
-import torch
-
 from spkern.registry import register
 
 

@@ -170,7 +170,7 @@ def reshard(model):
             m.reshard()
 
 
-def _written_by_design(model):
+def written_by_design(model):
     """Tensors a forward is known to write: an Embedding's weight under ``max_norm``, and
     the power-iteration vectors of spectral norms (old and new API)."""
     out = []
@@ -192,7 +192,7 @@ class WriteGuard:
 
     def __init__(self, model):
         self.model = model
-        self.written = {id(t): t for t in _written_by_design(model)}
+        self.written = {id(t): t for t in written_by_design(model)}
         self.learned = False
 
     @contextlib.contextmanager
@@ -223,7 +223,8 @@ class WriteGuard:
             if lost:
                 names = {id(t): n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
                 warnings.warn("spkern.Tracker: a pass of the tracker's own wrote "
-                              f"{', '.join(repr(names.get(i, '?')) for i in lost)}, which it had not saved (the model's "
+                              f"{', '.join(repr(names.get(i, '?')) for i in lost)}, which it had not saved (the "
+                              "model's "
                               "forward writes it on some inputs only): training may differ from here on; it is saved "
                               "from the next pass on", RuntimeWarning, stacklevel=4)
 
@@ -266,10 +267,10 @@ def own_state(module):
 def own_pass(model, training, guard, recorder=None, autocast_off=True):
     """Every module of ``model`` in ``training`` mode, without gradients and (with
     ``autocast_off``) autocast, and without attention's fast path (which applies its
-    weights where nothing sees them), with the ``recorder`` active. Afterwards each module has its own mode again (restored one by
-    one), the random number generators their state and the tensors the pass wrote their
-    values (``guard``, a :class:`WriteGuard`), so that training with the tracker is
-    training without it."""
+    weights where nothing sees them), with the ``recorder`` active. Afterwards each
+    module has its own mode again (restored one by one), the random number generators
+    their state and the tensors the pass wrote their values (``guard``, a
+    :class:`WriteGuard`), so that training with the tracker is training without it."""
     modes = [(m, m.training) for m in model.modules()]
     devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
     fast = torch.backends.mha.get_fastpath_enabled()

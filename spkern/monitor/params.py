@@ -102,7 +102,7 @@ def param_values(params, source, w0, after_step: bool) -> dict:
             v[f"{n}/update_rms"] = _Ratio(t[i], count, True)
             v[f"{n}/weight_rms"] = _Ratio(t[i + 1], count, True)
             v[f"{n}/grad_rms"] = _Ratio(t[i + 2], count, True)
-            v[f"{n}/relative_update"] = _Ratio(t[i], t[i + 1], True)
+            v[f"{n}/relative_update"] = _Ratio(t[i], t[i + 1], True, strict=True)
             if drift:
                 v[f"{n}/drift_rms"] = _Ratio(t[i + 3], count, True)
     else:

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from spkern.monitor.capture import as_call, call_rows, describe_call, no_autocast
+from spkern.monitor.capture import as_call, call_rows, describe_call, no_autocast, written_by_design
 
 
 def _ran_unseen(t):
@@ -236,10 +236,8 @@ class TrainingBatch:
         """The names of the initial state a forward writes: the buffers, and the weights
         known to be written (an Embedding's under max_norm) or seen written."""
         if not hasattr(self, "_wrote"):
-            from spkern.monitor.capture import _written_by_design
-
             model = self.t.model
-            known = {id(w) for w in _written_by_design(model)}
+            known = {id(w) for w in written_by_design(model)}
             self._wrote = ({n for n, _ in model.named_buffers()}
                            | {n for n, p in model.named_parameters() if id(p) in known})
         return self._wrote

@@ -53,7 +53,8 @@ def current_weight(layer) -> Tensor:
     """The layer's weight matrix as its forward uses it (a parametrized one computed without
     side effects)."""
     if is_parametrized(layer.module, layer.weight):
-        return evaluate_parametrization(layer.module, layer.weight, [p for _, p in _originals(layer.module, layer.weight)])
+        originals = [p for _, p in _originals(layer.module, layer.weight)]
+        return evaluate_parametrization(layer.module, layer.weight, originals)
     return getattr(layer.module, layer.weight)
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Optional, Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from spkern.monitor.layers import (LINEAR, LinearMap, is_parametrization, is_parametrized, layer_kind, linear_map,
                                    own_buffers, own_parameters)
@@ -56,11 +56,6 @@ class Layer:
     def buffers(self) -> dict:
         """The layer's own buffers (a spectral norm's vectors, say): part of its state."""
         return own_buffers(self.module) if self.hooked else {}
-
-    def weight_tensor(self) -> Optional[Tensor]:
-        """The weight parameter (plain weights only: a parametrized one is computed)."""
-        w = self.module._parameters.get(self.weight)
-        return w if isinstance(w, Tensor) else None
 
 
 def _attention_layers(name, m):
@@ -122,10 +117,6 @@ class Selection:
                 raise TypeError(f"modules: expected modules, names or regexes, got {type(spec).__name__}")
             names += [n for n in found if n not in names]
         return names
-
-    @property
-    def names(self):
-        return list(self.layers)
 
     def parameters(self):
         """(name, parameter) of every parameter of the tracked layers, once each (a tied

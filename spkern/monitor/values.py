@@ -36,6 +36,7 @@ class _Ratio(NamedTuple):
     den: Union[Tensor, float, tuple]
     root: bool = False
     scale: Optional[Tensor] = None  # the same on every rank
+    strict: bool = False  # a ratio of norms: NaN for 0/0, inf for x/0 (else a sum over no rows is 0)
 
 
 class _Align(NamedTuple):
@@ -139,7 +140,8 @@ def reduce(values):
 def _device(values):
     """The device of the values' tensors."""
     for v in values.values():
-        parts = (v.value,) if type(v) is _Max else (v.num, v.den, v.op) if type(v) is _Align else (v.num, v.den, v.scale)
+        parts = ((v.value,) if type(v) is _Max else (v.num, v.den, v.op) if type(v) is _Align
+                 else (v.num, v.den, v.scale))
         for x in parts:
             for y in (x if type(x) is tuple else (x,)):
                 if isinstance(y, Tensor):
@@ -225,7 +227,7 @@ def _reduce(values):
         elif type(v) is _Align:
             plan.append((ref(v.num, summed), ref(v.den, summed), "align", ref(v.op, kept)))
         else:
-            plan.append((ref(v.num, summed), ref(v.den, summed), v.root,
+            plan.append((ref(v.num, summed), ref(v.den, summed), "strict" if v.strict else v.root,
                          None if v.scale is None else ref(v.scale, kept)))
     device = _device(values)
     got = {}
@@ -258,6 +260,11 @@ def _reduce(values):
             continue
         if root == "align":
             out[k] = _alignment(read(num), read(den), read(scale))
+            continue
+        if root == "strict":  # sqrt(num / den) as IEEE divides
+            n, d = read(num), read(den)
+            out[k] = math.nan if (math.isnan(n) or math.isnan(d) or (n == 0 and d == 0)) else (
+                math.inf if d == 0 else math.sqrt(max(n / d, 0.0)))
             continue
         val = read(num) / max(read(den), tiny)
         if root:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import spkern
-from spkern.experiments.gpt import GPT, GPT_PARAMS, GPTConfig
+from spkern.experiments.gpt import GPT, GPTConfig
 from spkern.experiments.train import loop
 from spkern.experiments.train.mlp import _json_safe, check_number
 

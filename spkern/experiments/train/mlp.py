@@ -15,7 +15,6 @@ first bad loss), at every measurement on a GPU (no host sync per step).
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
 
 import torch
 
