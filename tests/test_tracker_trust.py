@@ -91,6 +91,33 @@ def test_a_forward_that_writes_state_trains_as_without_the_tracker(kind, mode):
         assert torch.equal(states[1][k], v), k  # the weights, and the spectral norm's _u and _v
 
 
+class _Writes(nn.Module):
+    """A layer whose forward writes its weight on some inputs (a renormalisation of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 5)
+
+    def forward(self, x):
+        if x.shape[0] < 8:  # (the probe, not the training batch)
+            with torch.no_grad():
+                self.lin.weight.mul_(0.5)
+        return self.lin(x)
+
+
+def test_a_write_the_tracker_did_not_expect_is_named_and_restored_after():
+    x, y = _data()
+    model = _Writes()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="wrote 'lin.weight', which it had not saved"):
+        tracker = spkern.Tracker(model, opt, probe=x[:4])
+    before = model.lin.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.measure()  # (saved and restored from then on)
+    assert torch.equal(model.lin.weight, before)
+
+
 # -- one quantity, one definition ----------------------------------------------------------
 
 class _LoRA(nn.Linear):

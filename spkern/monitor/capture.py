@@ -184,11 +184,14 @@ def written_by_design(model):
 
 
 class WriteGuard:
-    """Restores what a pass of the tracker's own writes. The first pass saves every
-    parameter and buffer and learns, from their version counters, which the model's
-    forward writes; later passes save those (and every buffer, in training mode) and
-    restore them after the pass. A tensor written that was not saved (a forward whose
-    writes depend on its input) is named in a warning and saved from then on."""
+    """Restores what a pass of the tracker's own writes. Each pass saves the tensors a
+    forward is known to write (:func:`written_by_design`: an Embedding's weight under
+    max_norm, a spectral norm's vectors), those seen written before and, in training mode
+    or at the first pass, every buffer (not every parameter: a copy of the model on a GPU
+    would not fit), and restores them after the pass; the version counters of all the
+    parameters and buffers tell what else a pass wrote: such a tensor is named in a
+    warning (training with the tracker then differs from training without it) and saved
+    from the next pass on."""
 
     def __init__(self, model):
         self.model = model
@@ -198,12 +201,9 @@ class WriteGuard:
     @contextlib.contextmanager
     def __call__(self, training: bool):
         tensors = {id(t): t for t in list(self.model.parameters()) + list(self.model.buffers())}
-        if not self.learned:
-            keep = tensors
-        else:
-            keep = dict(self.written)
-            if training:
-                keep.update({id(b): b for b in self.model.buffers()})
+        keep = dict(self.written)
+        if training or not self.learned:
+            keep.update({id(b): b for b in self.model.buffers()})
         versions = {i: t._version for i, t in tensors.items()}
         with torch.no_grad():
             saved = [(t, t.detach().clone()) for t in keep.values()]

@@ -137,26 +137,25 @@ def has_weight(module: nn.Module, name: str = "weight") -> bool:
     return is_parametrized(module, name) or isinstance(module._parameters.get(name), Tensor)
 
 
+def _own(module, table, named):
+    out = {n: t for n, t in getattr(module, table).items() if t is not None}
+    if parametrize.is_parametrized(module):
+        for pname, plist in module.parametrizations.items():
+            for n, t in getattr(plist, named)():
+                out[f"parametrizations.{pname}.{n}"] = t
+    return out
+
+
 def own_parameters(module: nn.Module) -> dict:
     """{name: parameter} of the layer's own parameters, as ``named_parameters`` names them
     (parametrizations' originals included), without those of its other submodules."""
-    out = {n: p for n, p in module._parameters.items() if p is not None}
-    if parametrize.is_parametrized(module):
-        for pname, plist in module.parametrizations.items():
-            for n, p in plist.named_parameters():
-                out[f"parametrizations.{pname}.{n}"] = p
-    return out
+    return _own(module, "_parameters", "named_parameters")
 
 
 def own_buffers(module: nn.Module) -> dict:
     """{name: buffer} of the layer's own buffers (its parametrizations' included: the power
     iteration's vectors of a spectral norm), as ``named_buffers`` names them."""
-    out = {n: b for n, b in module._buffers.items() if b is not None}
-    if parametrize.is_parametrized(module):
-        for pname, plist in module.parametrizations.items():
-            for n, b in plist.named_buffers():
-                out[f"parametrizations.{pname}.{n}"] = b
-    return out
+    return _own(module, "_buffers", "named_buffers")
 
 
 def _registered(module):
