@@ -138,12 +138,19 @@ def trackers():
     x, y, probe = data()
     y = (y > 0).long().squeeze(1)
     for mode, optim in (("probe", "spkern"), ("first", "spkern"), ("batch", "spkern"), ("probe", "torch"),
-                        ("probe", "conv1d"), ("batch", "conv1d")):
+                        ("probe", "conv1d"), ("batch", "conv1d"), ("probe", "lora"), ("batch", "lora")):
+        label = f"{mode}/spkern/{optim}" if optim in ("conv1d", "lora") else f"{mode}/{optim}"
         if optim == "conv1d":  # HF's Conv1D (weight (in, out), a bias) sharded: the layer maps under FSDP2
             from test_tracker_layers import Conv1D
 
             torch.manual_seed(0)
             model = shard(nn.Sequential(Conv1D(24, 10), nn.Tanh(), nn.Linear(24, 5)))
+            optim = "spkern"
+        elif optim == "lora":  # a Linear with an adapter, measured through its own forward, sharded
+            from test_tracker_trust import _LoRA
+
+            torch.manual_seed(0)
+            model = shard(nn.Sequential(_LoRA(), nn.Tanh(), nn.Linear(16, 5)))
             optim = "spkern"
         else:
             model = shard(mlp()[:5])  # ends with Linear(7, 5): five classes
@@ -157,8 +164,7 @@ def trackers():
             loss.backward()
             tracker.record_loss(loss, stats)
             opt.step()
-        out[f"{mode}/{optim}" + ("/conv1d" if isinstance(model[0], nn.Module) and type(model[0]).__name__ == "Conv1D"
-                                 else "")] = tracker.metrics()
+        out[label] = tracker.metrics()
         tracker.close()
     return out
 

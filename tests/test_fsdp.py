@@ -81,10 +81,12 @@ def test_sharded_step_is_torchs_and_covers_every_parameter(runs):
         assert all(v["drift_fro"] > 0 and v["update_fro"] > 0 for v in norms.values())
     tracked = runs[2]["tracker"]
     assert set(tracked) == {"probe/spkern", "first/spkern", "batch/spkern", "probe/torch", "probe/spkern/conv1d",
-                            "batch/spkern/conv1d"}
+                            "batch/spkern/conv1d", "probe/spkern/lora", "batch/spkern/lora"}
     for key in ("probe/spkern/conv1d", "batch/spkern/conv1d"):  # HF's Conv1D, sharded
         assert tracked[key]["0/eff_rms"] > 0 and tracked[key]["0/delta_w_op"] > 0
-    for m in (v for k, v in tracked.items() if not k.endswith("conv1d")):
+    for key in ("probe/spkern/lora", "batch/spkern/lora"):  # a Linear with an adapter (its own forward), sharded
+        assert tracked[key]["0/eff_rms"] > 0 and "0/delta_w_op" not in tracked[key]
+    for m in (v for k, v in tracked.items() if not k.endswith(("conv1d", "lora"))):
         assert {"2/eff_rms", "2/prop_rms", "2/delta_w_op", "2/eff_row_l2", "2.weight/drift_rms",
                 "4.weight/update_rms", "logits/max_abs", "train/accuracy"} <= m.keys()
 

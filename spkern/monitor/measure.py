@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.stateless import _reparametrize_module  # (what torch.func.functional_call uses)
 
 from spkern.constants import Sum
 from spkern.features import pair_stats, paired_linear
@@ -65,9 +66,29 @@ def generic_products(layer, call, thetas) -> list:
     with own_state(module):
         for theta in thetas:
             params = {n: torch.zeros_like(w) if n.rsplit(".", 1)[-1] == "bias" else w for n, w in theta.items()}
-            h = first_tensor(torch.func.functional_call(module, params, args, kwargs, strict=False))
+            with _reparametrize_module(module, params):
+                h = first_tensor(_forward(module, args, kwargs))
             out.append(h.detach().float())
     return out
+
+
+def _forward(module, args, kwargs):
+    """The module's forward with its forward pre-hooks (old ``spectral_norm`` computes the
+    weight in one), but FSDP2's, which would gather and free parameters θ already holds,
+    and without forward hooks (the tracker's own among them)."""
+    for i, hook in module._forward_pre_hooks.items():
+        fn = getattr(hook, "func", hook)
+        if (getattr(fn, "__module__", "") or "").startswith("torch.distributed"):
+            continue
+        if i in module._forward_pre_hooks_with_kwargs:
+            got = hook(module, args, kwargs)
+            if got is not None:
+                args, kwargs = got
+        else:
+            got = hook(module, args)
+            if got is not None:
+                args = got if isinstance(got, tuple) else (got,)
+    return module.forward(*args, **kwargs)
 
 
 def products(layer, x: Tensor, weights, call=None) -> list:

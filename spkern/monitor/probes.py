@@ -158,8 +158,7 @@ class TrainingBatch:
         if self._due():
             self._reference(args, kwargs)
             self._watching = True
-            self.t.recording.begin("current")
-            self.t.recording.recorder.__enter__()  # (the training forward's F.linear calls seen)
+            self.t.recording.watch()
         return None
 
     def _post_hook(self, module, args, output):
@@ -168,8 +167,7 @@ class TrainingBatch:
         t = self.t
         self._watching = False
         try:
-            t.recording.recorder.__exit__(None, None, None)
-            t.recording.end()
+            t.recording.unwatch()
             t.layer_norms()  # (of the weights of this forward, before the step's update)
             with torch.no_grad(), no_autocast():
                 t.measurement.output(t.output_key, t.output_of(output), self.ref_out)

@@ -111,6 +111,16 @@ class Recording:
             self.refs = {}
         self.recorder = Recorder(self.linear_weights(self.model) if weights is None else weights, self._linear)
 
+    def watch(self):
+        """Sees a training forward (its layers' applications measured against the
+        reference's) until :meth:`unwatch`."""
+        self.begin("current")
+        self.recorder.__enter__()  # (the forward's F.linear calls seen)
+
+    def unwatch(self):
+        self.recorder.__exit__(None, None, None)
+        self.end()
+
     def end(self):
         self.role, self.own, self.replace, self.recorder = None, False, False, None
         self._seen, self._pending, self._originals = {}, [], []
@@ -161,7 +171,7 @@ class Recording:
         """f(x; θ_t) and/or f(x; θ_0) of ``layer`` (``which``: "current" both, "reference"
         θ_0), computed quietly (no hook or recorder sees the layer's own calls)."""
         if layer.kind == "generic":
-            thetas = [self.reference.theta0(layer)]
+            thetas = [{n: whole(t) for n, t in self.reference.theta0(layer).items()}]  # (FSDP2: gathered)
             if which == "current":
                 thetas.insert(0, dict(layer.parameters()))
         else:
