@@ -39,9 +39,10 @@ _MHA_BODY = _mha_body()
 
 
 class Recorder(TorchFunctionMode):
-    """While active, ``F.linear`` on the weight of a layer of kind "linear" runs
-    ``linear(layer, x, weight, bias, rows)`` instead (``rows``: the rows of the layer's
-    weight a view applies, attention's split projections, or None). ``weights`` is
+    """While active, ``F.linear`` on the weight of a layer of kind "linear" (or
+    ``torch.addmm(bias, x, weight)`` on a Conv1D's) runs ``linear(layer, x, weight, bias,
+    rows, call)`` instead (``rows``: the rows of the layer's weight a view applies,
+    attention's split projections, or None; ``call()``: the call as it was). ``weights`` is
     {id(weight): layer}, or a function giving {layer: weight} now (FSDP2 puts a gathered
     weight in place of the sharded one for the duration of a module's forward).
     ``paused``: everything runs as it is."""
@@ -76,7 +77,11 @@ class Recorder(TorchFunctionMode):
             if layer is not None:
                 x = args[0] if args else kwargs["input"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return self.linear(layer, x, weight, bias, rows)
+                return self.linear(layer, x, weight, bias, rows, lambda: func(*args, **kwargs))
+        elif func is torch.addmm and len(args) == 3 and not kwargs:  # (Conv1D: addmm(bias, x, W), beta = alpha = 1)
+            layer = self._find(args[2])
+            if layer is not None and layer.transposed:
+                return self.linear(layer, args[1], args[2], args[0], None, lambda: func(*args))
         elif func is _MHA:
             with self:
                 return _MHA_BODY(*args, **kwargs)

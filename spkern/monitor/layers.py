@@ -6,8 +6,9 @@ How the tracker evaluates f depends on what it knows of the layer (:func:`layer_
 
 ``"linear"``   ``F.linear`` on a plain weight: ``nn.Linear`` (and subclasses that do not
                override its forward nor add parameters), and the projections of
-               ``nn.MultiheadAttention``. The tracker's passes capture ``F.linear`` on
-               the weight and compute W_t x and W_0 x together (one pass over x).
+               ``nn.MultiheadAttention``; ``torch.addmm`` on transformers' ``Conv1D``
+               weight. The tracker's passes capture the call on the weight and compute
+               W_t x and W_0 x together (one pass over x).
 ``"map"``      a known layer that applies its weight as a linear map (the table below, or
                :func:`register_layer`), its weight plain or parametrized
                (``torch.nn.utils.parametrize``): f(x; θ) = ``map.apply(x, W(θ))``.
@@ -97,11 +98,11 @@ def _is_hf_conv1d(m):
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and weight_parameter(m) is not None
 
 
-LINEAR = _Linear()
+LINEAR, CONV1D = _Linear(), _Conv1D()
 
 _LAYERS = [
     (nn.Linear, LINEAR),
-    (_is_hf_conv1d, _Conv1D()),
+    (_is_hf_conv1d, CONV1D),
     (nn.Embedding, _Embedding()),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _Conv()),
 ]
@@ -207,7 +208,8 @@ def layer_kind(module: nn.Module) -> Optional[str]:
     if mp is not None:
         if not _builtin_forward(module):
             return "generic"
-        if mp is LINEAR and not is_parametrized(module, "weight") and isinstance(module, nn.Linear):
+        if not is_parametrized(module, "weight") and (
+                (mp is LINEAR and isinstance(module, nn.Linear)) or mp is CONV1D):
             return "linear"
         return "map"
     if is_norm(module):

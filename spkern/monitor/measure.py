@@ -100,11 +100,13 @@ def products(layer, x: Tensor, weights, call=None) -> list:
     computed with the parametrization's state at initialisation)."""
     from spkern.monitor.capture import autocast_on, no_autocast
 
-    if layer.kind == "linear" and not torch.is_grad_enabled() and not autocast_on():
-        return linear_products(x.detach(), list(weights))  # (a pass of the tracker's own: nothing to switch)
+    if layer.kind == "linear":  # (a weight stored (in, out), Conv1D's: applied as x W)
+        weights = [w.t() for w in weights] if layer.transposed else list(weights)
+        if not torch.is_grad_enabled() and not autocast_on():  # (a pass of the tracker's own: nothing to switch)
+            return linear_products(x.detach(), weights)
     with torch.no_grad(), no_autocast():  # (in a training forward under autocast too: float32)
         if layer.kind == "linear":
-            return linear_products(x.detach(), list(weights))
+            return linear_products(x.detach(), weights)
         if layer.kind == "map":
             xx = _float(x.detach()) if layer.map.float_input else x.detach()
             return [layer.map.apply(layer.module, xx, w.float() if layer.map.float_input else w).float()

@@ -19,7 +19,6 @@ together; a layer whose output or input the model changes in place afterwards (a
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from spkern.monitor.capture import Recorder, first_tensor, no_autocast, own_pass, reshard
@@ -42,7 +41,7 @@ class Recording:
         self.measurement = None
         self.refs = {}
         self._count = {}  # layer name -> applications seen in this pass
-        self._seen = {}  # layer name -> the input of an application recorded in F.linear
+        self._seen = {}  # layer name -> applications recorded in F.linear (or addmm) its hook has not seen
         self._pending = []  # a pass of the tracker's own: applications measured after it
         self._originals = []  # a reference pass's recorded tensors and their versions
         self._clone = set()  # layers whose output or input is changed in place after them
@@ -195,7 +194,8 @@ class Recording:
             if self.role is None or self.quiet or (not mine and self.role != "reference"):
                 return
             x = args[0] if args and isinstance(args[0], Tensor) else None
-            if layer.kind == "linear" and x is not None and self._seen.pop(layer.name, None) is x:
+            if layer.kind == "linear" and self._seen.get(layer.name):
+                self._seen[layer.name] -= 1
                 return  # (recorded in F.linear)
             h = first_tensor(output)
             if h is None or not h.is_floating_point():
@@ -207,13 +207,14 @@ class Recording:
             self._record(layer, x, h, y, z)
         return hook
 
-    def _linear(self, layer, x, weight, bias, rows):
-        """F.linear(x, weight, bias) of a layer of kind "linear", seen by the recorder."""
+    def _linear(self, layer, x, weight, bias, rows, call):
+        """F.linear(x, weight, bias) of a layer of kind "linear" (or Conv1D's addmm: the
+        weight stored (in, out)), seen by the recorder; ``call()`` makes it as it was."""
         if self.quiet:
-            return F.linear(x, weight, bias)
-        self._seen[layer.name] = x
+            return call()
+        self._seen[layer.name] = self._seen.get(layer.name, 0) + 1
         if not self.rcc:
-            out = F.linear(x, weight, bias)
+            out = call()
             self._record(layer, x, out)
             return out
         w0 = self._w0(layer, rows)
@@ -230,7 +231,7 @@ class Recording:
             if bias is not None:
                 out = out + bias
         else:  # the model's own product (as in training), then the tracker's
-            out = F.linear(x, weight, bias)
+            out = call()
             with torch.no_grad():
                 ys = products(layer, x, [w0] if self.role == "reference" else weights)
         if self.role == "reference":

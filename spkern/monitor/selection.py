@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from spkern.monitor.layers import (LINEAR, LinearMap, is_parametrization, is_parametrized, layer_kind, linear_map,
+from spkern.monitor.layers import (CONV1D, LINEAR, LinearMap, is_parametrization, is_parametrized, layer_kind, linear_map,
                                    own_buffers, own_parameters)
 
 
@@ -31,6 +31,11 @@ class Layer:
     map: Optional[LinearMap] = None
     weight: str = "weight"
     hooked: bool = True
+
+    @property
+    def transposed(self) -> bool:
+        """Its weight is stored (in, out) and applied as x W (transformers' Conv1D)."""
+        return self.map is CONV1D
 
     @property
     def rcc(self) -> bool:
