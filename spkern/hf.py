@@ -17,6 +17,8 @@ passes), the model's own forward runs unchanged. Models that scale their logits 
 (``logit_scale``, ``logits_scaling``) are refused rather than given a different loss.
 """
 
+import functools
+import inspect
 from types import SimpleNamespace
 
 import torch
@@ -44,14 +46,37 @@ class FusedLoss:
                                  f"spkern.linear_cross_entropy would give another loss")
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
         self.vocab = self.head.weight.shape[0]
-        self._own = model.forward
-        model.forward = self._forward
+        self._own = own = model.forward
+        self._signature = inspect.signature(own)
+
+        # the model's own signature (functools.wraps: inspect.signature follows __wrapped__), so
+        # that the Trainer's column filter and anything else that reads it sees input_ids, ...
+        @functools.wraps(own)
+        def forward(*args, **kwargs):
+            return self._forward(*args, **kwargs)
+        forward.spkern_fused_loss = self
+        self._wrapper = forward
+        model.forward = forward
 
     def remove(self):
-        if self.model.__dict__.get("forward") == self._forward:
+        if self.model.__dict__.get("forward") is self._wrapper:
             del self.model.forward
 
-    def _forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def _keywords(self, args, kwargs):
+        """labels, shift_labels and num_items_in_batch, wherever the call put them."""
+        if args:  # (positional: bound to the model's signature)
+            bound = self._signature.bind_partial(*args, **kwargs)
+            if any(k in bound.arguments for k in ("labels", "shift_labels", "num_items_in_batch")):
+                kwargs = {**{k: v for k, v in bound.arguments.items() if k not in kwargs}, **kwargs}
+                var = next((p.name for p in self._signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+                kwargs.update(kwargs.pop(var, {}) if var else {})
+                args = ()
+        return args, kwargs
+
+    def _forward(self, *args, **kwargs):
+        args, kwargs = self._keywords(args, kwargs)
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if (labels is None and shift_labels is None) or not torch.is_grad_enabled():
             extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
                                        ("num_items_in_batch", num_items_in_batch)) if v is not None}
@@ -102,7 +127,7 @@ def fused_loss(model, tracker=None) -> FusedLoss:
     :func:`spkern.linear_cross_entropy` (see the module docstring); the statistics of each
     batch go to ``tracker`` (a :class:`spkern.Tracker`) when given. Returns a handle whose
     ``remove()`` undoes it."""
-    if isinstance(getattr(model.__dict__.get("forward"), "__self__", None), FusedLoss):
+    if getattr(model.__dict__.get("forward"), "spkern_fused_loss", None) is not None:
         raise ValueError("fused_loss: this model already computes its loss with spkern")
     return FusedLoss(model, tracker)
 
