@@ -1,4 +1,8 @@
-"""Hugging Face transformers: a causal LM's loss through :func:`spkern.linear_cross_entropy`.
+"""Hugging Face transformers: a causal LM's loss through :func:`spkern.linear_cross_entropy`,
+and the tracker in the Trainer (:class:`SpkernCallback`).
+
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[spkern.hf.SpkernCallback()])   # the tracker, measured and logged
 
     handle = spkern.hf.fused_loss(model, tracker=tracker)   # any *ForCausalLM
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
@@ -19,12 +23,16 @@ passes), the model's own forward runs unchanged. Models that scale their logits 
 
 import functools
 import inspect
+import math
+import os
+import warnings
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import spkern
+from spkern.monitor.log import tag
 
 _SCALED = ("logit_scale", "logits_scaling")
 
@@ -132,4 +140,153 @@ def fused_loss(model, tracker=None) -> FusedLoss:
     return FusedLoss(model, tracker)
 
 
-__all__ = ["FusedLoss", "fused_loss"]
+try:
+    from transformers import TrainerCallback as _Callback
+except ImportError:  # (transformers is optional: the callback then refuses to be made)
+    _Callback = object
+
+STATE_FILE = "spkern_tracker.pt"
+_PRINTERS = ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")
+
+
+def _find_trainer():
+    """The Trainer whose callback is running (the caller's ``self``, a few frames up)."""
+    import inspect as _inspect
+
+    from transformers import Trainer
+
+    frame = _inspect.currentframe()
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+    return None
+
+
+class SpkernCallback(_Callback):
+    """A :class:`spkern.Tracker` in a transformers ``Trainer``.
+
+    It makes the tracker when training begins (once the Trainer has made its optimizer;
+    ``tracker_kwargs`` go to :class:`spkern.Tracker`: ``probe=``, ``modules=``, ...), which
+    then measures after every ``every``-th optimizer step (default: the Trainer's
+    ``logging_steps``; with gradient accumulation, after the step, the first micro-batch's
+    forward with ``probe="batch"``), and reports each measurement through the Trainer's own
+    logging (``Trainer.log``): ``trainer.state.log_history`` and every ``report_to``
+    integration get it, under ``spkern/{metric}/{layer}`` (grouped by metric; no key of
+    the Trainer's). With ``fused_loss=True`` the model's loss is
+    :func:`fused_loss`'s, its logit statistics recorded (``spkern/train/...``).
+
+    It saves the tracker's state in every checkpoint (``spkern_tracker.pt``, one per rank
+    under ``torch.distributed``) and, when the Trainer resumes from one
+    (``train(resume_from_checkpoint=...)``), loads it: the tracker continues its steps and
+    metrics. Under torch.distributed every rank measures its share and the values are
+    one process's (:meth:`spkern.Tracker.metrics` adds the sums over the ranks).
+    ``stop``: a function of a measurement's metrics that returns True to stop training
+    (``control.should_training_stop``), for a run gone unstable. ``quiet`` (default): the
+    measurements are not printed on the console (a few hundred values each).
+
+    The Trainer is found when training begins (the callback is called from it); pass
+    ``trainer=`` where it is not (a Trainer subclass that calls its callbacks elsewhere)."""
+
+    def __init__(self, trainer=None, *, every=None, prefix="spkern/", fused_loss=False, stop=None, quiet=True,
+                 **tracker_kwargs):
+        if _Callback is object:
+            raise ImportError("spkern.hf.SpkernCallback needs transformers: pip install transformers")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be None or a positive int, got {every!r}")
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be None or a function of the metrics, got {type(stop).__name__}")
+        self.trainer, self.every, self.prefix, self.fused, self.stop = trainer, every, prefix, fused_loss, stop
+        self.quiet = quiet
+        self.tracker_kwargs = tracker_kwargs
+        self.tracker = None
+        self._loss = None
+        self._logged = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.tracker is not None:
+            return
+        self.trainer = self.trainer or _find_trainer()
+        if self.trainer is None:
+            raise RuntimeError("spkern.hf.SpkernCallback could not find its Trainer: pass it, "
+                               "SpkernCallback(trainer=trainer)")
+        if self.every is not None:
+            every = self.every
+        elif args.logging_steps >= 1:
+            every = int(args.logging_steps)
+        else:  # (a fraction of the run, as the Trainer reads it)
+            every = max(1, math.ceil(args.logging_steps * state.max_steps))
+        self.tracker = spkern.Tracker(model, optimizer, every=every, **self.tracker_kwargs)
+        if self.fused:
+            self._loss = fused_loss(self.tracker.model, tracker=self.tracker)
+        if state.global_step > 0:
+            self._resume(args, state)
+
+    def _state_file(self, folder):
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        name = STATE_FILE if world == 1 else STATE_FILE.replace(".pt", f"_rank{dist.get_rank()}.pt")
+        return os.path.join(folder, name)
+
+    def _resume(self, args, state):
+        """Loads the tracker saved in the checkpoint training resumes from."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        candidates = [getattr(args, "resume_from_checkpoint", None),
+                      os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        for folder in candidates:
+            if isinstance(folder, str) and os.path.isfile(self._state_file(folder)):
+                self.tracker.load_state_dict(torch.load(self._state_file(folder), weights_only=True))
+                return
+        warnings.warn(f"spkern.hf.SpkernCallback: training resumes at step {state.global_step} but no checkpoint "
+                      f"holds the tracker's state ({STATE_FILE}): it starts anew, W_0 the weights now",
+                      RuntimeWarning, stacklevel=2)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.tracker
+        if t is None or t.measured_step is None or t.measured_step == self._logged:
+            return control
+        self._logged = t.measured_step
+        m = t.metrics()  # (a collective under torch.distributed: every rank is here)
+        self._log({self.prefix + tag(k): v for k, v in m.items() if k != "step"}, control)
+        if self.stop is not None and self.stop(m):
+            control.should_training_stop = True
+        return control
+
+    def _log(self, logs, control):
+        """``Trainer.log`` of a measurement: into the log history and every integration, not
+        printed (the console's progress callbacks left out: a few hundred values), and the
+        Trainer's own logging of this step left as it was (its on_log clears should_log)."""
+        handler = self.trainer.callback_handler
+        kept, should_log = handler.callbacks, control.should_log
+        handler.callbacks = [cb for cb in kept if not (self.quiet and type(cb).__name__ in _PRINTERS)]
+        try:
+            self.trainer.log(logs)
+        finally:
+            handler.callbacks = kept
+            control.should_log = self.trainer.control.should_log = should_log
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if self.tracker is None:
+            return control
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.tracker.state_dict(), self._state_file(folder))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._loss is not None:
+            self._loss.remove()
+            self._loss = None
+        if self.tracker is not None:
+            self.tracker.close()
+        return control
+
+
+__all__ = ["FusedLoss", "SpkernCallback", "fused_loss"]

@@ -109,3 +109,136 @@ def test_the_fused_loss_under_the_trainer_with_its_default_arguments(arch, tmp_p
         torch.testing.assert_close(grad_fused[n], g, rtol=1e-4, atol=1e-6, msg=n)
     for n, w in w_own.items():
         torch.testing.assert_close(w_fused[n], w, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _trainer(model, tmp_path, callbacks, **args):
+    defaults = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, use_cpu=True,
+                    report_to="none", logging_steps=2, save_strategy="no", train_sampling_strategy="sequential",
+                    learning_rate=1e-2)
+    defaults.update(args)
+    return transformers.Trainer(model=model, args=transformers.TrainingArguments(**defaults),
+                                train_dataset=Tokens(), callbacks=callbacks)
+
+
+def _logged(trainer):
+    """{step: {key: value}} of the tracker's entries in the Trainer's log history."""
+    return {h["step"]: {k: v for k, v in h.items() if k.startswith("spkern/")}
+            for h in trainer.state.log_history if any(k.startswith("spkern/") for k in h)}
+
+
+def test_the_trainer_callback_measures_and_logs_through_the_trainer(tmp_path):
+    model = _model("llama")
+    callback = spkern.hf.SpkernCallback()
+    trainer = _trainer(model, tmp_path, [callback], report_to="tensorboard", gradient_accumulation_steps=2)
+    trainer.train()
+    tracker = callback.tracker
+    assert tracker.steps == trainer.state.global_step == 4 and tracker.measured_step == 4  # (every logging_steps)
+    logged = _logged(trainer)
+    assert list(logged) == [2, 4]
+    last = tracker.metrics()
+    want = {"spkern/" + spkern.monitor.log.tag(k): v for k, v in last.items() if k != "step"}
+    assert logged[4] == pytest.approx(want, nan_ok=True)
+    assert "spkern/eff_rms/model.layers.0.self_attn.q_proj" in logged[4] and "loss" not in logged[4]
+    assert "spkern/update_rms/model.layers.1.mlp.down_proj.weight" in logged[4]
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [2, 4]  # (the Trainer's own logs kept)
+    # every report_to integration gets them: TensorBoard's tags (the Trainer's "train/" first)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for folder, _, files in os.walk(tmp_path):
+        if any(f.startswith("events.out") for f in files):
+            tags |= set(EventAccumulator(folder).Reload().Tags()["scalars"])
+    assert "train/spkern/eff_rms/model.layers.0.self_attn.q_proj" in tags and "train/loss" in tags
+
+
+def test_the_trainer_callback_resumes_from_a_checkpoint(tmp_path):
+    def run(folder, resume=None, max_steps=4):
+        callback = spkern.hf.SpkernCallback(probe="batch")
+        trainer = _trainer(_model("gpt2"), folder, [callback], logging_steps=1, save_strategy="steps", save_steps=2,
+                           max_steps=max_steps)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback
+
+    whole, _ = run(tmp_path / "whole")
+    first, _ = run(tmp_path / "parts", max_steps=4)  # (saves checkpoint-2 and checkpoint-4)
+    assert os.path.isfile(tmp_path / "parts" / "checkpoint-2" / spkern.hf.STATE_FILE)
+    resumed, callback = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "checkpoint-2"))
+    assert callback.tracker.steps == 4
+    a, b = _logged(whole), _logged(resumed)
+    assert list(b) == [1, 2, 3, 4]  # (1 and 2 from the checkpoint's history, 3 and 4 measured after it)
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, nan_ok=True), step
+
+
+def test_the_trainer_callback_can_stop_training(tmp_path):
+    seen = []
+    callback = spkern.hf.SpkernCallback(stop=lambda m: seen.append(m["step"]) or m["step"] >= 2)
+    trainer = _trainer(_model("qwen2"), tmp_path, [callback], logging_steps=1)
+    trainer.train()
+    assert seen == [1, 2] and trainer.state.global_step == 2
+
+
+def test_the_trainer_callback_with_the_fused_loss(tmp_path):
+    callback = spkern.hf.SpkernCallback(fused_loss=True)
+    trainer = _trainer(_model("llama"), tmp_path, [callback])
+    trainer.train()
+    logged = _logged(trainer)[4]
+    assert logged["spkern/train/loss"] > 0 and "spkern/train/logit_norm" in logged
+    assert "forward" not in trainer.model.__dict__  # (the model's own forward again, after training)
+
+
+def test_a_model_and_optimizer_prepared_by_accelerate_are_tracked():
+    accelerate = pytest.importorskip("accelerate")
+    data = Tokens()
+    runs = []
+    for prepared in (False, True):
+        model = _model("gpt2")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if prepared:
+            accelerator = accelerate.Accelerator(cpu=True)
+            model, opt = accelerator.prepare(model, opt)
+        tracker = spkern.Tracker(model, opt, probe={"input_ids": data.ids[:4]})
+        for i in range(3):
+            batch = data.ids[2 * i:2 * i + 2]
+            loss = model(input_ids=batch, labels=batch).loss
+            (accelerator.backward(loss) if prepared else loss.backward())
+            opt.step()
+            opt.zero_grad()
+        assert tracker.steps == 3 and not any(k.startswith("module.") for k in tracker.names)
+        runs.append(tracker.metrics())
+    plain, prepared = runs
+    assert plain.keys() == prepared.keys() and len(plain) > 100
+    assert prepared == pytest.approx(plain, rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_the_trainer_callback_under_torchrun_equals_one_process(tmp_path):
+    # 2 gloo processes, 2 rows a rank, against 1 process with the 4 rows: every logged metric
+    import json
+    import math
+    import socket
+
+    worker = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {}
+    for world in (2, 1):
+        out = str(tmp_path / f"{world}.json")
+        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}"]
+                  if world > 1 else [sys.executable])
+        proc = subprocess.run(launch + [worker, out], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        runs[world] = json.loads(open(out).read())
+    two, one = runs[2], runs[1]
+    assert two["distributed"] and list(two["logged"]) == list(one["logged"]) == ["1", "2", "3"]
+    compared = 0
+    for step, want in one["logged"].items():
+        got = two["logged"][step]
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert (math.isnan(v) and math.isnan(got[k])) or math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-7), \
+                (step, k, got[k], v)
+            compared += 1
+    assert compared > 300

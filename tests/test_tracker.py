@@ -302,8 +302,13 @@ def test_logging(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     rows = [json.loads(line) for line in lines]
-    assert [r["step"] for r in rows] == [2, 4] and "2/eff_rms" in rows[0]
+    assert [r["step"] for r in rows] == [2, 4] and "2/eff_rms" in rows[0]  # (metrics.jsonl: the flat names)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"]  # grouped by metric, one section each
+    assert "eff_rms/2" in tags and "act_rms/0" in tags and "drift_rms/0.weight" in tags and "logits/rms" in tags
+    assert not any(t.startswith(("0/", "2/")) for t in tags)
 
 
 @pytest.mark.parametrize("kw, error, match", [
@@ -696,7 +701,11 @@ def test_wandb_logging_offline(tmp_path, monkeypatch):
     finally:
         run.finish()
     assert [s for s, _ in logged] == [2, 4]  # every second measurement, at the tracker's step
-    assert logged[-1][1] == {k: v for k, v in last.items() if k != "step"} and "2/eff_rms" in logged[-1][1]
+    # grouped by metric (one W&B section compares the layers); the loss and the logits as they are
+    from spkern.monitor.log import tag
+
+    assert logged[-1][1] == {tag(k): v for k, v in last.items() if k != "step"} and "eff_rms/2" in logged[-1][1]
+    assert "train/loss" in logged[-1][1] and "logits/rms" in logged[-1][1] and "update_rms/2.weight" in logged[-1][1]
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))  # what `wandb sync` uploads later
 
 

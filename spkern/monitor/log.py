@@ -1,12 +1,26 @@
-"""Where the tracker writes: ``metrics.jsonl`` (one JSON object a measurement,
-non-finite values as null), TensorBoard scalars (when tensorboard is installed) and a
-Weights & Biases run (``wandb=``; an optional dependency). Under ``torch.distributed``
-rank 0 alone writes (every rank computes the same values)."""
+"""Where the tracker writes: ``metrics.jsonl`` (one JSON object a measurement, the flat
+names of :meth:`spkern.Tracker.metrics`, non-finite values as null), TensorBoard scalars
+(when tensorboard is installed) and a Weights & Biases run (``wandb=``; an optional
+dependency). Under ``torch.distributed`` rank 0 alone writes (every rank computes the
+same values).
+
+TensorBoard and W&B group their panels by the part of a tag before its first ``/``:
+their tags are grouped by metric (:func:`tag`: ``{layer}/eff_rms`` is written as
+``eff_rms/{layer}``), so that one section holds every layer's value of one quantity."""
 
 import json
 import math
 import os
 import warnings
+
+
+def tag(key: str, keep=("train", "logits")) -> str:
+    """The TensorBoard / W&B tag of a metric: ``{metric}/{layer or parameter}``; the
+    keys under ``keep`` (the training loss, the model's output) as they are."""
+    where, sep, metric = key.rpartition("/")
+    if not sep or where in keep:
+        return key
+    return f"{metric}/{where}"
 
 
 def _rank():
@@ -39,8 +53,9 @@ class MetricsLog:
     and to a Weights & Biases run (each optional); the files are opened at the first
     write, on rank 0."""
 
-    def __init__(self, log_dir=None, wandb=None):
+    def __init__(self, log_dir=None, wandb=None, keep=("train", "logits")):
         self.log_dir = log_dir
+        self.keep = keep  # (the key prefixes written as they are: the loss, the model's output)
         self.run = wandb_run(wandb) if wandb is not None else None
         self._jsonl = self._writer = None
         self._opened = False
@@ -71,10 +86,10 @@ class MetricsLog:
         if self._writer is not None:
             for k, v in m.items():
                 if k != "step":
-                    self._writer.add_scalar(k, v, m["step"])
+                    self._writer.add_scalar(tag(k, self.keep), v, m["step"])
             self._writer.flush()
         if self.run is not None:
-            self.run.log({k: v for k, v in m.items() if k != "step"}, step=m["step"])
+            self.run.log({tag(k, self.keep): v for k, v in m.items() if k != "step"}, step=m["step"])
 
     def close(self):
         if self._jsonl is not None:

@@ -46,6 +46,26 @@ from spkern.monitor.values import _Ratio, reduce
 _STATE_VERSION = 1
 
 
+def unwrap_model(model):
+    """The model a wrapper holds: torch.compile's, DistributedDataParallel's (accelerate's
+    ``prepare`` gives one), DataParallel's."""
+    while True:
+        if type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer a wrapper steps (accelerate's ``AcceleratedOptimizer``: its
+    ``optimizer``), whose step hooks fire."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _check_model(model):
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
@@ -70,9 +90,11 @@ class Tracker:
     "The tracker's measurement" for the definitions.
 
     Args:
-        model: any ``nn.Module`` (``torch.compile(model)``: the model it wraps).
-        optimizer: the model's optimizer; the tracker measures after every ``every``-th
-            ``optimizer.step()`` through a step hook. Without one, call :meth:`step`.
+        model: any ``nn.Module`` (``torch.compile(model)``, DDP or ``accelerator.prepare``'s
+            wrapper: the model it wraps).
+        optimizer: the model's optimizer (accelerate's wrapper: the optimizer it steps);
+            the tracker measures after every ``every``-th ``optimizer.step()`` through a
+            step hook. Without one, call :meth:`step`.
         probe: the fixed input batch on which activations are measured, as the model is
             called: a tensor, a tuple of positional arguments (None and other values
             allowed), a dict of keyword arguments, or ``(args, kwargs)``; None: the first
@@ -114,9 +136,10 @@ class Tracker:
                  output_fn=None, wandb=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        # torch.compile(model): track the model it wraps (its names, and passes of the
-        # tracker's own that run eagerly, outside the compiled training step)
-        model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+        # torch.compile(model), DDP, accelerate's prepare: track the model it wraps (its names, and
+        # passes of the tracker's own that run eagerly, outside the compiled training step)
+        model = unwrap_model(model)
+        optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         for name, value in (("every", every), ("log_every", log_every), ("probe_rows", probe_rows),
                             ("op_iters", op_iters)):
             if not isinstance(value, int) or value < 1:
@@ -141,7 +164,8 @@ class Tracker:
         self.output_key, self.output_fn = output_key, output_fn
         self.probe_rows = probe_rows
         # (checked before any hook is attached: a wandb=True without a run fails cleanly)
-        self._log = MetricsLog(log_dir, wandb) if (log_dir is not None or wandb is not None) else None
+        self._log = (MetricsLog(log_dir, wandb, keep=("train", output_key)) if (log_dir is not None or wandb is not None)
+                     else None)
         model_ref = reference if isinstance(reference, nn.Module) else None
 
         # which layers and parameters
