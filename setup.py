@@ -91,6 +91,8 @@ def main():
             "triton": ["triton>=3.2"],
             "mnist1d": ["mnist1d"],
             "wandb": ["wandb"],
+            "hf": ["transformers", "accelerate"],
+            "lightning": ["lightning"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
         entry_points={"console_scripts": ["spkern = spkern.experiments.cli:run"]},

@@ -162,8 +162,11 @@ def figure(op, rows, path):
 def parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="spkern bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit status 2, as the other spkern commands
+            self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+    p = Parser(prog="spkern bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("op", nargs="?", default="all", choices=ALL + ("all",), help="which benchmark (default: all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")

@@ -91,6 +91,11 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.is_floating_point() and target.shape == expected and target.shape != input.shape:
+        raise TypeError(f"target of class indices must be int64 (torch.long), as torch's cross_entropy takes, got "
+                        f"{target.dtype} of shape {tuple(target.shape)} (class probabilities have the shape of "
+                        f"input, {tuple(input.shape)})")
     if target.is_floating_point():
         if target.shape != input.shape:
             raise ValueError(
@@ -100,10 +105,9 @@ def _check_args(input, target, weight, reduction, label_smoothing, z_loss, softc
             raise ValueError("gradients with respect to probability targets are not supported here; "
                              "pass target.detach()")
     else:
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must hold class indices (integer) or class probabilities "
-                            f"(floating point), got {target.dtype}")
-        expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise TypeError(f"target must hold class indices (int64, or uint8, as torch's cross_entropy takes) or "
+                            f"class probabilities (floating point), got {target.dtype}")
         if target.shape != expected:
             raise ValueError(
                 f"target of class indices must have shape {tuple(expected)} for input of shape "

@@ -26,7 +26,9 @@ def _inputs(N=6, C=10):
     (lambda x, t: spkern.cross_entropy(x[None], t), ValueError, "target"),
     (lambda x, t: spkern.cross_entropy(x.long(), t), TypeError, "input"),
     (lambda x, t: spkern.cross_entropy(x, t.bool()), TypeError, "target"),
-    (lambda x, t: spkern.cross_entropy(x, t.float()), ValueError, "probability target"),
+    (lambda x, t: spkern.cross_entropy(x, t.float()), TypeError, "class indices must be int64.*float32"),
+    (lambda x, t: spkern.cross_entropy(x, t.int()), TypeError, "int64.*got torch.int32"),  # (as torch refuses it)
+    (lambda x, t: spkern.cross_entropy(x, t.float()[:, None].expand(-1, 3)), ValueError, "probability target"),
     (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(3)), ValueError, "weight"),
     (lambda x, t: spkern.cross_entropy(x, t, weight=torch.ones(10, dtype=torch.long)), TypeError, "weight"),
     (lambda x, t: spkern.cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),

@@ -90,7 +90,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda x, t: spkern.mse_onehot_loss(x, t, on="loss"), ValueError, "on must be"),
-    (lambda x, t: spkern.mse_onehot_loss(x, t.float()), ValueError, "target"),
+    (lambda x, t: spkern.mse_onehot_loss(x, t.float()), TypeError, "class indices must be int64"),
     (lambda x, t: spkern.mse_onehot_loss(x, torch.rand(6, 10)), TypeError, "class indices"),
     (lambda x, t: spkern.mse_onehot_loss(x, t, reduction="avg"), ValueError, "reduction"),
     (lambda x, t: spkern.mse_onehot_loss(x, t[:3]), ValueError, "target"),

@@ -4,6 +4,7 @@
     spkern sweep mlp [options]      a width x learning-rate sweep of MLPs
     spkern sweep gpt [options]      a width x learning-rate sweep of small GPTs
     spkern report DIR               the report of a sweep's results
+    spkern coord-check [FILE.py:FN] how each layer's updates scale with width
     spkern bench [op] [options]     the kernel benchmarks side by side with the peers
 """
 
@@ -99,8 +100,7 @@ def _config_options(p, cls, helps, overrides=None, choices=None, skip=(), swept=
         if f.name in swept or f.name in skip:
             continue
         flag, default, h = "--" + f.name.replace("_", "-"), overrides.get(f.name, f.default), helps.get(f.name)
-        if not isinstance(f.default, bool):
-            h = f"{h} (default: {default})" if h else f"default: {default}"
+        h = h or f.name.replace("_", " ")  # (the help formatter adds the default)
         if isinstance(f.default, bool):
             if default:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
@@ -318,6 +318,91 @@ def sweep_gpt(args):
         gc.collect()  # (as the GPT trainer: gloo's threads freed while the interpreter is alive)
 
 
+def _add_coord_options(p):
+    from spkern.experiments.data import DATASETS
+    from spkern.experiments.param import PARAMETERIZATIONS
+
+    p.add_argument("model", nargs="?", default=None,
+                   help="FILE.py:FUNCTION, a function of the width that returns your model (default: spkern's MLP)")
+    p.add_argument("--param", default="sp", choices=sorted(PARAMETERIZATIONS),
+                   help="spkern's MLP: its parameterization (init and per-layer learning rates)")
+    p.add_argument("--depth", type=int, default=2, help="spkern's MLP: hidden layers")
+    p.add_argument("--data", default="digits", choices=DATASETS, help="the inputs and labels")
+    p.add_argument("--data-root", default=None, help="folder of the MNIST / CIFAR-10 files")
+    p.add_argument("--widths", default="64,128,256,512,1024", help="comma list")
+    p.add_argument("--steps", type=int, default=3, help="training steps at each width")
+    p.add_argument("--batch", type=int, default=128, help="rows of the batch (the same batch every step)")
+    p.add_argument("--optim", default="sgd", choices=["sgd", "adam"], help="SGD or AdamW")
+    p.add_argument("--lr", type=_number(above=0), default=0.002, help="the learning rate (at the smallest width)")
+    p.add_argument("--tolerance", type=_number(above=0), default=0.25,
+                   help="an exponent beyond it flags the layer")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--out", default="runs/coord", help="the folder of coord.png and coord.md")
+
+
+def _factory(spec):
+    """The function FILE.py:FUNCTION names."""
+    import importlib.util
+
+    path, _, name = spec.rpartition(":")
+    if not path or not name or not os.path.isfile(path):
+        raise UsageError(f"spkern coord-check: the model must be FILE.py:FUNCTION, got {spec!r}")
+    module_spec = importlib.util.spec_from_file_location("spkern_coord_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"spkern coord-check: {path} has no function {name!r}")
+    return fn
+
+
+def coord_check(args):
+    import torch
+
+    import spkern
+    from spkern.experiments import param
+    from spkern.experiments.data import load
+
+    widths = _ints(args.widths, "widths")
+    if len(widths) < 2 or args.steps < 1 or args.batch < 1 or args.depth < 1:
+        raise UsageError("spkern coord-check: at least two --widths, and --steps, --batch, --depth >= 1")
+    device = _device(args.device)
+    try:
+        data = load(args.data, args.data_root)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UsageError(f"spkern: {e}") from None
+    x, y = data.x_train[:args.batch].to(device), data.y_train[:args.batch].to(device)
+    if args.model is not None:
+        make = _factory(args.model)
+
+        def optimizer(m):
+            cls = torch.optim.SGD if args.optim == "sgd" else torch.optim.AdamW
+            return cls(m.parameters(), lr=args.lr)
+        what = args.model
+    else:
+        def make(n):
+            return param.MLP(data.d_in, n, args.depth, data.n_classes, param=args.param)
+
+        def optimizer(m):
+            return torch.optim.SGD(param.param_groups(m, args.param, args.optim, args.lr, widths[0]), lr=args.lr) \
+                if args.optim == "sgd" else torch.optim.AdamW(
+                    param.param_groups(m, args.param, "adam", args.lr, widths[0]), lr=args.lr, weight_decay=0.0)
+        what = f"spkern's MLP, depth {args.depth}, {args.param}"
+    check = spkern.coord_check(make, (x, y), optimizer, widths=widths, steps=args.steps, tolerance=args.tolerance,
+                               device=device, progress=True)
+    _writable_folder(args.out)
+    check.plot(os.path.join(args.out, "coord.png"))
+    text = (f"# Coordinate check: {what}\n\n{args.optim}, lr {args.lr:g}, {args.steps} steps on {args.batch} rows "
+            f"of {args.data}\n\n{check.table()}\n\n![](coord.png)\n")
+    with open(os.path.join(args.out, "coord.md"), "w") as f:
+        f.write(text)
+    print(check.table())
+    for layer, metric, e, how in check.flags:
+        print(f"{layer}: {metric} {how} with width (exponent {e:+.2f})")
+    print(f"report: {os.path.join(args.out, 'coord.md')}")
+    return 0
+
+
 def bench(argv):
     """Runs bench/suite.py of the source tree (the benchmarks are not installed)."""
     import runpy
@@ -336,29 +421,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default in its help; descriptions as written."""
+
+
+def _text(doc):
+    """A docstring as the terminal shows it (no reStructuredText markup)."""
+    return doc.replace("``", "")
+
+
 def main(argv=None):
-    parser = _Parser(prog="spkern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only the chosen command's options are built (they import torch and the trainers for
+    # their defaults): `spkern --help` answers at once.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    kind = next((a for a in argv[argv.index(command) + 1:] if not a.startswith("-")), None) if command else None
+    parser = _Parser(prog="spkern", description=_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the default MLP sweep on digits (adaptive grid) and its report (about 3 "
-                                       "minutes on 2 CPU cores)")
-    _add_mlp_options(demo, DEMO)
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser("demo", formatter_class=_Help,
+                          help="the default MLP sweep on digits (adaptive grid) and its report (about 3 minutes on "
+                               "2 CPU cores)")
+    if command == "demo":
+        _add_mlp_options(demo, DEMO)
+        demo.add_argument("--out", default="runs/demo", help="the folder of the results and the report")
     sw = sub.add_parser("sweep", help="run a sweep")
     kinds = sw.add_subparsers(dest="kind", required=True)
-    mlp = kinds.add_parser("mlp", help="width x learning-rate sweep of ReLU MLPs")
-    _add_mlp_options(mlp, {})
-    mlp.add_argument("--out", default="runs/mlp")
-    gpt = kinds.add_parser("gpt", help="width x learning-rate sweep of small GPTs (about 4 minutes on 2 CPU cores "
-                                       "with the defaults)")
-    _add_gpt_options(gpt)
-    rep = sub.add_parser("report", help="write the report of a sweep")
+    mlp = kinds.add_parser("mlp", formatter_class=_Help, help="width x learning-rate sweep of ReLU MLPs")
+    gpt = kinds.add_parser("gpt", formatter_class=_Help, help="width x learning-rate sweep of small GPTs (about 4 "
+                                                               "minutes on 2 CPU cores with the defaults)")
+    if command == "sweep" and kind == "mlp":
+        _add_mlp_options(mlp, {})
+        mlp.add_argument("--out", default="runs/mlp", help="the folder of the results and the report")
+    if command == "sweep" and kind == "gpt":
+        _add_gpt_options(gpt)
+    rep = sub.add_parser("report", formatter_class=_Help, help="write the report of a sweep")
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
     rep.add_argument("--stable-threshold", type=_number(), default=None)
+    cc = sub.add_parser("coord-check", formatter_class=_Help,
+                        help="how each layer's feature change and updates scale with width, on spkern's MLP or a "
+                             "model of yours (a few seconds)")
+    if command == "coord-check":
+        _add_coord_options(cc)
     sub.add_parser("bench", help="run the benchmark suite (spkern bench --help)", add_help=False)
     sub.add_parser("info", help="versions, how spkern._C was built, and which backend runs each op here")
     sub.add_parser("compile-check", help="compile every GPU kernel for sm_80 and sm_90 without a GPU "
                                           "(spkern compile-check --help)", add_help=False)
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
     if argv[:1] == ["compile-check"]:
@@ -370,6 +477,8 @@ def main(argv=None):
         return info.main()
     if args.command == "sweep" and args.kind == "gpt":
         return sweep_gpt(args)
+    if args.command == "coord-check":
+        return coord_check(args)
     if args.command in ("demo", "sweep"):
         return sweep_mlp(args)
     from spkern.experiments import report
