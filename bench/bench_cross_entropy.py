@@ -12,7 +12,7 @@ where installed (bench/peers.py), all measured in the same run.
 Every step starts from x.grad = None, as a training step does; inputs rotate through
 copies that hold twice the last-level cache. Method: bench/harness.py.
 Results: a table on stdout and JSON under runs/bench/ (or --out); the figures quoted in
-README.md are in bench/results/.
+docs/benchmarks.md are in bench/results/.
 """
 
 import contextlib

@@ -1,10 +1,24 @@
-"""Markdown tables of benchmark results, as quoted in README.md.
+"""Markdown tables of benchmark results.
 
     python bench/tables.py bench/results/cross_entropy_cpu_float32_2026-11-24.json ...
+    python bench/tables.py --docs           # docs/benchmarks.md's measured tables, from bench/results/
+    python bench/tables.py --docs --check   # exit 1 when docs/benchmarks.md is not what they give
+
+``--docs`` writes, between the two markers of docs/benchmarks.md, one table for each
+result file of bench/results/ (and its suite/ folder), the latest date of each benchmark
+(the part of the file name before its date) with all its runs that day.
 """
 
+import glob
 import json
+import os
+import re
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+BEGIN = "<!-- measured tables: written by `python bench/tables.py --docs` from bench/results/; do not edit -->"
+END = "<!-- end of the measured tables -->"
 
 
 def _fmt(value, spec):
@@ -45,8 +59,9 @@ def table(path):
         lines += ["| width | implementation | median ms per step | min-max ms | overhead vs no tracking | "
                   "peak extra MB |", "|---|---|---|---|---|---|"]
         for r in rows:
+            over = _fmt(r['overhead'], '+.0%') + (f", {r['vs_floor']:.2f}x the floor" if r.get("vs_floor") else "")
             lines.append(f"| {r['width']} | {r['impl']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
-                         f"{_fmt(r['overhead'], '+.0%')} | {r['peak_extra_mb']:.0f} |")
+                         f"{over} | {_fmt(r.get('peak_extra_mb'), '.0f')} |")
     elif rows and "vocab" in rows[0]:
         lines += ["| rows x vocab | implementation | median ms | min-max ms | vs eager | peak extra MB |",
                   "|---|---|---|---|---|---|"]
@@ -82,7 +97,68 @@ def _suite(d, where):
     return "\n".join(lines)
 
 
+def latest_results(folder=os.path.join(ROOT, "bench", "results")):
+    """The result files of the latest date of each benchmark, sorted by name."""
+    families = {}
+    for path in glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "suite", "*.json")):
+        name = os.path.relpath(path, folder)
+        m = re.match(r"(.*?)_(\d{4}-\d{2}-\d{2})", name)
+        if m:
+            families.setdefault(m.group(1), []).append((m.group(2), path))
+    out = []
+    for runs in families.values():
+        last = max(date for date, _ in runs)
+        out += [path for date, path in runs if date == last]
+    return sorted(out)
+
+
+def generic(path):
+    """A table of any result file: its rows' scalar fields (the benchmarks with no table of
+    their own)."""
+    with open(path) as f:
+        d = json.load(f)
+    where = d.get("gpu") or d.get("cpu", "?")
+    rows = d["results"] if isinstance(d["results"], list) else [d["results"]]
+    keys = [k for k in rows[0] if all(isinstance(r.get(k), (int, float, str, type(None))) for r in rows)][:10]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [f"`{d.get('command', '?')}` on {where}, {d.get('threads', '?')} threads, torch {d.get('torch', '?')}, "
+             f"commit {d.get('commit', '?')}, {str(d.get('date', '?'))[:10]}.", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def docs_tables():
+    parts = []
+    for path in latest_results():
+        rel = os.path.relpath(path, ROOT)
+        try:
+            body = table(path)
+        except (KeyError, TypeError, ValueError):  # (a result of another shape)
+            body = generic(path)
+        parts.append(f"### `{rel}`\n\n{body}")
+    return "\n\n".join(parts)
+
+
+def write_docs(check=False):
+    text = open(DOCS).read()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{DOCS} has no markers for the measured tables")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n\n{docs_tables()}\n\n{END}{tail}"
+    if check:
+        return 0 if new == text else 1
+    with open(DOCS, "w") as f:
+        f.write(new)
+    return 0
+
+
 if __name__ == "__main__":
+    if "--docs" in sys.argv:
+        sys.exit(write_docs(check="--check" in sys.argv))
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     print("\n\n".join(table(p) for p in sys.argv[1:]))

@@ -93,6 +93,9 @@ class CoordCheck:
             ax.legend(fontsize=7)
         fig.tight_layout()
         if path is not None:
+            import os
+
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fig.savefig(path, dpi=120)
             plt.close(fig)
         return fig

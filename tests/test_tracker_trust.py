@@ -1,6 +1,6 @@
 """The tracker is an instrument: each test here is a way it could silently change training
-or report a wrong or stale number (one per row of the trust table in the README's "The
-tracker's measurement"), checked against training without the tracker or a reference
+or report a wrong or stale number (one per way, as docs/tracker.md's "The measurement" lists
+them), checked against training without the tracker or a reference
 written here with plain torch."""
 
 import copy

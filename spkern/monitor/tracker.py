@@ -11,8 +11,8 @@ any model, every few steps, computed by spkern's fused kernels without host sync
     tracker.metrics()                     # {name: float}, one host transfer
 
 What it measures, on which inputs (the probe), and how precisely: the definitions are
-in :mod:`spkern.monitor.measure` (one place for each quantity) and summed up in the
-README's "The tracker's measurement". The parts, one responsibility each:
+in :mod:`spkern.monitor.measure` (one place for each quantity) and summed up in
+docs/tracker.md ("The measurement"). The parts, one responsibility each:
 
 selection.py  which layers and parameters are tracked
 reference.py  W_0 and the reference (a model, the initial weights, the initial state)
@@ -86,8 +86,8 @@ def _check_optimizer(optimizer, model):
 
 
 class Tracker:
-    """Tracks feature-change, RCC and update statistics of ``model``; see the README's
-    "The tracker's measurement" for the definitions.
+    """Tracks feature-change, RCC and update statistics of ``model``; docs/tracker.md ("The
+    measurement") gives the definitions.
 
     Args:
         model: any ``nn.Module`` (``torch.compile(model)``, DDP or ``accelerator.prepare``'s
