@@ -141,6 +141,8 @@ class TrainingBatch:
         self.measured_step = -1  # the step count when a training forward was measured
         self.ref_out = None
         self._watching = False
+        self._depth = 0  # calls of the model inside the watched one
+        self._first = None  # the output of the first call of the model to complete
         # (before FSDP2's own pre-forward hook, so that the reference pass is a forward of its own)
         t.hooks.append(t.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=t.sharded))
         t.hooks.append(t.model.register_forward_hook(self._post_hook, always_call=True))
@@ -152,17 +154,34 @@ class TrainingBatch:
     # activations; the compiled forward then sees hooks that do nothing, and no tracker
     # state it would have to guard on (no recompilation at measured steps).
 
+    # The model may be called inside its own call (Lightning under DDP calls the module with
+    # its forward redirected to training_step, which calls the module's forward): the
+    # outermost call is watched, and the model's output is the first call to complete, in
+    # the reference pass as in the training forward.
+
     def _pre_hook(self, module, args, kwargs):
         if torch.compiler.is_compiling():
             return self._apart(module, args, kwargs)
-        if self._due():
+        if self._watching:
+            self._depth += 1
+        elif self._due():
+            self._first = None
             self._reference(args, kwargs)
-            self._watching = True
+            self._watching, self._depth, self._first = True, 1, None
             self.t.recording.watch()
         return None
 
     def _post_hook(self, module, args, output):
-        if torch.compiler.is_compiling() or not self._watching:
+        if torch.compiler.is_compiling():
+            return None
+        if self.t.recording.role == "reference" and self._first is None:  # (the reference pass's output)
+            self._first = output
+        if not self._watching:
+            return None
+        if self._first is None:
+            self._first = output
+        self._depth -= 1
+        if self._depth > 0:
             return None
         t = self.t
         self._watching = False
@@ -170,10 +189,10 @@ class TrainingBatch:
             t.recording.unwatch()
             t.layer_norms()  # (of the weights of this forward, before the step's update)
             with torch.no_grad(), no_autocast():
-                t.measurement.output(t.output_key, t.output_of(output), self.ref_out)
+                t.measurement.output(t.output_key, t.output_of(self._first), self.ref_out)
                 t.measurement.flush()
         finally:
-            t.recording.refs, self.ref_out = {}, None  # free the reference activations
+            t.recording.refs, self.ref_out, self._first = {}, None, None  # free the reference activations
         return None
 
     def _due(self):
@@ -219,9 +238,9 @@ class TrainingBatch:
             state = {n: b.clone() if n in written else b if b.dtype == dt else b.to(dt)
                      for n, (b, dt) in ref.init_state.items()}
             versions = [(n, b, b._version) for n, b in state.items() if n not in written]
-            self.ref_out = t.output_of(t.recording.run(
-                t.model, "reference", lambda: torch.func.functional_call(t.model, state, args, kwargs), training,
-                state=state, autocast_off=False))
+            out = t.recording.run(t.model, "reference", lambda: torch.func.functional_call(t.model, state, args, kwargs),
+                                  training, state=state, autocast_off=False)
+            self.ref_out = t.output_of(self._first if self._first is not None else out)
             wrote = [n for n, b, v in versions if b._version != v]
             if wrote:
                 self._wrote |= set(wrote)
