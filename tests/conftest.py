@@ -33,3 +33,44 @@ def pytest_collection_modifyitems(items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if item.get_closest_marker("slow_on_triton") and params.get("backend") == "triton":
             item.add_marker(pytest.mark.slow)
+
+
+def run_worlds(worker, folder, worlds=(2, 1), timeout=600):
+    """Runs ``worker OUT`` under ``torch.distributed.run`` with each number of processes of
+    ``worlds`` (1: a plain process), each writing its JSON to OUT; {world: what it wrote}."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {}
+    for world in worlds:
+        out = os.path.join(str(folder), f"{world}.json")
+        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}"]
+                  if world > 1 else [sys.executable])
+        proc = subprocess.run(launch + [worker, out], capture_output=True, text=True, env=env, timeout=timeout)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        with open(out) as f:
+            runs[world] = json.load(f)
+    return runs
+
+
+def assert_same_logged(got, want, rel=1e-4, abs=1e-7):
+    """Two runs' logged measurements {step: {key: value}} are the same (NaN equals NaN);
+    returns how many values were compared."""
+    import math
+
+    assert list(got) == list(want)
+    compared = 0
+    for step, values in want.items():
+        assert got[step].keys() == values.keys(), step
+        for k, v in values.items():
+            g = got[step][k]
+            assert (math.isnan(v) and math.isnan(g)) or math.isclose(g, v, rel_tol=rel, abs_tol=abs), (step, k, g, v)
+            compared += 1
+    return compared

@@ -214,31 +214,9 @@ def test_a_model_and_optimizer_prepared_by_accelerate_are_tracked():
 @pytest.mark.slow
 def test_the_trainer_callback_under_torchrun_equals_one_process(tmp_path):
     # 2 gloo processes, 2 rows a rank, against 1 process with the 4 rows: every logged metric
-    import json
-    import math
-    import socket
+    from conftest import assert_same_logged, run_worlds
 
-    worker = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runs = {}
-    for world in (2, 1):
-        out = str(tmp_path / f"{world}.json")
-        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}"]
-                  if world > 1 else [sys.executable])
-        proc = subprocess.run(launch + [worker, out], capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        runs[world] = json.loads(open(out).read())
+    runs = run_worlds(os.path.join(os.path.dirname(__file__), "trainer_worker.py"), tmp_path)
     two, one = runs[2], runs[1]
-    assert two["distributed"] and list(two["logged"]) == list(one["logged"]) == ["1", "2", "3"]
-    compared = 0
-    for step, want in one["logged"].items():
-        got = two["logged"][step]
-        assert got.keys() == want.keys()
-        for k, v in want.items():
-            assert (math.isnan(v) and math.isnan(got[k])) or math.isclose(got[k], v, rel_tol=1e-4, abs_tol=1e-7), \
-                (step, k, got[k], v)
-            compared += 1
-    assert compared > 300
+    assert two["distributed"] and list(one["logged"]) == ["1", "2", "3"]
+    assert assert_same_logged(two["logged"], one["logged"]) > 300

@@ -102,32 +102,11 @@ def test_stop():
 def test_under_torchrun_with_ddp_equals_one_process(tmp_path):
     # Lightning's DDP calls the module with its forward redirected to training_step, which
     # calls the forward: the tracker measures the outer call, its output the model's
-    import json
     import os
-    import socket
-    import subprocess
-    import sys
 
-    worker = os.path.join(os.path.dirname(__file__), "lightning_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runs = {}
-    for world in (2, 1):
-        out = str(tmp_path / f"{world}.json")
-        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}"]
-                  if world > 1 else [sys.executable])
-        proc = subprocess.run(launch + [worker, out], capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        runs[world] = json.loads(open(out).read())
+    from conftest import assert_same_logged, run_worlds
+
+    runs = run_worlds(os.path.join(os.path.dirname(__file__), "lightning_worker.py"), tmp_path)
     two, one = runs[2], runs[1]
-    assert two["world"] == 2 and list(two["logged"]) == list(one["logged"]) == ["1", "2", "3"]
-    compared = 0
-    for step, want in one["logged"].items():
-        assert two["logged"][step].keys() == want.keys()
-        for k, v in want.items():
-            got = two["logged"][step][k]
-            assert (math.isnan(v) and math.isnan(got)) or math.isclose(got, v, rel_tol=1e-4, abs_tol=1e-7), (step, k)
-            compared += 1
-    assert compared > 100
+    assert two["world"] == 2 and list(one["logged"]) == ["1", "2", "3"]
+    assert assert_same_logged(two["logged"], one["logged"]) > 100
