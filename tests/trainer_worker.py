@@ -34,3 +34,9 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import gc
+
+        torch.distributed.barrier()  # (both ranks done before either tears down)
+        torch.distributed.destroy_process_group()
+        gc.collect()  # (gloo's threads freed while the interpreter is alive: no abort at its exit)
