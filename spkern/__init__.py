@@ -3,7 +3,7 @@
 Functional API: :func:`cross_entropy`, :func:`mse_onehot_loss`, :func:`linear_cross_entropy`,
 :func:`linear_mse_onehot_loss`, :func:`multi_tensor_norms`, :func:`spectral_norm`,
 :func:`spectral_norm_steps`, :func:`pair_stats`, :func:`multi_pair_stats`. The metric
-tracker: :class:`Tracker`. Modules: :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss`.
+tracker: :class:`Tracker`; the regime of a run: :class:`Regime`. Modules: :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss`.
 Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable. Submodules:
 ``spkern.optim``, ``spkern.functional``, ``spkern.hf`` (transformers), ``spkern.lightning``,
 ``spkern.monitor``, ``spkern.features``, ``spkern.norms``, ``spkern.experiments``.
@@ -31,10 +31,11 @@ _NAMES = {
     "spectral_norm_steps": "spkern.norms",
     "Tracker": "spkern.monitor",
     "coord_check": "spkern.coord",
+    "Regime": "spkern.regime",
 }
 _SUBMODULES = ("backends", "compile_check", "constants", "coord", "cross_entropy", "distributed", "experiments",
                "features", "functional", "hf", "info", "lightning", "linear_loss", "modules", "monitor", "norms",
-               "optim", "registry")
+               "optim", "regime", "registry")
 
 __all__ = sorted(_NAMES) + ["optim"]
 

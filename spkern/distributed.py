@@ -20,6 +20,15 @@ except ImportError:  # a torch built without torch.distributed
     DTensor = None
 
 
+def rank_and_world() -> tuple:
+    """(this process's rank, the number of processes) of the torch.distributed job, or
+    (0, 1) outside one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 

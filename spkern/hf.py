@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import spkern
-from spkern.monitor.log import tag
+from spkern.monitor.log import measurement_logs
 
 _SCALED = ("logit_scale", "logits_scaling")
 
@@ -185,7 +185,9 @@ class SpkernCallback(_Callback):
     metrics. Under torch.distributed every rank measures its share and the values are
     one process's (:meth:`spkern.Tracker.metrics` adds the sums over the ranks).
     ``stop``: a function of a measurement's metrics that returns True to stop training
-    (``control.should_training_stop``), for a run gone unstable. ``quiet`` (default): the
+    (``control.should_training_stop``), for a run gone unstable: a :class:`spkern.Regime`
+    stops a catastrophic run and its label is logged as ``spkern/regime`` (0 stable,
+    1 controlled divergence, 2 catastrophic; saved in the checkpoints with the tracker). ``quiet`` (default): the
     measurements are not printed on the console (a few hundred values each).
 
     The Trainer is found when training begins (the callback is called from it); pass
@@ -224,12 +226,14 @@ class SpkernCallback(_Callback):
             self._loss = fused_loss(self.tracker.model, tracker=self.tracker)
         if state.global_step > 0:
             self._resume(args, state)
+        if hasattr(self.stop, "start"):  # a spkern.Regime: its initial values
+            self.stop.start(self.tracker)
 
     def _state_file(self, folder):
-        import torch.distributed as dist
+        from spkern.distributed import rank_and_world
 
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        name = STATE_FILE if world == 1 else STATE_FILE.replace(".pt", f"_rank{dist.get_rank()}.pt")
+        rank, world = rank_and_world()
+        name = STATE_FILE if world == 1 else STATE_FILE.replace(".pt", f"_rank{rank}.pt")
         return os.path.join(folder, name)
 
     def _resume(self, args, state):
@@ -240,7 +244,10 @@ class SpkernCallback(_Callback):
                       os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
         for folder in candidates:
             if isinstance(folder, str) and os.path.isfile(self._state_file(folder)):
-                self.tracker.load_state_dict(torch.load(self._state_file(folder), weights_only=True))
+                saved = torch.load(self._state_file(folder), weights_only=True)
+                self.tracker.load_state_dict(saved)
+                if "regime" in saved and hasattr(self.stop, "load_state_dict"):
+                    self.stop.load_state_dict(saved["regime"])
                 return
         warnings.warn(f"spkern.hf.SpkernCallback: training resumes at step {state.global_step} but no checkpoint "
                       f"holds the tracker's state ({STATE_FILE}): it starts anew, W_0 the weights now",
@@ -252,8 +259,9 @@ class SpkernCallback(_Callback):
             return control
         self._logged = t.measured_step
         m = t.metrics()  # (a collective under torch.distributed: every rank is here)
-        self._log({self.prefix + tag(k): v for k, v in m.items() if k != "step"}, control)
-        if self.stop is not None and self.stop(m):
+        stop = self.stop is not None and self.stop(m)
+        self._log(measurement_logs(m, self.prefix, self.stop), control)
+        if stop:
             control.should_training_stop = True
         return control
 
@@ -277,7 +285,10 @@ class SpkernCallback(_Callback):
             return control
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(self.tracker.state_dict(), self._state_file(folder))
+            saved = self.tracker.state_dict()
+            if hasattr(self.stop, "state_dict"):  # a spkern.Regime
+                saved["regime"] = self.stop.state_dict()
+            torch.save(saved, self._state_file(folder))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

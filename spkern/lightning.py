@@ -12,11 +12,12 @@ module's loggers (``trainer.loggers``), at the optimizer step, under
 :meth:`~spkern.Tracker.state_dict`) is saved in Lightning's checkpoints and restored with
 ``trainer.fit(..., ckpt_path=...)``: the tracker continues its steps and metrics.
 ``stop``: a function of a measurement's metrics that returns True to stop training
-(``trainer.should_stop``).
+(``trainer.should_stop``); a :class:`spkern.Regime` stops a catastrophic run, and its label
+is logged as ``spkern/regime`` (0 stable, 1 controlled divergence, 2 catastrophic).
 """
 
 import spkern
-from spkern.monitor.log import tag
+from spkern.monitor.log import measurement_logs
 
 try:
     import lightning
@@ -53,6 +54,8 @@ class SpkernCallback(_Callback):
         if self._saved is not None:
             self.tracker.load_state_dict(self._saved)
             self._saved = None
+        if hasattr(self.stop, "start"):  # a spkern.Regime: its initial values
+            self.stop.start(self.tracker)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         t = self.tracker
@@ -60,16 +63,22 @@ class SpkernCallback(_Callback):
             return
         self._logged = t.measured_step
         m = t.metrics()  # (a collective under torch.distributed: every rank is here)
-        logs = {self.prefix + tag(k): v for k, v in m.items() if k != "step"}
+        stop = self.stop is not None and self.stop(m)
+        logs = measurement_logs(m, self.prefix, self.stop)
         for logger in trainer.loggers:
             logger.log_metrics(logs, step=m["step"])
-        if self.stop is not None and self.stop(m):
+        if stop:
             trainer.should_stop = True
 
     def state_dict(self):
-        return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
+        state = {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
+        if state and hasattr(self.stop, "state_dict"):  # a spkern.Regime
+            state["regime"] = self.stop.state_dict()
+        return state
 
     def load_state_dict(self, state_dict):
+        if "regime" in state_dict and hasattr(self.stop, "load_state_dict"):
+            self.stop.load_state_dict(state_dict["regime"])
         saved = state_dict.get("tracker")
         if saved is None:
             return

@@ -178,6 +178,19 @@ def test_the_trainer_callback_can_stop_training(tmp_path):
     assert seen == [1, 2] and trainer.state.global_step == 2
 
 
+def test_a_regime_labels_the_trainers_run_and_stops_a_catastrophic_one(tmp_path):
+    regime = spkern.Regime()
+    trainer = _trainer(_model("gpt2"), tmp_path, [spkern.hf.SpkernCallback(stop=regime)], logging_steps=1,
+                       learning_rate=1e5, optim="sgd", max_grad_norm=0.0)
+    trainer.train()
+    assert regime.regime == "catastrophic" and trainer.state.global_step == regime.step < 4
+    logged = _logged(trainer)
+    assert logged[regime.step]["spkern/regime"] == 2 and regime.evidence
+    saved = spkern.Regime()
+    saved.load_state_dict(regime.state_dict())
+    assert saved.summary() == regime.summary()
+
+
 def test_the_trainer_callback_with_the_fused_loss(tmp_path):
     callback = spkern.hf.SpkernCallback(fused_loss=True)
     trainer = _trainer(_model("llama"), tmp_path, [callback])

@@ -13,8 +13,9 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 
 
 class Net(L.LightningModule):
-    def __init__(self):
+    def __init__(self, lr=0.2):
         super().__init__()
+        self.lr = lr
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
 
@@ -26,7 +27,7 @@ class Net(L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 class Memory(Logger):
@@ -58,10 +59,10 @@ def _data(rows=24):
     return torch.utils.data.DataLoader(ds, batch_size=8)
 
 
-def _fit(callback, logger, max_steps, ckpt_path=None, rows=24, **kw):
+def _fit(callback, logger, max_steps, ckpt_path=None, rows=24, lr=0.2, **kw):
     trainer = L.Trainer(max_steps=max_steps, callbacks=[callback], logger=logger, accelerator="cpu",
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kw)
-    trainer.fit(Net(), _data(rows), ckpt_path=ckpt_path)
+    trainer.fit(Net(lr), _data(rows), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -96,6 +97,15 @@ def test_stop():
     callback = spkern.lightning.SpkernCallback(stop=lambda m: m["step"] >= 2)
     trainer = _fit(callback, Memory(), 6, log_every_n_steps=1)
     assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize("lr, label", [(1e-3, 0), (1e4, 2)])
+def test_a_regime_labels_the_run_and_stops_a_catastrophic_one(lr, label):
+    regime, logger = spkern.Regime(), Memory()
+    trainer = _fit(spkern.lightning.SpkernCallback(stop=regime), logger, 6, log_every_n_steps=1, lr=lr)
+    assert [v["spkern/regime"] for v in logger.logged.values()][-1] == label
+    assert trainer.global_step == (6 if label == 0 else regime.step)
+    assert regime.step is None if label == 0 else regime.step < 6
 
 
 @pytest.mark.slow

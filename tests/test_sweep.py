@@ -330,7 +330,7 @@ def test_run_options_and_their_defaults_come_from_the_run_configs():
     import argparse
     from dataclasses import fields
 
-    from spkern.experiments import cli
+    from spkern.experiments import cli, options
     from spkern.experiments.train.gpt import GPTRunConfig
     from spkern.experiments.train.mlp import RunConfig
 
@@ -338,11 +338,120 @@ def test_run_options_and_their_defaults_come_from_the_run_configs():
         p = argparse.ArgumentParser()
         add(p)
         args = p.parse_args([])
-        assert cli._config_from(args, cls) == cls()
+        assert options.config_from(args, cls) == cls()
         for f in fields(cls):
-            if f.name not in cli.SWEPT_AS_LISTS:
+            if f.name not in options.SWEPT_AS_LISTS:
                 assert getattr(args, f.name) == f.default, f.name
     p = argparse.ArgumentParser()
-    cli._config_options(p, GPTRunConfig, cli.GPT_HELP, swept=())
+    options.config_options(p, GPTRunConfig, options.GPT_HELP, swept=())
     args = p.parse_args(["--no-qk-norm", "--steps", "7"])
     assert GPTRunConfig(**vars(args)) == GPTRunConfig(qk_norm=False, steps=7)
+
+
+def test_a_run_carries_its_regime_and_a_catastrophic_one_is_stopped_early(digits):
+    # width 64 at lr 2.15 on digits: a hidden layer's activations 120x their initial RMS by step 10,
+    # and the run that goes on ends at chance accuracy
+    stopped = train(RunConfig(width=64, lr=2.15, epochs=2), digits, device="cpu")
+    assert stopped["status"] == "diverged" and stopped["stopped_early"] and stopped["regime"] == "catastrophic"
+    assert stopped["steps"] == stopped["regime_step"] == 10 and stopped["steps_saved"] == 2 * 23 - 10
+    assert any("layers.1/act_rms" in e and "catastrophic" in e for e in stopped["regime_evidence"])
+    full = train(RunConfig(width=64, lr=2.15, epochs=2, stop_catastrophic=False), digits, device="cpu")
+    assert full["steps"] == 46 and not full["stopped_early"] and full["regime"] == "catastrophic"
+    assert full["train_acc"] < 0.2
+    ok = train(RunConfig(width=32, lr=0.01, epochs=1), digits, device="cpu")
+    assert ok["regime"] == "stable" and ok["regime_step"] is None and ok["steps_saved"] == 0
+    nan = train(RunConfig(width=32, lr=1e4, epochs=1), digits, device="cpu")
+    assert nan["status"] == "diverged" and nan["regime"] == "catastrophic" and not nan["stopped_early"]
+    json.dumps([stopped, full, ok, nan])
+
+
+def test_the_sweep_counts_the_steps_early_stopping_saved(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "mlp", "--widths", "64", "--lrs", "0.01,2.15", "--loss", "ce", "--seeds", "1",
+                     "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "early stopping: 1 catastrophic run(s) stopped, 36 steps saved" in text
+    md = (out / "report.md").read_text()
+    assert "## Regimes" in md and (out / "regime_map.png").stat().st_size > 0
+    assert "| CE SGD sp | 64 |" in md and "| 1 / 0 / 1 |" in md
+
+
+def _without_labels(row):
+    """A result as written before runs carried a regime."""
+    for k in ("regime", "regime_step", "regime_reached", "regime_evidence", "stopped_early", "steps_saved"):
+        row.pop(k, None)
+    row["config"].pop("stop_catastrophic", None)
+    return row
+
+
+def test_the_report_reads_results_written_before_the_regimes(tmp_path, digits):
+    from spkern.experiments.results import regime_of
+
+    runs = [train(RunConfig(width=w, lr=lr, epochs=1), digits, device="cpu")
+            for w in (32, 64) for lr in (0.01, 1e4)]
+    out = tmp_path / "old"
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        for r in runs:
+            f.write(json.dumps(_without_labels(dict(r, config=dict(r["config"])))) + "\n")
+    assert [regime_of(r) for r in sweep.read_results(str(out))] == ["stable", "catastrophic"] * 2
+    md = open(report.write(str(out))).read()
+    assert "written before runs carried a regime label" in md and "| CE SGD sp | 32 |" in md
+
+
+def test_regime_edges_and_the_finding():
+    s = {"lrs": [0.1, 0.2, 0.4, 0.8, 1.6], "regimes": ["stable", "stable", "controlled-divergence",
+                                                        "controlled-divergence", "catastrophic"]}
+    lo, hi = report.boundaries(s)
+    assert lo == pytest.approx(math.sqrt(0.08)) and hi == pytest.approx(math.sqrt(0.8 * 1.6))
+    assert report.boundaries({"lrs": [0.1, 0.2], "regimes": ["stable", "catastrophic"]}) == pytest.approx(
+        (math.sqrt(0.02), math.sqrt(0.02)))
+    assert report.boundaries({"lrs": [0.1], "regimes": ["catastrophic"]}) == (None, None)
+
+
+def test_the_adaptive_grid_goes_down_to_the_stable_regime():
+    # every rate from index 3 on is in controlled divergence; the best is index 8 (the top)
+    def runs_at(i):
+        return [{"status": "ok", "score": 0.5 + 0.05 * i, "train_loss": 1.0, "chance_score": 0.1,
+                 "regime": "stable" if i < 3 else "controlled-divergence"}]
+
+    known = sweep.search_grid(9, 8, runs_at, sweep.Adaptive(below=2))
+    assert min(known) == 2  # (further than below=2 under the best: down to the first stable rate)
+    assert min(sweep.search_grid(9, 8, runs_at, sweep.Adaptive(below=2, regimes=False))) == 6
+
+
+def test_the_experiments_package_is_layered():
+    """results at the bottom (nothing of the package above it), the trainers below the sweep,
+    the report beside the sweep, the command line at the top: nothing imports it."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(spkern_experiments_dir())
+
+    def imports(path):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        return {m for m in found if m.startswith("spkern.experiments")}
+
+    def name(path):
+        return "spkern.experiments." + ".".join(path.relative_to(root).with_suffix("").parts)
+
+    graph = {name(p): imports(p) for p in root.rglob("*.py")}
+    above = {"spkern.experiments.results": ("sweep", "report", "cli", "train", "options"),
+             "spkern.experiments.sweep": ("report", "cli"), "spkern.experiments.report": ("sweep", "cli"),
+             "spkern.experiments.train.mlp": ("sweep", "report", "cli"),
+             "spkern.experiments.train.gpt": ("sweep", "report", "cli")}
+    for module, banned in above.items():
+        bad = [m for m in graph[module] for b in banned if m.startswith(f"spkern.experiments.{b}")]
+        assert not bad, (module, bad)
+    assert not [m for m, deps in graph.items() if m != "spkern.experiments.cli" and "spkern.experiments.cli" in deps]
+
+
+def spkern_experiments_dir():
+    import spkern.experiments
+
+    return os.path.dirname(spkern.experiments.__file__)

@@ -9,13 +9,11 @@
 """
 
 import argparse
-import math
 import os
 import sys
 
-DEMO = dict(widths="64,128,256,512,1024,2048", lrs="1e-4:10:31", loss="ce,mse", optim="sgd", param="sp", seeds="2",
-            epochs=10, depth=2, data="digits", grid="adaptive", grid_below=2)
-
+from spkern.experiments.options import (DEMO, GPT_DEFAULTS, GPT_HELP, MLP_HELP, config_from, config_options, number,
+                                        positive_ints)
 
 class UsageError(SystemExit):
     """A bad option or input file: one line on stderr and exit status 2 (``run`` prints it)."""
@@ -23,23 +21,6 @@ class UsageError(SystemExit):
     def __init__(self, message):
         super().__init__(message)
         self.code = 2
-
-
-def _number(low=None, *, above=None):
-    """An argparse type: a finite float, >= low / > above when given."""
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if low is not None and v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
-        if above is not None and v <= above:
-            raise argparse.ArgumentTypeError(f"must be > {above}, got {text!r}")
-        return v
-    return parse
 
 
 def _ints(text, name):
@@ -72,67 +53,10 @@ def _choices(text, allowed, name):
     return values
 
 
-# Run options, generated from the run-config dataclasses (their defaults are the
-# options' defaults; the swept fields are given as lists: --widths, --lrs, ...).
-SWEPT_AS_LISTS = ("width", "lr", "loss", "optim", "param", "seed")
-_BOUNDS = {"momentum": dict(low=0), "weight_decay": dict(low=0), "clip": dict(low=0), "min_lr_frac": dict(low=0),
-           "diverge_loss": dict(above=0)}
-MLP_HELP = dict(depth="hidden layers", base_width="width at which every layer trains at lr",
-                bias="Linear layers with biases", momentum="SGD momentum", dtype="bfloat16: autocast",
-                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged")
-GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (global)",
-                grad_accum="micro-batches per step", weight_decay="AdamW, on matrices",
-                clip="gradient clipping norm (0: off)", qk_norm="no LayerNorm on queries and keys",
-                momentum="SGD momentum", min_lr_frac="the cosine decay ends at this fraction of lr",
-                eval_batches="validation batches of the final score", dtype="bfloat16: autocast",
-                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)",
-                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged")
-
-
-def _config_options(p, cls, helps, overrides=None, choices=None, skip=(), swept=SWEPT_AS_LISTS):
-    """An option for each field of the run config ``cls`` but ``swept`` (what a sweep varies):
-    ``--name`` (``--no-name`` for a flag that is on by default), typed and defaulted by
-    the field (or ``overrides``), numbers checked as the config checks them."""
-    from dataclasses import fields
-
-    overrides, choices = overrides or {}, choices or {}
-    for f in fields(cls):
-        if f.name in swept or f.name in skip:
-            continue
-        flag, default, h = "--" + f.name.replace("_", "-"), overrides.get(f.name, f.default), helps.get(f.name)
-        h = h or f.name.replace("_", " ")  # (the help formatter adds the default)
-        if isinstance(f.default, bool):
-            if default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
-            else:
-                p.add_argument(flag, action="store_true", help=h)
-        elif isinstance(f.default, int):
-            p.add_argument(flag, type=int, default=default, help=h)
-        elif isinstance(f.default, float):
-            p.add_argument(flag, type=_number(**_BOUNDS.get(f.name, {})), default=default, help=h)
-        else:
-            p.add_argument(flag, default=default, choices=choices.get(f.name), help=h)
-
-
-def _config_from(args, cls, **given):
-    """The run config ``cls`` of a sweep's options (its swept fields at their defaults)."""
-    from dataclasses import fields
-
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in SWEPT_AS_LISTS}
-    return cls(**{**values, **given})
-
-
-def _positive_ints(cls):
-    """The int fields of ``cls`` that must be >= 1 (all but warmup and the swept ones)."""
-    from dataclasses import fields
-
-    return tuple(f.name for f in fields(cls) if isinstance(f.default, int) and not isinstance(f.default, bool)
-                 and f.name not in SWEPT_AS_LISTS + ("warmup",))
-
-
 def _add_mlp_options(p, defaults):
     from spkern.experiments.data import DATASETS
-    from spkern.experiments.train.mlp import DTYPES, RunConfig
+    from spkern.experiments.train.common import DTYPES
+    from spkern.experiments.train.mlp import RunConfig
 
     p.add_argument("--data", default=defaults.get("data", "digits"), choices=DATASETS,
                    help="dataset (mnist and cifar10 are read from --data-root)")
@@ -145,9 +69,9 @@ def _add_mlp_options(p, defaults):
     p.add_argument("--param", default=defaults.get("param", "sp"), help="sp, mup, ntp, sp-full-align (comma list)")
     p.add_argument("--seeds", default=defaults.get("seeds", "2"), help="number of seeds (runs use seeds 0..N-1)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    _config_options(p, RunConfig, MLP_HELP, defaults, choices={"data": DATASETS, "dtype": DTYPES},
+    config_options(p, RunConfig, MLP_HELP, defaults, choices={"data": DATASETS, "dtype": DTYPES},
                     skip=("data",))
-    p.add_argument("--stable-threshold", type=_number(), default=None,
+    p.add_argument("--stable-threshold", type=number(), default=None,
                    help="accuracy a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, defaults.get("grid", "full"), defaults.get("grid_below"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -207,11 +131,12 @@ def _grid_args(args, positive):
 
 def _run_sweep(kind, args, configs, data, device):
     """Runs the configs not yet in args.out, then writes the report."""
+    from spkern.distributed import rank_and_world
     from spkern.experiments import report, sweep
 
     adaptive = _adaptive(args)
     _writable_folder(args.out)
-    if sweep._rank() != 0:  # a torch.distributed sweep: rank 0 reports
+    if rank_and_world()[0] != 0:  # a torch.distributed sweep: rank 0 reports
         sweep.run(configs, args.out, data, device=device, progress=False, adaptive=adaptive)
         return 0
     print(f"spkern sweep {kind}: {len(configs)} runs{' at most (adaptive grid)' if adaptive else ''} on {args.data} "
@@ -222,6 +147,10 @@ def _run_sweep(kind, args, configs, data, device):
         raise UsageError(f"spkern: {e}") from None
     print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results"
           + (f", {counts['left_out']} left out by the adaptive grid" if adaptive else ""), flush=True)
+    if counts["stopped_early"]:
+        saved, run = counts["steps_saved"], counts["steps"]
+        print(f"early stopping: {counts['stopped_early']} catastrophic run(s) stopped, {saved} steps saved "
+              f"({100 * saved / (saved + run):.0f}% of the steps these runs would have taken in all)", flush=True)
     if not args.no_report:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
     return 0
@@ -240,10 +169,11 @@ def _writable_folder(out):
 def sweep_mlp(args):
     from spkern.experiments import param, sweep
     from spkern.experiments.data import load
-    from spkern.experiments.train.mlp import LOSSES, RunConfig
+    from spkern.experiments.train.common import LOSSES
+    from spkern.experiments.train.mlp import RunConfig
 
-    lrs, widths, seeds, device = _grid_args(args, _positive_ints(RunConfig))
-    base = _config_from(args, RunConfig)
+    lrs, widths, seeds, device = _grid_args(args, positive_ints(RunConfig))
+    base = config_from(args, RunConfig)
     try:
         configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
                              optim=_choices(args.optim, param.OPTIMIZERS, "optim"),
@@ -258,12 +188,9 @@ def sweep_mlp(args):
     return _run_sweep("mlp", args, configs, data, device)
 
 
-# the GPT sweep's grid; its run options are GPTRunConfig's defaults
-GPT_DEFAULTS = dict(widths="64,128,256", lrs="3e-4:3e-2:5", loss="ce,mse", optim="adam", param="sp", seeds="1")
-
-
 def _add_gpt_options(p):
-    from spkern.experiments.train.gpt import DTYPES, GPTRunConfig
+    from spkern.experiments.train.common import DTYPES
+    from spkern.experiments.train.gpt import GPTRunConfig
 
     d = GPT_DEFAULTS
     p.add_argument("--data", default="pydoc", help="pydoc (CPython's documentation, bytes), bytes:PATH (any text "
@@ -275,8 +202,8 @@ def _add_gpt_options(p):
     p.add_argument("--param", default=d["param"], help="sp, mup (comma list)")
     p.add_argument("--seeds", default=d["seeds"], help="number of seeds (runs use seeds 0..N-1)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    _config_options(p, GPTRunConfig, GPT_HELP, d, choices={"dtype": DTYPES}, skip=("data",))
-    p.add_argument("--stable-threshold", type=_number(), default=None,
+    config_options(p, GPTRunConfig, GPT_HELP, d, choices={"dtype": DTYPES}, skip=("data",))
+    p.add_argument("--stable-threshold", type=number(), default=None,
                    help="score a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, "full")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -288,10 +215,11 @@ def sweep_gpt(args):
     from spkern.experiments import sweep
     from spkern.experiments.gpt import GPT_PARAMS
     from spkern.experiments.text import load_tokens
-    from spkern.experiments.train.gpt import LOSSES, GPTRunConfig
+    from spkern.experiments.train.common import LOSSES, torchrun
+    from spkern.experiments.train.gpt import GPTRunConfig
 
-    lrs, widths, seeds, device = _grid_args(args, _positive_ints(GPTRunConfig))
-    base = _config_from(args, GPTRunConfig)
+    lrs, widths, seeds, device = _grid_args(args, positive_ints(GPTRunConfig))
+    base = config_from(args, GPTRunConfig)
     try:
         configs = sweep.grid(base, loss=_choices(args.loss, LOSSES, "loss"),
                              optim=_choices(args.optim, ("sgd", "adam"), "optim"),
@@ -299,23 +227,10 @@ def sweep_gpt(args):
         tokens = load_tokens(args.data)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"spkern: {e}") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _run_sweep("gpt", args, configs, tokens, device)
     # under torchrun: every rank trains each run together (DDP, or FSDP2 with --fsdp); rank 0
     # writes the results and the report
-    import gc
-
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
+    with torchrun(device) as device:
         return _run_sweep("gpt", args, configs, tokens, device)
-    finally:
-        torch.distributed.destroy_process_group()
-        gc.collect()  # (as the GPT trainer: gloo's threads freed while the interpreter is alive)
 
 
 def _add_coord_options(p):
@@ -333,8 +248,8 @@ def _add_coord_options(p):
     p.add_argument("--steps", type=int, default=3, help="training steps at each width")
     p.add_argument("--batch", type=int, default=128, help="rows of the batch (the same batch every step)")
     p.add_argument("--optim", default="sgd", choices=["sgd", "adam"], help="SGD or AdamW")
-    p.add_argument("--lr", type=_number(above=0), default=0.002, help="the learning rate (at the smallest width)")
-    p.add_argument("--tolerance", type=_number(above=0), default=0.25,
+    p.add_argument("--lr", type=number(above=0), default=0.002, help="the learning rate (at the smallest width)")
+    p.add_argument("--tolerance", type=number(above=0), default=0.25,
                    help="an exponent beyond it flags the layer")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--out", default="runs/coord", help="the folder of coord.png and coord.md")
@@ -456,7 +371,7 @@ def main(argv=None):
         _add_gpt_options(gpt)
     rep = sub.add_parser("report", formatter_class=_Help, help="write the report of a sweep")
     rep.add_argument("out", help="the sweep's folder (holding results.jsonl)")
-    rep.add_argument("--stable-threshold", type=_number(), default=None)
+    rep.add_argument("--stable-threshold", type=number(), default=None)
     cc = sub.add_parser("coord-check", formatter_class=_Help,
                         help="how each layer's feature change and updates scale with width, on spkern's MLP or a "
                              "model of yours (a few seconds)")
@@ -482,12 +397,11 @@ def main(argv=None):
     if args.command in ("demo", "sweep"):
         return sweep_mlp(args)
     from spkern.experiments import report
-
-    from spkern.experiments import sweep
+    from spkern.experiments.results import ResultsError
 
     try:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
-    except (FileNotFoundError, sweep.ResultsError) as e:
+    except (FileNotFoundError, ResultsError) as e:
         raise UsageError(f"spkern: {e}") from None
     return 0
 

@@ -25,80 +25,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from spkern.experiments.sweep import read_results
-
-SWEPT = ("width", "lr", "seed")  # what varies inside one experiment
-
+from spkern.experiments.results import SWEPT, experiments, read_results, summarize
+from spkern.regime import CATASTROPHIC, CONTROLLED, REGIMES, STABLE
 
 def _label(exp):
     d = dict(exp)
     return f"{d['loss'].upper()} {d['optim'].upper()} {d['param']}"
-
-
-def experiments(rows):
-    """{experiment key: {width: {lr: [run, ...]}}}."""
-    out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in rows:
-        c = r["config"]
-        exp = tuple(sorted((k, v) for k, v in c.items() if k not in SWEPT))
-        out[exp][c["width"]][c["lr"]].append(r)
-    return out
-
-
-def chance_score(run):
-    """The score of a run at chance (MLP: 1 / classes; GPT: minus log vocabulary)."""
-    return run["chance_score"] if "chance_score" in run else 1.0 / run.get("n_classes", 10)
-
-
-def _acc(run):
-    """The run's score (higher is better): final training accuracy for MLP runs, minus
-    the validation cross-entropy for GPT runs; chance for a diverged run."""
-    score = run.get("score", run.get("train_acc"))
-    if run["status"] != "ok" or score is None:
-        return chance_score(run)
-    return score
-
-
-def lr_outcome(runs):
-    """(mean score, mean training loss, whether any seed diverged) of the runs of one lr."""
-    score = float(np.mean([_acc(r) for r in runs]))
-    loss = float(np.mean([r["train_loss"] if r["status"] == "ok" and r.get("train_loss") is not None else np.nan
-                          for r in runs]))
-    return score, loss, any(r["status"] != "ok" for r in runs)
-
-
-def best_index(acc, loss, diverged):
-    """Index of the highest mean score among the lrs where no seed diverged (among equal
-    scores, the lowest training loss); None when every lr has a diverged seed."""
-    candidates = [i for i in range(len(acc)) if not diverged[i]]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda i: (acc[i], -(loss[i] if np.isfinite(loss[i]) else np.inf)))
-
-
-def stable_threshold(chance, best_score, threshold=None):
-    """The score a stable lr must reach: ``threshold``, or halfway from chance to the best."""
-    return threshold if threshold is not None else chance + 0.5 * (best_score - chance)
-
-
-def summarize(by_width, threshold=None):
-    """Per width: lrs, mean accuracy and loss per lr, optimal and maximal stable lr."""
-    out = {}
-    for width in sorted(by_width):
-        lrs = sorted(by_width[width])
-        runs = [by_width[width][lr] for lr in lrs]
-        chance = chance_score(runs[0][0])
-        acc, loss, diverged = (np.array(v) for v in zip(*(lr_outcome(rs) for rs in runs)))
-        best = best_index(acc, loss, diverged)
-        thr = stable_threshold(chance, acc[best], threshold) if best is not None else None
-        stable = [] if best is None else [i for i in range(len(lrs)) if not diverged[i] and acc[i] >= thr]
-        out[width] = dict(lrs=lrs, acc=acc, loss=loss, diverged=diverged, runs=runs, threshold=thr,
-                          opt_lr=lrs[best] if best is not None else None, opt_index=best,
-                          opt_at_edge=best in (0, len(lrs) - 1),
-                          max_stable_lr=lrs[max(stable)] if stable else None,
-                          max_stable_index=max(stable) if stable else None,
-                          max_stable_at_edge=bool(stable) and max(stable) == len(lrs) - 1)
-    return out
 
 
 def _module_order(name):
@@ -134,8 +66,21 @@ def _fmt_fit(fit):
 
 
 def _legend(ax):
-    if any(not line.get_label().startswith("_") for line in ax.get_lines()):
-        ax.legend(fontsize=7)
+    """The legend beside the panel, off the lines."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def _width_axis(ax, widths):
+    """A log width axis with a tick at each width of the sweep."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ax.set_xticks(widths)
+    ax.set_xticklabels([str(w) for w in widths], fontsize=7)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("width")
 
 
 def _log_axes(ax, x=True, y=True):
@@ -151,11 +96,12 @@ def _log_axes(ax, x=True, y=True):
                 setter("log")
 
 
-def _panels(plt, n, cols=4):
-    """A figure with n panels, at most ``cols`` per row; (figure, flat list of axes)."""
+def _panels(plt, n, cols=3):
+    """A figure with n panels, at most ``cols`` per row, room for a legend beside each;
+    (figure, flat list of axes)."""
     ncols = min(n, cols)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.6 * ncols, 3.8 * nrows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -163,10 +109,27 @@ def _panels(plt, n, cols=4):
 
 
 def _plot_lr_curves(plt, exps, summaries, key, ylabel, path, logy=False):
+    """One curve per width over the learning rates; a rate where a seed diverged is a cross
+    (the score at its mean with chance for the diverged seeds; the loss, which has none, at
+    the top of the panel)."""
+    import matplotlib.transforms as mtransforms
+
     fig, axes = _panels(plt, len(exps))
     for ax, exp in zip(axes, exps):
-        for width, s in summaries[exp].items():
-            ax.plot(s["lrs"], s[key], marker="o", label=f"n={width}")
+        for i, (width, s) in enumerate(summaries[exp].items()):
+            color = f"C{i % 10}"
+            ax.plot(s["lrs"], np.where(s["diverged"], np.nan, s[key]), marker="o", ms=3, color=color,
+                    label=f"n={width}")
+            bad = [j for j, d in enumerate(s["diverged"]) if d]
+            if not bad:
+                continue
+            xs = [s["lrs"][j] for j in bad]
+            if key == "acc":
+                ax.plot(xs, [s[key][j] for j in bad], ls="none", marker="x", color=color)
+            else:
+                ax.plot(xs, [0.97] * len(xs), ls="none", marker="x", color=color, clip_on=False,
+                        transform=mtransforms.blended_transform_factory(ax.transData, ax.transAxes))
+        ax.plot([], [], ls="none", marker="x", color="0.4", label="a seed diverged")
         _log_axes(ax, y=logy)
         ax.set_xlabel("learning rate")
         ax.set_ylabel(ylabel)
@@ -179,6 +142,170 @@ def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+REGIME_COLORS = {STABLE: "tab:blue", CONTROLLED: "tab:orange", CATASTROPHIC: "tab:red"}
+EDGES = ("stable | controlled divergence", "controlled divergence | catastrophic")
+# The theory's width exponents of the two edges (Haas et al. 2025, SGD in SP): under CE the edge of
+# stability at width^-1 and the edge of controlled divergence at width^-1/2; under MSE both at
+# width^-1 (no controlled divergence).
+THEORY = {"ce": (-1.0, -0.5), "mse": (-1.0, -1.0)}
+
+
+def boundaries(s):
+    """The two regime edges of one width's summary: (stable | controlled divergence,
+    controlled divergence | catastrophic), each the geometric mean of the last grid rate
+    below it and the first above it (the first rate not in the lower regime(s)); None
+    where the rates run do not bracket it."""
+    lrs, regimes = s["lrs"], s["regimes"]
+
+    def edge(lower):
+        first = next((i for i, r in enumerate(regimes) if r not in lower), None)
+        if first is None or first == 0:
+            return None
+        return math.sqrt(lrs[first - 1] * lrs[first])
+
+    return edge((STABLE,)), edge((STABLE, CONTROLLED))
+
+
+def _fit_and_plot(ax, widths, values, name, marker="o", color=None, theory=None):
+    """Plots (width, value) points and their fitted power law (and the theory's exponent
+    through the fit at the smallest width); returns the fit."""
+    fit = fit_exponent(widths, values)
+    pts = [(w, v) for w, v in zip(widths, values) if v is not None]
+    if not pts:
+        return fit
+    line = ax.plot(*zip(*pts), marker=marker, linestyle="none", color=color, mfc="none", mew=1.5,
+                   label=f"{name}: {_fmt_fit(fit)}")
+    if fit[0] is not None:
+        xs = np.array([p[0] for p in pts], dtype=float)
+        a = np.mean(np.log([p[1] for p in pts])) - fit[0] * np.mean(np.log(xs))
+        ax.plot(xs, np.exp(a) * xs**fit[0], color=line[0].get_color(), alpha=0.7)
+        if theory is not None:
+            y0 = np.exp(a) * xs[0]**fit[0]
+            ax.plot(xs, y0 * (xs / xs[0])**theory, color=line[0].get_color(), ls=":", alpha=0.9,
+                    label=f"theory: width^{theory:g}")
+    return fit
+
+
+def _plot_regime_map(plt, exps, summaries, fits, path):
+    """Width x learning rate, each rate run coloured by regime (the worst of its seeds),
+    the optimal and maximal stable rates marked, the two edges fitted (and the theory's
+    exponents for SGD); the edges' fits are added to ``fits``."""
+    fig, axes = _panels(plt, len(exps))
+    for ax, exp in zip(axes, exps):
+        s, d = summaries[exp], dict(exp)
+        widths = sorted(s)
+        for regime in REGIMES:
+            pts = [(w, lr) for w in widths for lr, r in zip(s[w]["lrs"], s[w]["regimes"]) if r == regime]
+            ax.plot(*(zip(*pts) if pts else ([], [])), ls="none", marker="o", ms=5, color=REGIME_COLORS[regime],
+                    label=regime)
+        for key, marker, name in (("opt_lr", "*", "optimal lr"), ("max_stable_lr", "s", "maximal stable lr")):
+            pts = [(w, s[w][key]) for w in widths if s[w][key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), ls="none", marker=marker, ms=12 if marker == "*" else 9, mfc="none",
+                        mec="black", mew=1.2, label=name)
+        edges = [boundaries(s[w]) for w in widths]
+        theory = THEORY.get(d["loss"]) if d["optim"] == "sgd" else None
+        for k, (name, color) in enumerate(zip(EDGES, ("tab:green", "tab:purple"))):
+            fits[(exp, name)] = _fit_and_plot(ax, widths, [e[k] for e in edges], name, marker="_", color=color,
+                                              theory=None if theory is None else theory[k])
+        _log_axes(ax, x=False)
+        _width_axis(ax, widths)
+        ax.set_ylabel("learning rate")
+        ax.set_title(_label(exp) + ": regimes")
+        _legend(ax)
+    _save(plt, fig, path)
+
+
+def _logit_key(run):
+    rows = run.get("history") or []
+    return "logits/rms" if any(h.get("logits/rms") is not None for h in rows) else "train/logit_norm"
+
+
+def _measured(run, key):
+    """(steps, values) of a run's measurements of ``key``: each measured step once."""
+    steps, values = [], []
+    for h in run.get("history") or []:
+        if h.get(key) is not None and (not steps or h["step"] > steps[-1]):
+            steps.append(h["step"])
+            values.append(h[key])
+    return steps, values
+
+
+def _final(run, key):
+    m = run.get("final_metrics") or {}
+    if m.get(key) is not None:
+        return m[key]
+    _, values = _measured(run, key)
+    return values[-1] if values else None
+
+
+def _along_half(s):
+    """The runs along lr = c * width^-1/2, c through the middle of the controlled-divergence
+    band (the geometric mean of its edges) at the smallest width that has both: {width: (lr,
+    [runs])} at the grid rate nearest each width's c * width^-1/2 (within half a grid step),
+    or {} when no width has the band."""
+    widths = sorted(s)
+    base = next(((w, e) for w in widths for e in [boundaries(s[w])]
+                 if None not in e and CONTROLLED in s[w]["regimes"]), None)
+    if base is None:
+        return {}
+    w0, (lo, hi) = base
+    c = math.sqrt(lo * hi) * math.sqrt(w0)
+    out = {}
+    for w in widths:
+        lrs = np.array(s[w]["lrs"])
+        target = c / math.sqrt(w)
+        i = int(np.argmin(np.abs(np.log(lrs / target))))
+        step = np.exp(np.median(np.diff(np.log(lrs)))) if len(lrs) > 1 else 2.0
+        if abs(math.log(lrs[i] / target)) <= 0.5 * math.log(step) + 1e-9:
+            out[w] = (float(lrs[i]), s[w]["runs"][i], s[w]["regimes"][i])
+    return out
+
+
+def _hidden_layers(run):
+    """The layers with an effective update in a run's final measurement but the last (the
+    readout)."""
+    m = run.get("final_metrics") or {}
+    layers = sorted({k.rsplit("/", 1)[0] for k in m if k.endswith("/eff_rms")}, key=_module_order)
+    return layers[:-1]
+
+
+def _plot_controlled_divergence(plt, along, path):
+    """The paper's picture of controlled divergence: along lr = c * width^-1/2 (CE), the
+    final logit RMS grows with width while each hidden layer's effective update
+    rms((W_t - W_0) x_t) does not vanish."""
+    exps = [e for e in along if along[e]]
+    fig, axes = plt.subplots(len(exps), 2, figsize=(13.2, 3.8 * len(exps)), squeeze=False)
+    for row, exp in enumerate(exps):
+        points = along[exp]
+        widths = sorted(points)
+        ok = {w: [r for r in points[w][1] if r["status"] == "ok"] for w in widths}
+        logits = [float(np.mean([_final(r, _logit_key(r)) for r in ok[w]])) if ok[w] else None for w in widths]
+        ax = axes[row][0]
+        _fit_and_plot(ax, widths, logits, "final logit RMS", color="tab:orange")
+        for w, y in zip(widths, logits):
+            if y is not None:
+                ax.annotate(f"lr {points[w][0]:.2g}", (w, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        _log_axes(ax, x=False)
+        _width_axis(ax, widths)
+        ax.set_ylabel("logit RMS")
+        ax.set_title(_label(exp) + ": along lr ~ width^-1/2")
+        _legend(ax)
+        ax = axes[row][1]
+        layers = sorted({n for w in widths for r in ok[w] for n in _hidden_layers(r)}, key=_module_order)
+        for i, layer in enumerate(layers):
+            ys = [float(np.mean([_final(r, f"{layer}/eff_rms") or np.nan for r in ok[w]])) if ok[w] else None
+                  for w in widths]
+            _fit_and_plot(ax, widths, [y if y is not None and np.isfinite(y) else None for y in ys], layer,
+                          color=f"C{i % 10}")
+        _log_axes(ax, x=False)
+        _width_axis(ax, widths)
+        ax.set_ylabel("effective update rms((W_t - W_0) x_t)")
+        ax.set_title(_label(exp) + ": hidden layers, same runs")
+        _legend(ax)
+    _save(plt, fig, path)
 
 
 def write(out: str, threshold=None) -> str:
@@ -211,24 +338,21 @@ def write(out: str, threshold=None) -> str:
         s = summaries[exp]
         widths = sorted(s)
         for name, key, marker in (("optimal", "opt_lr", "o"), ("max stable", "max_stable_lr", "s")):
-            lrs = [s[w][key] for w in widths]
-            fit = fit_exponent(widths, lrs)
-            fits[(exp, name)] = fit
-            pts = [(w, lr) for w, lr in zip(widths, lrs) if lr is not None]
-            if pts:
-                line = ax.plot(*zip(*pts), marker=marker, linestyle="none", label=f"{name}: {_fmt_fit(fit)}")
-                if fit[0] is not None:
-                    xs = np.array([p[0] for p in pts], dtype=float)
-                    b = fit[0]
-                    a = np.mean(np.log([p[1] for p in pts])) - b * np.mean(np.log(xs))
-                    ax.plot(xs, np.exp(a) * xs**b, color=line[0].get_color(), alpha=0.6)
-        _log_axes(ax)
-        ax.set_xlabel("width")
+            fits[(exp, name)] = _fit_and_plot(ax, widths, [s[w][key] for w in widths], name, marker=marker)
+        _log_axes(ax, x=False)
+        _width_axis(ax, widths)
         ax.set_ylabel("learning rate")
         ax.set_title(_label(exp))
         _legend(ax)
     figs["exponents"] = "lr_exponents.png"
     _save(plt, fig, os.path.join(out, figs["exponents"]))
+
+    figs["regimes"] = "regime_map.png"
+    _plot_regime_map(plt, exps, summaries, fits, os.path.join(out, figs["regimes"]))
+    along = {exp: _along_half(summaries[exp]) for exp in exps if dict(exp)["loss"] == "ce"}
+    if any(along.values()):
+        figs["divergence"] = "controlled_divergence.png"
+        _plot_controlled_divergence(plt, along, os.path.join(out, figs["divergence"]))
 
     # logit RMS against step at each width's largest stable learning rate
     fig, axes = _panels(plt, len(exps))
@@ -238,13 +362,12 @@ def write(out: str, threshold=None) -> str:
             if i is None:
                 continue
             run = s["runs"][i][0]
-            key = "logits/rms" if any("logits/rms" in h for h in run["history"]) else "train/logit_norm"
-            hist = [h for h in run["history"] if h.get(key) is not None]
-            if hist:
-                ax.plot([h["step"] for h in hist], [h[key] for h in hist],
-                        label=f"n={width}, lr={s['lrs'][i]:.3g}")
+            key = _logit_key(run)
+            steps, values = _measured(run, key)
+            if steps:
+                ax.plot(steps, values, marker=".", ms=3, label=f"n={width}, lr={s['lrs'][i]:.3g}")
         _log_axes(ax, x=False)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (measured steps only)")
         ax.set_ylabel("logit RMS on the probe" if rows[0].get("task") != "gpt" else "mean logit norm per token")
         ax.set_title(_label(exp) + ": largest stable lr")
         _legend(ax)
@@ -253,11 +376,10 @@ def write(out: str, threshold=None) -> str:
 
     # feature learning per layer against width, at each width's optimal learning rate
     stats = ("change_rms", "eff_rms", "prop_rms")
-    fig, axes = plt.subplots(len(exps), len(stats), figsize=(5 * len(stats), 3.4 * len(exps)), squeeze=False)
+    fig, axes = plt.subplots(len(exps), len(stats), figsize=(6.2 * len(stats), 3.6 * len(exps)), squeeze=False)
     for row, exp in enumerate(exps):
         s = summaries[exp]
-        widths = sorted(s)
-        finals = {w: s[w]["runs"][s[w]["opt_index"]][0].get("final_metrics") or {} for w in widths
+        finals = {w: s[w]["runs"][s[w]["opt_index"]][0].get("final_metrics") or {} for w in sorted(s)
                   if s[w]["opt_index"] is not None}
         widths = sorted(finals)
         modules = sorted({k.rsplit("/", 1)[0] for m in finals.values() for k in m if "/" in k
@@ -268,16 +390,17 @@ def write(out: str, threshold=None) -> str:
                 ys = [finals[w].get(f"{module}/{stat}") for w in widths]
                 pts = [(w, y) for w, y in zip(widths, ys) if y is not None and y > 0]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=module)
-            _log_axes(ax)
-            ax.set_xlabel("width")
+                    ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i % 10}", label=module)
+            _log_axes(ax, x=False)
+            if widths:
+                _width_axis(ax, widths)
             ax.set_ylabel(stat)
             ax.set_title(_label(exp) + ": optimal lr")
             _legend(ax)
     figs["features"] = "feature_learning.png"
     _save(plt, fig, os.path.join(out, figs["features"]))
 
-    md = _markdown(rows, exps, summaries, fits, figs)
+    md = _markdown(rows, exps, summaries, fits, figs, along)
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write(md)
@@ -297,7 +420,60 @@ def _lr_counts(rows):
     return f"{total} learning rates ({lo if lo == hi else f'{lo} to {hi}'} per width)"
 
 
-def _markdown(rows, exps, summaries, fits, figs):
+def _edge_fit_text(fit, theory):
+    text = _fmt_fit(fit)
+    return text if theory is None else f"{text} (theory {theory:+g})"
+
+
+def _finding(exp, s):
+    """One sentence on an experiment's controlled-divergence band."""
+    widths = sorted(s)
+    bands = {w: boundaries(s[w]) for w in widths}
+    with_band = [w for w in widths if s[w]["regimes"].count(CONTROLLED)]
+    if not with_band:
+        return "no controlled-divergence band: the runs go from stable to catastrophic"
+    ratios = [(w, hi / lo) for w, (lo, hi) in bands.items() if lo is not None and hi is not None]
+    thin = all(s[w]["regimes"].count(CONTROLLED) <= 1 for w in widths)
+    text = (f"a {'thin ' if thin else ''}controlled-divergence band at {len(with_band)} of {len(widths)} widths "
+            f"({', '.join(str(s[w]['regimes'].count(CONTROLLED)) + f' at n={w}' for w in with_band)} grid rates)")
+    if len(ratios) >= 2:
+        (w0, r0), (w1, r1) = ratios[0], ratios[-1]
+        trend = "widens" if r1 > 1.2 * r0 else "narrows" if r1 < r0 / 1.2 else "keeps its width"
+        text += f"; it {trend} with width (edge ratio {r0:.3g} at n={w0}, {r1:.3g} at n={w1})"
+    return text
+
+
+def _regime_section(exps, summaries, fits, figs, along):
+    lines = ["", "## Regimes", "",
+             "Each run labelled online by `spkern.Regime` (see Definitions): stable, controlled divergence (the "
+             "logits grow while the loss, the gradients and the hidden activations stay stable) or catastrophic. "
+             "The edges between the regimes against width, with their fitted exponents (95% intervals) and, for "
+             "SGD, the theory's (Haas et al. 2025: under CE the edge of stability at width^-1 and the edge of "
+             "controlled divergence at width^-1/2; under MSE both at width^-1).", "",
+             "| experiment | stable / controlled divergence | controlled divergence / catastrophic | found |",
+             "|---|---|---|---|"]
+    for exp in exps:
+        d = dict(exp)
+        theory = THEORY.get(d["loss"]) if d["optim"] == "sgd" else (None, None)
+        lines.append(f"| {_label(exp)} | {_edge_fit_text(fits[(exp, EDGES[0])], theory[0])} | "
+                     f"{_edge_fit_text(fits[(exp, EDGES[1])], theory[1])} | {_finding(exp, summaries[exp])} |")
+    replayed = sum(r.get("regime") is None for exp in exps for s in summaries[exp].values() for rs in s["runs"]
+                   for r in rs)
+    if replayed:
+        lines += ["", f"{replayed} run(s) were written before runs carried a regime label: theirs is the classifier's "
+                  "over their recorded history, whose first measurement (not step 0) stands for the initial values, "
+                  "so a controlled divergence reached before it goes unseen. Run the sweep again for the labels."]
+    lines += ["", f"![]({figs['regimes']})"]
+    if "divergence" in figs:
+        lines += ["", "Controlled divergence itself: along lr = c * width^-1/2 (c through the middle of the band at "
+                  "the smallest width that has it; each width's nearest grid rate), the final logit RMS against "
+                  "width, and each hidden layer's effective update rms((W_t - W_0) x_t) in the same runs (a "
+                  "hidden layer that keeps learning at scale: not decaying with width):", "",
+                  f"![]({figs['divergence']})"]
+    return lines
+
+
+def _markdown(rows, exps, summaries, fits, figs, along):
     from spkern.experiments.param import table_markdown
 
     c0 = rows[0]["config"]
@@ -328,22 +504,25 @@ def _markdown(rows, exps, summaries, fits, figs):
                      f"{', '.join(top) or 'none'} |")
     lines += ["", "An exponent fitted where the maximal stable lr is the grid's largest only bounds it: "
               "extend the grid upwards to measure it."]
+    lines += _regime_section(exps, summaries, fits, figs, along)
     missing = [f"{_label(exp)} at width {w}" for exp in exps for w, s in summaries[exp].items()
                if s["opt_index"] is None]
     if missing:
         lines += ["", "Left out of the fits, every learning rate having a diverged seed (no optimal or maximal "
                   f"stable rate): {', '.join(missing)}."]
     lines += ["", "## Per width", "",
-              "| experiment | width | optimal lr | its score | maximal stable lr | diverged lrs |",
-              "|---|---|---|---|---|---|"]
+              "| experiment | width | optimal lr | its score | maximal stable lr | diverged lrs | "
+              "lrs stable / controlled divergence / catastrophic |",
+              "|---|---|---|---|---|---|---|"]
     for exp in exps:
         for w, s in summaries[exp].items():
             div = sum(bool(d) for d in s["diverged"])
             msl = "none" if s["max_stable_lr"] is None else f"{s['max_stable_lr']:.3g}"
             opt, score = ("n/a", "n/a") if s["opt_index"] is None else (f"{s['opt_lr']:.3g}",
                                                                          f"{s['acc'][s['opt_index']]:.3f}")
+            counts = " / ".join(str(s["regimes"].count(r)) for r in REGIMES)
             lines.append(f"| {_label(exp)} | {w} | {opt} | {score} | {msl} | "
-                         f"{div} of {len(s['lrs'])} |")
+                         f"{div} of {len(s['lrs'])} | {counts} |")
     lines += ["", "## Figures", "",
               f"{score_name[0].upper() + score_name[1:]} against learning rate, one curve per width:\n\n"
               f"![]({figs['accuracy']})", "",
@@ -364,7 +543,15 @@ def _markdown(rows, exps, summaries, fits, figs):
               "lowest training loss). Maximal stable lr: the largest grid lr "
               "with no diverged seed and mean score at or above halfway between chance and the width's best "
               "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
-              "`diverge_loss`. All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
+              "`diverge_loss`, or when the regime classifier finds it catastrophic (it is then stopped early: "
+              "`stopped_early`). All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
+              "Regimes (`spkern.regime`, per run, online; a learning rate takes the worst of its seeds' labels): "
+              "catastrophic when the loss, an activation or a gradient is not finite or the loss is above "
+              "`diverge_loss`, 3x its first measured value, a hidden activation RMS 100x its initial value or a "
+              "gradient RMS 1000x its first measured value; controlled divergence when not catastrophic and the "
+              "logit RMS on the probe is 3x its initial value within the first 20 steps; stable otherwise. Results "
+              "written before runs carried a label get it from their recorded history. An edge between two regimes "
+              "at a width is the geometric mean of the grid rates on either side of it.", "",
               "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "",
               table_markdown() if task == "MLP" else "see the table in `spkern/experiments/gpt.py`.", ""]
     return "\n".join(lines)

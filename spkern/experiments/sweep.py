@@ -15,6 +15,9 @@ far); then down from below the start until ``below`` rates below the best one ha
 (further down while no rate is stable yet). So every width has its optimum with
 ``below`` rates under it and its maximal stable rate with ``above`` unstable rates over
 it, as the full grid would give them unless a stable rate lies above two unstable ones.
+With ``regimes`` (default) the search goes further down until it has run a rate below the
+best one whose every run is in the stable regime (:mod:`spkern.regime`), so that the
+report's regime map has both of its boundaries.
 The decisions are read from the results, so a resumed sweep makes the same ones.
 """
 
@@ -28,9 +31,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from spkern.distributed import rank_and_world
+from spkern.experiments import results
+from spkern.experiments.results import RESULTS, ResultsError, read_results
+from spkern.experiments.train import gpt as gpt_trainer
+from spkern.experiments.train import mlp as mlp_trainer
 from spkern.experiments.train.mlp import RunConfig
+from spkern.regime import STABLE
 
-RESULTS = "results.jsonl"
+TRAINERS = {RunConfig: mlp_trainer.train, gpt_trainer.GPTRunConfig: gpt_trainer.train}  # config class -> trainer
 
 
 def parse_lrs(text: str) -> List[float]:
@@ -62,36 +71,8 @@ def grid(base: RunConfig, **axes: Iterable) -> List[RunConfig]:
     return [replace(base, **dict(zip(keys, combo))).check() for combo in itertools.product(*(axes[k] for k in keys))]
 
 
-class ResultsError(ValueError):
-    """A results file holds a line that is not a run's result."""
-
-
 class SweepLocked(RuntimeError):
     """Another sweep is writing to the same folder."""
-
-
-def read_results(out: str) -> List[dict]:
-    """Every run recorded in ``out``'s results file (a torn line is ignored; a JSON line
-    that is not a run's result raises :class:`ResultsError` naming the file and line)."""
-    path = os.path.join(out, RESULTS)
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a run interrupted while being written
-            if not (isinstance(row, dict) and isinstance(row.get("config"), dict) and "width" in row["config"]
-                    and "lr" in row["config"] and row.get("status") in ("ok", "diverged")):
-                raise ResultsError(f"{path}, line {number}: not a sweep result (a JSON object with 'config' and "
-                                   f"'status')")
-            rows.append(row)
-    return rows
 
 
 @contextlib.contextmanager
@@ -131,6 +112,7 @@ class Adaptive:
     below: int = 3  # grid rates run below each width's best one
     above: int = 2  # consecutive unstable grid rates that end the search upwards
     threshold: Optional[float] = None  # the score a stable rate must reach (the report's --stable-threshold)
+    regimes: bool = True  # further down until a rate below the best is in the stable regime (the regime map)
 
     def __post_init__(self):
         if self.below < 0 or self.above < 1:
@@ -142,21 +124,22 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
     """The adaptive search over a grid of ``n`` rates from index ``start``: ``runs_at(i)``
     makes (or reads) the runs of every seed at grid rate i and returns their results.
     Returns {index: (mean score, mean training loss, any seed diverged)} of the rates run."""
-    from spkern.experiments.report import chance_score, lr_outcome, stable_threshold
-
     known: Dict[int, Tuple[float, float, bool]] = {}
+    regime_stable = set()  # the rates whose every seed is in the stable regime
     base = []  # the chance score, from the first results
 
     def visit(i):
         runs = runs_at(i)
-        base[:] = base or [chance_score(runs[0])]
-        known[i] = lr_outcome(runs)
+        base[:] = base or [results.chance_score(runs[0])]
+        known[i] = results.lr_outcome(runs)
+        if all(results.regime_of(r) == STABLE for r in runs):
+            regime_stable.add(i)
 
     def stable(i):
         score, _, diverged = known[i]
         best = best_of(known)
         return (best is not None and not diverged
-                and score >= stable_threshold(base[0], known[best][0], adaptive.threshold))
+                and score >= results.stable_threshold(base[0], known[best][0], adaptive.threshold))
 
     start = min(max(start, 0), n - 1)
     for i in range(start, n):
@@ -164,7 +147,8 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
         if i - adaptive.above + 1 >= start and not any(stable(j) for j in range(i - adaptive.above + 1, i + 1)):
             break
     for i in range(start - 1, -1, -1):
-        if any(stable(j) for j in known) and i < best_of(known) - adaptive.below:
+        if any(stable(j) for j in known) and i < best_of(known) - adaptive.below and (
+                not adaptive.regimes or any(j < best_of(known) for j in regime_stable)):
             break
         visit(i)
     return known
@@ -173,17 +157,13 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
 def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
     """The index of the best rate of a search's outcomes (the report's choice), or None
     when every rate run had a diverged seed."""
-    from spkern.experiments.report import best_index
-
     order = sorted(known)
-    best = best_index(*([known[i][k] for i in order] for k in range(3)))
+    best = results.best_index(*([known[i][k] for i in order] for k in range(3)))
     return None if best is None else order[best]
 
 
-def _experiment(cfg) -> str:
-    from spkern.experiments.report import SWEPT  # what varies inside one experiment
-
-    return _key({k: v for k, v in asdict(cfg).items() if k not in SWEPT})
+def _experiment(cfg) -> tuple:
+    return results.experiment_key(asdict(cfg))
 
 
 def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None,
@@ -191,11 +171,10 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
     """Runs every config not yet in ``out``'s results (with ``adaptive``, those of them
     that the adaptive search reaches); returns counts of what happened. Raises
     :class:`SweepLocked` while another sweep writes to ``out``."""
-    if train_fn is None:
-        if configs and type(configs[0]).__name__ == "GPTRunConfig":
-            from spkern.experiments.train.gpt import train as train_fn
-        else:
-            from spkern.experiments.train.mlp import train as train_fn
+    if train_fn is None and configs:
+        if type(configs[0]) not in TRAINERS:
+            raise TypeError(f"no trainer for {type(configs[0]).__name__}: a sweep runs {', '.join(c.__name__ for c in TRAINERS)}")
+        train_fn = TRAINERS[type(configs[0])]
     os.makedirs(out, exist_ok=True)
     if _rank() != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
         return _run_locked(configs, out, data, device, False, train_fn, adaptive)
@@ -204,18 +183,18 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
 
 
 def _rank():
-    dist = __import__("torch").distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank_and_world()[0]
 
 
 def _same_on_every_rank(done):
     """Rank 0's record of the runs done, on every rank of a torch.distributed sweep (each
     rank must train the same runs, together)."""
-    dist = __import__("torch").distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_and_world()[1] == 1:
         return done
+    import torch
+
     box = [done]
-    dist.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -227,7 +206,8 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
     if writer:
         _drop_torn_line(path)
     done = _same_on_every_rank({_key(r["config"]): r for r in read_results(out)} if writer else None)
-    counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0}
+    counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0, "stopped_early": 0,
+              "steps": 0, "steps_saved": 0}
     todo = sum(_key(asdict(c)) not in done for c in configs)
     runs_bar = tqdm(total=todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     steps_bar = tqdm(desc="steps", unit="step", leave=False, disable=not progress, dynamic_ncols=True)
@@ -246,6 +226,10 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
             os.fsync(f.fileno())
         done[key] = r
         counts[r["status"]] += 1
+        counts["steps"] += r.get("steps") or 0
+        if r.get("stopped_early"):
+            counts["stopped_early"] += 1
+            counts["steps_saved"] += r.get("steps_saved") or 0
         runs_bar.update(1)
         return r
 
@@ -278,5 +262,5 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
     return counts
 
 
-__all__ = ["RESULTS", "Adaptive", "ResultsError", "SweepLocked", "best_of", "grid", "parse_lrs", "read_results",
-           "run", "search_grid"]
+__all__ = ["RESULTS", "TRAINERS", "Adaptive", "ResultsError", "SweepLocked", "best_of", "grid", "parse_lrs",
+           "read_results", "run", "search_grid"]

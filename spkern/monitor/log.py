@@ -23,11 +23,22 @@ def tag(key: str, keep=("train", "logits")) -> str:
     return f"{metric}/{where}"
 
 
-def _rank():
-    import torch
+def measurement_logs(metrics: dict, prefix: str, stop=None) -> dict:
+    """A measurement as the Trainer and Lightning callbacks log it: ``{prefix}{tag}``, and
+    with a :class:`spkern.Regime` as ``stop`` its label as ``{prefix}regime`` (0: stable,
+    1: controlled divergence, 2: catastrophic)."""
+    from spkern.regime import REGIMES, Regime
 
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    logs = {prefix + tag(k): v for k, v in metrics.items() if k != "step"}
+    if isinstance(stop, Regime):
+        logs[prefix + "regime"] = REGIMES.index(stop.regime)
+    return logs
+
+
+def _rank():
+    from spkern.distributed import rank_and_world
+
+    return rank_and_world()[0]
 
 
 def wandb_run(wandb):

@@ -26,7 +26,6 @@ training loss), so that the sweep report can compare CE and MSE runs.
 """
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -37,12 +36,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import spkern
+from spkern.distributed import rank_and_world
 from spkern.experiments.gpt import GPT, GPTConfig
 from spkern.experiments.train import loop
-from spkern.experiments.train.mlp import _json_safe, check_number
-
-LOSSES = ("ce", "mse")
-DTYPES = ("float32", "bfloat16")
+from spkern.experiments.options import GPT_HELP, config_options as _config_options
+from spkern.experiments.train.common import (DTYPES, LOSSES, check_choices, check_number, json_safe, regime_fields,
+                                             torchrun)
 
 
 _MODEL = GPTConfig()  # the model's fields take the model's own defaults
@@ -75,14 +74,12 @@ class GPTRunConfig:
     track_every: int = 25
     eval_batches: int = 8
     diverge_loss: float = 100.0
+    stop_catastrophic: bool = True
 
     def check(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        check_choices(self)
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"optim must be 'sgd' or 'adam', got {self.optim!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self.model_config().check()  # width, depth, head_dim, context, base_width, param
         for name in ("steps", "batch_size", "grad_accum", "track_every", "eval_batches"):
             v = getattr(self, name)
@@ -113,15 +110,8 @@ def lr_factor(step: int, cfg: GPTRunConfig) -> float:
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _dist():
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
 def _mean_over_ranks(t):
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if world > 1:
         torch.distributed.all_reduce(t)
         t /= world
@@ -147,7 +137,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     from spkern.experiments.text import load_tokens
 
     cfg.check()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     micro = cfg.batch_size // cfg.grad_accum
     if micro % world:
         raise ValueError(f"batch_size / grad_accum ({micro}) must be a multiple of the number of processes ({world})")
@@ -167,6 +157,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     probe = tokens.batch("val", 4, cfg.context, g_probe)[0].to(device)
     tracker = spkern.Tracker(model, opt, probe=probe, every=cfg.track_every, output_key="final_hidden",
                              modules=[r"tok", r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))", r"ln_f"])
+    regime = spkern.Regime().start(tracker)  # (a collective under torch.distributed, as every measurement)
     ddp = DDP(model) if world > 1 and not cfg.fsdp else model
     sampler = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not cfg.fsdp)
@@ -208,9 +199,10 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
                    or k.endswith(("/change_rms", "/eff_rms", "/prop_rms"))}}
 
     start = time.perf_counter()
-    history, step, diverged_at = loop.run(range(cfg.steps), cfg.steps, train_step, tracker,
-                                          track_every=cfg.track_every, diverge_loss=cfg.diverge_loss,
-                                          device=device, history_row=history_row, progress=progress)
+    history, step, diverged_at, stopped = loop.run(
+        range(cfg.steps), cfg.steps, train_step, tracker, track_every=cfg.track_every,
+        diverge_loss=cfg.diverge_loss, device=device, history_row=history_row, progress=progress, regime=regime,
+        stop_catastrophic=cfg.stop_catastrophic)
     last = tracker.metrics() if tracker.measurements else {}  # (every rank: a collective)
     tracker.close()
     result = {"config": asdict(cfg), "task": "gpt", "status": "diverged" if diverged_at is not None else "ok",
@@ -224,7 +216,9 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         result["final_metrics"] = dict(history[-1]) if history else {}
         if not math.isfinite(result["val_ce"]):
             result["status"], result["diverged_step"] = "diverged", step
-    return _json_safe(result)
+            regime.diverged(step, "the validation loss is not finite")
+    result.update(regime_fields(regime, stopped, step, cfg.steps))
+    return json_safe(result)
 
 
 def shard(model, bfloat16=False):
@@ -260,8 +254,6 @@ def main(argv=None):
     """One run from the command line (``torchrun`` for several processes)."""
     parser = argparse.ArgumentParser(prog="python -m spkern.experiments.train.gpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from spkern.experiments.cli import GPT_HELP, _config_options
-
     _config_options(parser, GPTRunConfig, GPT_HELP, choices={"loss": LOSSES, "optim": ("sgd", "adam"),
                                                               "dtype": DTYPES}, swept=())
     parser.add_argument("--device", default="auto")
@@ -272,27 +264,11 @@ def main(argv=None):
         cfg.check()
     except ValueError as e:
         raise SystemExit(f"spkern.experiments.train.gpt: {e}") from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "cuda":
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
+    with torchrun(device) as device:
         result = train(cfg, device=device)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-            # The gloo group's worker threads still hold finished work (tensors with Python
-            # references) until the group object is freed, which here happens only in a garbage
-            # collection. Left to the interpreter's final collection, freeing it there needs the
-            # GIL from a dying thread and aborts the process (SIGABRT, about one exit in three on
-            # a loaded 2-core machine); collecting now frees it while the interpreter is alive.
-            gc.collect()
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(result)
         if args.out:

@@ -8,15 +8,18 @@ reads it at every measurement (and after every step where ``check_every_step``: 
 where reading costs nothing, a diverged run stops at its first bad loss) and stops there;
 at every ``track_every``-th step and the last it appends ``history_row(step, metrics)``,
 ``step`` the one the metrics were measured at (the last step, when it is not a
-``track_every``-th, is measured on the tracker's probe then).
+``track_every``-th, is measured on the tracker's probe then). Each measurement is shown
+to ``regime`` (a :class:`spkern.Regime`); with ``stop_catastrophic`` a run it finds
+catastrophic stops there, as a diverged one.
 """
 
 import torch
 
 
 def run(items, total, train_step, tracker, *, track_every, diverge_loss, device, history_row,
-        check_every_step=False, progress=None):
-    """Runs the steps; returns (history, steps done, the diverged step or None)."""
+        check_every_step=False, progress=None, regime=None, stop_catastrophic=False):
+    """Runs the steps; returns (history, steps done, the diverged step or None, whether the
+    regime stopped it)."""
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     history, done = [], 0
     if progress is not None:
@@ -32,11 +35,16 @@ def run(items, total, train_step, tracker, *, track_every, diverge_loss, device,
         if measure or check_every_step:
             fb = int(first_bad.item())
             if fb >= 0:
-                return history, done, fb
+                if regime is not None:
+                    regime.diverged(fb + 1, f"the training loss of step {fb + 1} is NaN, infinite or above "
+                                            f"{diverge_loss:g}")
+                return history, done, fb, False
         if measure:
             if tracker.measured_step != done and tracker.probe is not None:
                 tracker.measure()  # (the last step, between two measured ones)
             m = tracker.metrics()
             if not history or history[-1]["step"] != m["step"]:
                 history.append(history_row(m["step"], m))
-    return history, done, None
+            if regime is not None and regime(m) and stop_catastrophic:
+                return history, done, regime.step, True
+    return history, done, None, False

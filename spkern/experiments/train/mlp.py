@@ -9,7 +9,10 @@ when it diverged, a history of tracked statistics and the last tracker metrics.
 
 A run diverges when its training loss is NaN, infinite or above ``diverge_loss``; the
 check runs on the device and is read after every step on CPU (a diverged run stops at its
-first bad loss), at every measurement on a GPU (no host sync per step).
+first bad loss), at every measurement on a GPU (no host sync per step). Every measurement
+is shown to a :class:`spkern.Regime`, whose label the result carries (``regime``,
+``regime_step``, ``regime_evidence``); with ``stop_catastrophic`` (default) a run it finds
+catastrophic stops there and is recorded as diverged (``stopped_early``, ``steps_saved``).
 """
 
 import math
@@ -22,20 +25,7 @@ import spkern
 from spkern.experiments import param as P
 from spkern.experiments.data import Dataset
 from spkern.experiments.train import loop
-
-LOSSES = ("ce", "mse")
-DTYPES = ("float32", "bfloat16")
-
-
-def check_number(cfg, name, *, low=None, above=None):
-    """Raises ValueError unless ``cfg.name`` is a finite number (>= low, > above): a
-    non-finite value would be stored as null in the results and never match on resume."""
-    v = getattr(cfg, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (low is not None and v < low) or (above is not None and v <= above):
-        bound = f" >= {low}" if low is not None else f" > {above}" if above is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {v!r}")
-
+from spkern.experiments.train.common import check_choices, check_number, json_safe, regime_fields
 
 @dataclass
 class RunConfig:
@@ -55,15 +45,13 @@ class RunConfig:
     dtype: str = "float32"
     track_every: int = 10
     diverge_loss: float = 100.0
+    stop_catastrophic: bool = True
 
     def check(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        check_choices(self)
         if self.optim not in P.OPTIMIZERS:
             raise ValueError(f"optim must be one of {P.OPTIMIZERS}, got {self.optim!r}")
         P.get(self.param)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("width", "depth", "epochs", "batch_size", "base_width", "track_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -114,6 +102,7 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
     else:
         opt = spkern.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     tracker = spkern.Tracker(model, opt, probe=data.x_train[:256], every=cfg.track_every)
+    regime = spkern.Regime().start(tracker)
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -146,10 +135,12 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
     start = time.perf_counter()
     # A diverged run stops at its first bad loss where reading the flag costs nothing (CPU);
     # on a GPU it is read at the measurements only, so that steps do not wait for the host.
-    history, step, diverged_at = loop.run(
-        batches(), cfg.epochs * steps_per_epoch, train_step, tracker, track_every=cfg.track_every,
+    total = cfg.epochs * steps_per_epoch
+    history, step, diverged_at, stopped = loop.run(
+        batches(), total, train_step, tracker, track_every=cfg.track_every,
         diverge_loss=cfg.diverge_loss, device=device, history_row=history_row,
-        check_every_step=device.type == "cpu", progress=progress)
+        check_every_step=device.type == "cpu", progress=progress, regime=regime,
+        stop_catastrophic=cfg.stop_catastrophic)
     tracker.close()
     result = {"config": asdict(cfg), "status": "diverged" if diverged_at is not None else "ok",
               "diverged_step": diverged_at, "steps": step, "device": str(device), "n_classes": data.n_classes,
@@ -161,17 +152,9 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
         result["score"], result["chance_score"] = result["train_acc"], 1.0 / data.n_classes
         if not all(math.isfinite(result[k]) for k in ("train_loss", "test_loss")):
             result["status"], result["diverged_step"] = "diverged", step
-    return _json_safe(result)
+            regime.diverged(step, "the final training or test loss is not finite")
+    result.update(regime_fields(regime, stopped, step, total))
+    return json_safe(result)
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-__all__ = ["LOSSES", "RunConfig", "check_number", "evaluate", "train"]
+__all__ = ["RunConfig", "evaluate", "train"]
