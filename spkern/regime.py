@@ -25,8 +25,9 @@ catastrophic              the loss, the logits, a hidden activation or a gradien
                           activations' initial scale (their largest initial RMS); or a
                           gradient RMS is above ``grad_growth`` times its initial value
 controlled-divergence     not catastrophic, and the logit RMS is above ``logit_growth`` times
-                          its initial value at a measurement within the first
-                          ``early_steps`` steps (or at the first measurement, if none is)
+                          its initial value (at least ``logit_floor``) at a measurement
+                          within the first ``early_steps`` steps (or at the first
+                          measurement, if none is)
 stable                    neither (the label of a run until one of the above holds)
 ========================  =====================================================================
 
@@ -45,8 +46,8 @@ label, a catastrophic one is over); :attr:`Regime.step` is the step it was reach
 which quantity crossed which threshold there.
 
 The logits are the model's output on the tracker's probe (``logits/rms``) or, where that is
-not tracked (spkern's GPT reports its final hidden state), the fused loss's mean logit norm
-of the training batch (``train/logit_norm``). A quantity's initial value is its value in
+not tracked (spkern's GPT reports its final hidden state), the RMS of the training batch's
+logits that the trainer records from the fused loss's statistics (``train/logit_rms``). A quantity's initial value is its value in
 the first measurement that has it: the measurement at step 0 that :meth:`Regime.start`
 takes (logits on the probe, activations), else the first one observed (always so for the
 loss and the gradients, which a measurement has from the first step on).
@@ -72,7 +73,7 @@ from typing import Dict, List, Optional, Sequence
 STABLE, CONTROLLED, CATASTROPHIC = "stable", "controlled-divergence", "catastrophic"
 REGIMES = (STABLE, CONTROLLED, CATASTROPHIC)
 _RANK = {r: i for i, r in enumerate(REGIMES)}
-LOGIT_KEYS = ("logits/rms", "train/logit_norm")  # where the logits' scale is read, in this order
+LOGIT_KEYS = ("logits/rms", "train/logit_rms")  # where the logits' RMS is read, in this order
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Criteria:
 
     logit_growth: float = 3.0  # logit RMS over its initial value within early_steps: the logits left O(1)
     early_steps: int = 20  # the steps in which the logits' growth is read (see the module's docstring)
+    logit_floor: float = 1.0  # the logits' initial RMS counts as at least this: O(1) is SP's scale (a He-initialised
+    # readout gives about 1); a readout initialised smaller (GPT-2's N(0, 0.02)) would count its first learning
     act_growth: float = 100.0  # hidden activation RMS over the initial scale of the hidden activations (the
     # largest initial RMS among the hidden layers: a layer initialised near zero, a residual branch's output
     # projection, is measured against the others' scale, not its own)
@@ -91,8 +94,9 @@ class Criteria:
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1.0):
-                raise ValueError(f"Criteria.{name} must be a finite number > 1, got {value!r}")
+            low = 0.0 if name == "logit_floor" else 1.0
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
+                raise ValueError(f"Criteria.{name} must be a finite number > {low:g}, got {value!r}")
         if not isinstance(self.early_steps, int):
             raise ValueError(f"Criteria.early_steps must be an int, got {self.early_steps!r}")
 
@@ -114,7 +118,7 @@ class Evidence:
             return f"step {self.step}: {self.quantity} -> {self.regime}"
         if not math.isfinite(self.value):
             return f"step {self.step}: {self.quantity} is {self.value} -> {self.regime}"
-        what = f"{self.quantity} at {self.value:.3g}x its initial value" if self.ratio else \
+        what = f"{self.quantity} at {self.value:.3g}x its initial scale" if self.ratio else \
             f"{self.quantity} = {self.value:.3g}"
         return f"step {self.step}: {what} > {self.threshold:g} -> {self.regime}"
 
@@ -155,6 +159,17 @@ class Regime:
             tracker.measure()
             self._set_baseline(tracker.metrics())
             self.history.append((0, self.regime))
+        return self
+
+    def initial(self, values: dict) -> "Regime":
+        """Sets the initial values of quantities that a measurement at step 0 does not have
+        (``{"train/logit_rms": ...}``: from the fused loss's statistics of a batch at
+        initialisation). Returns self."""
+        for k, v in values.items():
+            v = float(v)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"Regime.initial: {k} must be a positive finite number, got {v!r}")
+            self._base[k] = v
         return self
 
     def __call__(self, metrics: dict) -> bool:
@@ -230,6 +245,8 @@ class Regime:
                              (c.grad_growth, CATASTROPHIC) if k.endswith("/grad_rms") else
                              (c.logit_growth, CONTROLLED) if k in LOGIT_KEYS else (c.act_growth, CATASTROPHIC))
             base = self._base.get(k)
+            if k in LOGIT_KEYS and base is not None:
+                base = max(base, c.logit_floor)
             if k.endswith("/act_rms") and base is not None:  # (the hidden activations' scale: see Criteria)
                 base = max(b for key, b in self._base.items() if key.endswith("/act_rms"))
             if base is not None and v / base > limit:

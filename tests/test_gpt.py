@@ -67,7 +67,8 @@ def test_training_steps(kw):
 def test_loss_decreases_on_the_default_corpus():
     r = train(GPTRunConfig(width=64, depth=1, context=32, batch_size=8, steps=60, track_every=10, warmup=5,
                            lr=1e-2), device="cpu")
-    losses = [h["train/loss"] for h in r["history"]]
+    assert r["history"][0]["step"] == 0 and "train/loss" not in r["history"][0]  # (the initial measurement)
+    losses = [h["train/loss"] for h in r["history"][1:]]
     # from log(256) = 5.5 at initialisation (uniform over bytes)
     assert losses[-1] < losses[0] < math.log(256) and losses[-1] < 0.5 * math.log(256)
     assert r["val_ce"] < 0.6 * math.log(256)
@@ -178,3 +179,16 @@ def test_bad_model_config():
     with pytest.raises(SystemExit, match="batch_size"):
         from spkern.experiments.train.gpt import main
         main(["--batch-size", "5", "--grad-accum", "2"])
+
+
+def test_a_gpt_run_carries_its_regime():
+    # the logits' RMS (from the fused loss's statistics) against its initial value, counted as at least 1
+    labels = {}
+    for lr in (1e-3, 1e-2, 1.0):
+        r = train(GPTRunConfig(**{**TINY, "steps": 30, "track_every": 5, "lr": lr}), device="cpu")
+        rms = [h.get("train/logit_rms") for h in r["history"]]
+        assert rms[0] is None and r["history"][0]["step"] == 0  # (the initial measurement: no batch yet)
+        labels[lr] = r["regime"]
+        if r["regime"] == "controlled-divergence":
+            assert any(v > 3 for v in rms[1:5] if v is not None)
+    assert labels == {1e-3: "stable", 1e-2: "controlled-divergence", 1.0: "catastrophic"}

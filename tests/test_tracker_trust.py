@@ -278,10 +278,10 @@ def test_every_value_carries_the_step_it_was_measured_at():
     model = _mlp()
     opt = spkern.optim.SGD(model.parameters(), lr=0.1)
     tracker = spkern.Tracker(model, opt, probe=x[:8], every=10)
-    history, done, _ = loop.run(range(21), 21, lambda i, _: _step(model, opt, x, y, tracker), tracker,
-                                track_every=10, diverge_loss=1e9, device=torch.device("cpu"),
-                                history_row=lambda step, m: {"step": step, "measured": m["step"],
-                                                             "act": m["2/act_rms"]})
+    history, done, _, _ = loop.run(range(21), 21, lambda i, _: _step(model, opt, x, y, tracker), tracker,
+                                   track_every=10, diverge_loss=1e9, device=torch.device("cpu"),
+                                   history_row=lambda step, m: {"step": step, "measured": m["step"],
+                                                                "act": m["2/act_rms"]})
     assert [(r["step"], r["measured"]) for r in history] == [(10, 10), (20, 20), (21, 21)]
 
 

@@ -26,7 +26,7 @@ from collections import defaultdict
 import numpy as np
 
 from spkern.experiments.results import SWEPT, experiments, read_results, summarize
-from spkern.regime import CATASTROPHIC, CONTROLLED, REGIMES, STABLE
+from spkern.regime import CATASTROPHIC, CONTROLLED, REGIMES, STABLE, Criteria
 
 def _label(exp):
     d = dict(exp)
@@ -127,7 +127,7 @@ def _plot_lr_curves(plt, exps, summaries, key, ylabel, path, logy=False):
             if key == "acc":
                 ax.plot(xs, [s[key][j] for j in bad], ls="none", marker="x", color=color)
             else:
-                ax.plot(xs, [0.97] * len(xs), ls="none", marker="x", color=color, clip_on=False,
+                ax.plot(xs, [0.97] * len(xs), ls="none", marker="x", color=color, clip_on=False, scaley=False,
                         transform=mtransforms.blended_transform_factory(ax.transData, ax.transAxes))
         ax.plot([], [], ls="none", marker="x", color="0.4", label="a seed diverged")
         _log_axes(ax, y=logy)
@@ -264,6 +264,17 @@ def _along_half(s):
     return out
 
 
+def _early_growth(run, early=Criteria().early_steps):
+    """The largest logit RMS within the first ``early`` steps over the initial one (the
+    classifier's quantity), from a run's history; None without a measurement at step 0."""
+    key = _logit_key(run)
+    steps, values = _measured(run, key)
+    if not steps or steps[0] != 0 or not values[0]:
+        return None
+    grown = [v for s, v in zip(steps, values) if 0 < s <= early]
+    return max(grown) / values[0] if grown else None
+
+
 def _hidden_layers(run):
     """The layers with an effective update in a run's final measurement but the last (the
     readout)."""
@@ -282,15 +293,23 @@ def _plot_controlled_divergence(plt, along, path):
         points = along[exp]
         widths = sorted(points)
         ok = {w: [r for r in points[w][1] if r["status"] == "ok"] for w in widths}
-        logits = [float(np.mean([_final(r, _logit_key(r)) for r in ok[w]])) if ok[w] else None for w in widths]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
         ax = axes[row][0]
-        _fit_and_plot(ax, widths, logits, "final logit RMS", color="tab:orange")
-        for w, y in zip(widths, logits):
+        early = [mean([_early_growth(r) for r in ok[w]]) for w in widths]
+        final = [mean([_final(r, _logit_key(r)) for r in ok[w]]) for w in widths]
+        _fit_and_plot(ax, widths, early, f"logit RMS / initial, first {Criteria().early_steps} steps",
+                      color="tab:orange", theory=0.5)
+        _fit_and_plot(ax, widths, final, "logit RMS at the end", color="tab:brown", marker="s")
+        for w, y in zip(widths, final):
             if y is not None:
                 ax.annotate(f"lr {points[w][0]:.2g}", (w, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
         _log_axes(ax, x=False)
         _width_axis(ax, widths)
-        ax.set_ylabel("logit RMS")
+        ax.set_ylabel("logits")
         ax.set_title(_label(exp) + ": along lr ~ width^-1/2")
         _legend(ax)
         ax = axes[row][1]
@@ -466,11 +485,26 @@ def _regime_section(exps, summaries, fits, figs, along):
     lines += ["", f"![]({figs['regimes']})"]
     if "divergence" in figs:
         lines += ["", "Controlled divergence itself: along lr = c * width^-1/2 (c through the middle of the band at "
-                  "the smallest width that has it; each width's nearest grid rate), the final logit RMS against "
-                  "width, and each hidden layer's effective update rms((W_t - W_0) x_t) in the same runs (a "
-                  "hidden layer that keeps learning at scale: not decaying with width):", "",
+                  "the smallest width that has it; each width's nearest grid rate), the logits' growth in the first "
+                  "20 steps (over their initial RMS; the theory: as lr * width, so width^1/2 along this line) and "
+                  "their RMS at the end of training against width, and each hidden layer's effective update "
+                  "rms((W_t - W_0) x_t) at the end of the same runs (a layer that keeps learning at scale: not "
+                  "decaying with width):", "",
                   f"![]({figs['divergence']})"]
     return lines
+
+
+def _regime_definitions():
+    c = Criteria()
+    return ("Regimes (`spkern.regime`, per run, online; a learning rate takes the worst of its seeds' labels): "
+            "catastrophic when the loss, the logits, a hidden activation or a gradient is not finite, or the loss "
+            f"is above {c.loss_limit:g} or {c.loss_rise:g}x its first measured value, or a hidden activation RMS "
+            f"{c.act_growth:g}x the hidden activations' initial scale, or a gradient RMS {c.grad_growth:g}x its "
+            "first measured value; controlled divergence when not catastrophic and the logit RMS is "
+            f"{c.logit_growth:g}x its initial value (at least {c.logit_floor:g}) within the first {c.early_steps} "
+            "steps; stable otherwise. Results written before runs carried a label get it from their recorded "
+            "history. An edge between two regimes at a width is the geometric mean of the grid rates on either "
+            "side of it.")
 
 
 def _markdown(rows, exps, summaries, fits, figs, along):
@@ -545,13 +579,7 @@ def _markdown(rows, exps, summaries, fits, figs, along):
               "(or `--stable-threshold`). A run diverges when its training loss is NaN, infinite or above "
               "`diverge_loss`, or when the regime classifier finds it catastrophic (it is then stopped early: "
               "`stopped_early`). All statistics are RMS over the probe batch (`spkern.Tracker`).", "",
-              "Regimes (`spkern.regime`, per run, online; a learning rate takes the worst of its seeds' labels): "
-              "catastrophic when the loss, an activation or a gradient is not finite or the loss is above "
-              "`diverge_loss`, 3x its first measured value, a hidden activation RMS 100x its initial value or a "
-              "gradient RMS 1000x its first measured value; controlled divergence when not catastrophic and the "
-              "logit RMS on the probe is 3x its initial value within the first 20 steps; stable otherwise. Results "
-              "written before runs carried a label get it from their recorded history. An edge between two regimes "
-              "at a width is the geometric mean of the grid rates on either side of it.", "",
+              _regime_definitions(), "",
               "Parameterizations (lr of layer l = lr * (width / base_width)^-c_l):", "",
               table_markdown() if task == "MLP" else "see the table in `spkern/experiments/gpt.py`.", ""]
     return "\n".join(lines)

@@ -154,10 +154,13 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         opt = spkern.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     base_lrs = [g["lr"] for g in opt.param_groups]
     g_probe = torch.Generator().manual_seed(999)
-    probe = tokens.batch("val", 4, cfg.context, g_probe)[0].to(device)
+    probe, probe_targets = (t.to(device) for t in tokens.batch("val", 4, cfg.context, g_probe))
     tracker = spkern.Tracker(model, opt, probe=probe, every=cfg.track_every, output_key="final_hidden",
                              modules=[r"tok", r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))", r"ln_f"])
     regime = spkern.Regime().start(tracker)  # (a collective under torch.distributed, as every measurement)
+    with torch.no_grad():  # the logits' initial scale, as the fused loss measures it in training
+        norm = model(probe, probe_targets, cfg.loss)[1].logit_norm.float().mean()
+        regime.initial({"train/logit_rms": norm / math.sqrt(tokens.vocab)})
     ddp = DDP(model) if world > 1 and not cfg.fsdp else model
     sampler = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not cfg.fsdp)
@@ -187,14 +190,14 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
                                       stats.correct.float().mean()])
         means = _mean_over_ranks(torch.cat([loss_sum.reshape(1), stat_sums]) / cfg.grad_accum)
         tracker.record_loss(means[0], **dict(zip(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy"),
-                                                  means[1:])))
+                                                  means[1:])), logit_rms=means[1] / math.sqrt(tokens.vocab))
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         return means[0]
 
     def history_row(step, m):
-        return {"step": step, "lr_factor": factors[-1],
+        return {"step": step, "lr_factor": factors[-1] if factors else None,
                 **{k: v for k, v in m.items() if k.startswith(("train/", "final_hidden/"))
                    or k.endswith(("/change_rms", "/eff_rms", "/prop_rms"))}}
 

@@ -6,7 +6,8 @@ the step's training loss (a device scalar; the tracker has it already). The loop
 the first step whose loss was NaN, infinite or above ``diverge_loss`` in a device flag,
 reads it at every measurement (and after every step where ``check_every_step``: on CPU,
 where reading costs nothing, a diverged run stops at its first bad loss) and stops there;
-at every ``track_every``-th step and the last it appends ``history_row(step, metrics)``,
+at every ``track_every``-th step and the last (and at step 0, when the tracker measured
+before training) it appends ``history_row(step, metrics)``,
 ``step`` the one the metrics were measured at (the last step, when it is not a
 ``track_every``-th, is measured on the tracker's probe then). Each measurement is shown
 to ``regime`` (a :class:`spkern.Regime`); with ``stop_catastrophic`` a run it finds
@@ -22,6 +23,8 @@ def run(items, total, train_step, tracker, *, track_every, diverge_loss, device,
     regime stopped it)."""
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     history, done = [], 0
+    if tracker.measured_step == 0:  # (a measurement before training: the initial values)
+        history.append(history_row(0, tracker.metrics()))
     if progress is not None:
         progress.reset(total=total)
     for item in items:
