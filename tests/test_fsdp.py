@@ -121,6 +121,8 @@ def test_gpt_fsdp_equals_one_process(tmp_path):
     a, b, h = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fsdp", "one", "bf16"))
     assert a["processes"] == 2 and a["config"]["fsdp"] and b["processes"] == 1
     assert math.isclose(a["val_ce"], b["val_ce"], rel_tol=1e-5)
+    assert (a["regime"], a["regime_step"], a["regime_evidence"]) == (b["regime"], b["regime_step"],
+                                                                     b["regime_evidence"])
     ma, mb = a["last_measurement"], b["last_measurement"]
     assert ma.keys() == mb.keys() and len(mb) > 150  # every tracked statistic
     for k, v in mb.items():

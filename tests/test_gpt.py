@@ -143,10 +143,15 @@ def test_two_processes_on_gloo_equal_one(tmp_path):
     a, b = json.loads((tmp_path / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
     assert a["processes"] == 2 and b["processes"] == 1
     assert math.isclose(a["val_ce"], b["val_ce"], rel_tol=1e-5)
+    assert len(a["history"]) == len(b["history"]) == 3 and a["history"][0]["step"] == 0
     for ha, hb in zip(a["history"], b["history"]):
         assert ha.keys() == hb.keys()
         for k, v in hb.items():
+            if v is None:  # (the step-0 row's learning-rate factor: no step yet)
+                assert ha[k] is None, k
+                continue
             assert math.isclose(ha[k], v, rel_tol=1e-4, abs_tol=1e-6), k
+    assert (a["regime"], a["regime_step"]) == (b["regime"], b["regime_step"])
 
 
 def test_sweep_gpt_cli_and_resume(tmp_path):

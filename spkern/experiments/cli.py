@@ -354,8 +354,8 @@ def main(argv=None):
     parser = _Parser(prog="spkern", description=_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", formatter_class=_Help,
-                          help="the default MLP sweep on digits (adaptive grid) and its report (about 3 minutes on "
-                               "2 CPU cores)")
+                          help="the default MLP sweep on digits (adaptive grid), every run labelled by its regime, "
+                               "and its report with the regime map (under 2 minutes on 2 CPU cores)")
     if command == "demo":
         _add_mlp_options(demo, DEMO)
         demo.add_argument("--out", default="runs/demo", help="the folder of the results and the report")

@@ -72,6 +72,15 @@ def _legend(ax):
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
+def _width_panel(ax, widths, ylabel, title):
+    """A panel against width: log axes, a tick at each width, its labels and its legend."""
+    _log_axes(ax, x=False)
+    _width_axis(ax, widths)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax)
+
+
 def _width_axis(ax, widths):
     """A log width axis with a tick at each width of the sweep."""
     from matplotlib.ticker import NullLocator
@@ -210,11 +219,7 @@ def _plot_regime_map(plt, exps, summaries, fits, path):
         for k, (name, color) in enumerate(zip(EDGES, ("tab:green", "tab:purple"))):
             fits[(exp, name)] = _fit_and_plot(ax, widths, [e[k] for e in edges], name, marker="_", color=color,
                                               theory=None if theory is None else theory[k])
-        _log_axes(ax, x=False)
-        _width_axis(ax, widths)
-        ax.set_ylabel("learning rate")
-        ax.set_title(_label(exp) + ": regimes")
-        _legend(ax)
+        _width_panel(ax, widths, "learning rate", _label(exp) + ": regimes")
     _save(plt, fig, path)
 
 
@@ -307,11 +312,7 @@ def _plot_controlled_divergence(plt, along, path):
         for w, y in zip(widths, final):
             if y is not None:
                 ax.annotate(f"lr {points[w][0]:.2g}", (w, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
-        _log_axes(ax, x=False)
-        _width_axis(ax, widths)
-        ax.set_ylabel("logits")
-        ax.set_title(_label(exp) + ": along lr ~ width^-1/2")
-        _legend(ax)
+        _width_panel(ax, widths, "logits", _label(exp) + ": along lr ~ width^-1/2")
         ax = axes[row][1]
         layers = sorted({n for w in widths for r in ok[w] for n in _hidden_layers(r)}, key=_module_order)
         for i, layer in enumerate(layers):
@@ -319,11 +320,7 @@ def _plot_controlled_divergence(plt, along, path):
                   for w in widths]
             _fit_and_plot(ax, widths, [y if y is not None and np.isfinite(y) else None for y in ys], layer,
                           color=f"C{i % 10}")
-        _log_axes(ax, x=False)
-        _width_axis(ax, widths)
-        ax.set_ylabel("effective update rms((W_t - W_0) x_t)")
-        ax.set_title(_label(exp) + ": hidden layers, same runs")
-        _legend(ax)
+        _width_panel(ax, widths, "effective update rms((W_t - W_0) x_t)", _label(exp) + ": hidden layers, same runs")
     _save(plt, fig, path)
 
 
@@ -358,11 +355,7 @@ def write(out: str, threshold=None) -> str:
         widths = sorted(s)
         for name, key, marker in (("optimal", "opt_lr", "o"), ("max stable", "max_stable_lr", "s")):
             fits[(exp, name)] = _fit_and_plot(ax, widths, [s[w][key] for w in widths], name, marker=marker)
-        _log_axes(ax, x=False)
-        _width_axis(ax, widths)
-        ax.set_ylabel("learning rate")
-        ax.set_title(_label(exp))
-        _legend(ax)
+        _width_panel(ax, widths, "learning rate", _label(exp))
     figs["exponents"] = "lr_exponents.png"
     _save(plt, fig, os.path.join(out, figs["exponents"]))
 
@@ -457,8 +450,9 @@ def _finding(exp, s):
             f"({', '.join(str(s[w]['regimes'].count(CONTROLLED)) + f' at n={w}' for w in with_band)} grid rates)")
     if len(ratios) >= 2:
         (w0, r0), (w1, r1) = ratios[0], ratios[-1]
-        trend = "widens" if r1 > 1.2 * r0 else "narrows" if r1 < r0 / 1.2 else "keeps its width"
-        text += f"; it {trend} with width (edge ratio {r0:.3g} at n={w0}, {r1:.3g} at n={w1})"
+        trend = ("widens with width" if r1 > 1.2 * r0 else "narrows with width" if r1 < r0 / 1.2
+                 else "is as wide at every width")
+        text += f"; it {trend} (edge ratio {r0:.3g} at n={w0}, {r1:.3g} at n={w1})"
     return text
 
 
@@ -498,7 +492,7 @@ def _regime_definitions():
     c = Criteria()
     return ("Regimes (`spkern.regime`, per run, online; a learning rate takes the worst of its seeds' labels): "
             "catastrophic when the loss, the logits, a hidden activation or a gradient is not finite, or the loss "
-            f"is above {c.loss_limit:g} or {c.loss_rise:g}x its first measured value, or a hidden activation RMS "
+            f"is above {c.loss_limit:g}, or a hidden activation RMS "
             f"{c.act_growth:g}x the hidden activations' initial scale, or a gradient RMS {c.grad_growth:g}x its "
             "first measured value; controlled divergence when not catastrophic and the logit RMS is "
             f"{c.logit_growth:g}x its initial value (at least {c.logit_floor:g}) within the first {c.early_steps} "
