@@ -77,8 +77,9 @@ LOGIT_KEYS = ("logits/rms", "train/logit_rms")  # where the logits' RMS is read,
 
 @dataclass(frozen=True)
 class Criteria:
-    """The thresholds of the regimes (see the module's table). Each is a ratio to the
-    quantity's initial value, except ``loss_limit`` (a loss)."""
+    """The thresholds of the regimes (see the module's table): ratios to a quantity's
+    initial value, but ``loss_limit`` (a loss), ``early_steps`` (steps) and ``logit_floor``
+    (a logit RMS)."""
 
     logit_growth: float = 3.0  # logit RMS over its initial value within early_steps: the logits left O(1)
     early_steps: int = 20  # the steps in which the logits' growth is read (see the module's docstring)

@@ -40,8 +40,9 @@ def _module_order(name):
 
 
 def fit_exponent(widths, lrs):
-    """(slope, 95% CI half-width or None, number of points) of log lr against log width."""
-    pts = [(w, lr) for w, lr in zip(widths, lrs) if lr is not None]
+    """(slope, 95% CI half-width or None, number of points) of log lr against log width (the
+    positive finite values only: a power law has no others)."""
+    pts = [(w, lr) for w, lr in zip(widths, lrs) if lr is not None and math.isfinite(lr) and lr > 0]
     if len(pts) < 2:
         return None, None, len(pts)
     x = np.log([p[0] for p in pts])
@@ -181,7 +182,7 @@ def _fit_and_plot(ax, widths, values, name, marker="o", color=None, theory=None)
     """Plots (width, value) points and their fitted power law (and the theory's exponent
     through the fit at the smallest width); returns the fit."""
     fit = fit_exponent(widths, values)
-    pts = [(w, v) for w, v in zip(widths, values) if v is not None]
+    pts = [(w, v) for w, v in zip(widths, values) if v is not None and math.isfinite(v) and v > 0]
     if not pts:
         return fit
     line = ax.plot(*zip(*pts), marker=marker, linestyle="none", color=color, mfc="none", mew=1.5,
