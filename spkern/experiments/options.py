@@ -38,7 +38,9 @@ _BOUNDS = {"momentum": dict(low=0), "weight_decay": dict(low=0), "clip": dict(lo
            "diverge_loss": dict(above=0)}
 MLP_HELP = dict(depth="hidden layers", base_width="width at which every layer trains at lr",
                 bias="Linear layers with biases", momentum="SGD momentum", dtype="bfloat16: autocast",
-                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged",
+                track_every="steps between tracker measurements",
+                track_first="also measure after each of the first N steps (the logits' first jump: spkern.regime)",
+                diverge_loss="a loss above this counts as diverged",
                 stop_catastrophic="run a run the regime classifier finds catastrophic to its end (spkern.regime)")
 GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (global)",
                 grad_accum="micro-batches per step", weight_decay="AdamW, on matrices",
@@ -46,7 +48,9 @@ GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (glob
                 momentum="SGD momentum", min_lr_frac="the cosine decay ends at this fraction of lr",
                 eval_batches="validation batches of the final score", dtype="bfloat16: autocast",
                 fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)",
-                track_every="steps between tracker measurements", diverge_loss="a loss above this counts as diverged",
+                track_every="steps between tracker measurements",
+                track_first="also measure after each of the first N steps (the logits' first jump: spkern.regime)",
+                diverge_loss="a loss above this counts as diverged",
                 stop_catastrophic="run a run the regime classifier finds catastrophic to its end (spkern.regime)")
 
 
@@ -82,7 +86,7 @@ def config_from(args, cls, **given):
 def positive_ints(cls):
     """The int fields of ``cls`` that must be >= 1 (all but warmup and the swept ones)."""
     return tuple(f.name for f in fields(cls) if isinstance(f.default, int) and not isinstance(f.default, bool)
-                 and f.name not in SWEPT_AS_LISTS + ("warmup",))
+                 and f.name not in SWEPT_AS_LISTS + ("warmup", "track_first"))
 
 
 __all__ = ["DEMO", "GPT_DEFAULTS", "GPT_HELP", "MLP_HELP", "SWEPT_AS_LISTS", "config_from", "config_options", "number",

@@ -248,17 +248,16 @@ def _final(run, key):
 
 
 def _along_half(s):
-    """The runs along lr = c * width^-1/2, c through the middle of the controlled-divergence
-    band (the geometric mean of its edges) at the smallest width that has both: {width: (lr,
-    [runs])} at the grid rate nearest each width's c * width^-1/2 (within half a grid step),
-    or {} when no width has the band."""
+    """The runs along lr = c * width^-1/2, c the least-squares fit of that line to the middle
+    of the controlled-divergence band (the geometric mean of its edges) at the widths that
+    have it: {width: (lr, [runs], regime)} at the grid rate nearest each width's
+    c * width^-1/2 (within half a grid step), or {} when no width has the band."""
     widths = sorted(s)
-    base = next(((w, e) for w in widths for e in [boundaries(s[w])]
-                 if None not in e and CONTROLLED in s[w]["regimes"]), None)
-    if base is None:
+    middles = [(w, math.sqrt(lo * hi)) for w in widths for lo, hi in [boundaries(s[w])]
+               if lo is not None and hi is not None and CONTROLLED in s[w]["regimes"]]
+    if not middles:
         return {}
-    w0, (lo, hi) = base
-    c = math.sqrt(lo * hi) * math.sqrt(w0)
+    c = math.exp(np.mean([math.log(m) + 0.5 * math.log(w) for w, m in middles]))
     out = {}
     for w in widths:
         lrs = np.array(s[w]["lrs"])
@@ -479,8 +478,8 @@ def _regime_section(exps, summaries, fits, figs, along):
                   "so a controlled divergence reached before it goes unseen. Run the sweep again for the labels."]
     lines += ["", f"![]({figs['regimes']})"]
     if "divergence" in figs:
-        lines += ["", "Controlled divergence itself: along lr = c * width^-1/2 (c through the middle of the band at "
-                  "the smallest width that has it; each width's nearest grid rate), the logits' growth in the first "
+        lines += ["", "Controlled divergence itself: along lr = c * width^-1/2 (c fitted to the middle of the band at "
+                  "the widths that have it; each width's nearest grid rate), the logits' growth in the first "
                   "20 steps (over their initial RMS; the theory: as lr * width, so width^1/2 along this line) and "
                   "their RMS at the end of training against width, and each hidden layer's effective update "
                   "rms((W_t - W_0) x_t) at the end of the same runs (a layer that keeps learning at scale: not "

@@ -72,6 +72,7 @@ class GPTRunConfig:
     dtype: str = "float32"
     fsdp: bool = False
     track_every: int = 25
+    track_first: int = 5
     eval_batches: int = 8
     diverge_loss: float = 100.0
     stop_catastrophic: bool = True
@@ -87,6 +88,8 @@ class GPTRunConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not isinstance(self.track_first, int) or self.track_first < 0:
+            raise ValueError(f"track_first must be an int >= 0, got {self.track_first!r}")
         check_number(self, "lr", above=0)
         check_number(self, "diverge_loss", above=0)
         for name in ("weight_decay", "momentum", "clip", "min_lr_frac"):
@@ -205,7 +208,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     history, step, diverged_at, stopped = loop.run(
         range(cfg.steps), cfg.steps, train_step, tracker, track_every=cfg.track_every,
         diverge_loss=cfg.diverge_loss, device=device, history_row=history_row, progress=progress, regime=regime,
-        stop_catastrophic=cfg.stop_catastrophic)
+        stop_catastrophic=cfg.stop_catastrophic, track_first=cfg.track_first)
     last = tracker.metrics() if tracker.measurements else {}  # (every rank: a collective)
     tracker.close()
     result = {"config": asdict(cfg), "task": "gpt", "status": "diverged" if diverged_at is not None else "ok",

@@ -6,10 +6,10 @@ the step's training loss (a device scalar; the tracker has it already). The loop
 the first step whose loss was NaN, infinite or above ``diverge_loss`` in a device flag,
 reads it at every measurement (and after every step where ``check_every_step``: on CPU,
 where reading costs nothing, a diverged run stops at its first bad loss) and stops there;
-at every ``track_every``-th step and the last (and at step 0, when the tracker measured
-before training) it appends ``history_row(step, metrics)``,
-``step`` the one the metrics were measured at (the last step, when it is not a
-``track_every``-th, is measured on the tracker's probe then). Each measurement is shown
+at every ``track_every``-th step, each of the first ``track_first`` and the last (and at
+step 0, when the tracker measured before training) it appends ``history_row(step, metrics)``,
+``step`` the one the metrics were measured at (a step the tracker does not measure itself
+is measured on its probe then). Each measurement is shown
 to ``regime`` (a :class:`spkern.Regime`); with ``stop_catastrophic`` a run it finds
 catastrophic stops there, as a diverged one.
 """
@@ -18,7 +18,7 @@ import torch
 
 
 def run(items, total, train_step, tracker, *, track_every, diverge_loss, device, history_row,
-        check_every_step=False, progress=None, regime=None, stop_catastrophic=False):
+        check_every_step=False, progress=None, regime=None, stop_catastrophic=False, track_first=0):
     """Runs the steps; returns (history, steps done, the diverged step or None, whether the
     regime stopped it)."""
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -34,7 +34,7 @@ def run(items, total, train_step, tracker, *, track_every, diverge_loss, device,
         done += 1
         if progress is not None:
             progress.update(1)
-        measure = done % track_every == 0 or done == total
+        measure = done % track_every == 0 or done == total or done <= track_first
         if measure or check_every_step:
             fb = int(first_bad.item())
             if fb >= 0:
@@ -44,7 +44,7 @@ def run(items, total, train_step, tracker, *, track_every, diverge_loss, device,
                 return history, done, fb, False
         if measure:
             if tracker.measured_step != done and tracker.probe is not None:
-                tracker.measure()  # (the last step, between two measured ones)
+                tracker.measure()  # (one of the first steps, or the last, between two measured ones)
             m = tracker.metrics()
             if not history or history[-1]["step"] != m["step"]:
                 history.append(history_row(m["step"], m))

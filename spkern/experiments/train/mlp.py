@@ -44,6 +44,7 @@ class RunConfig:
     momentum: float = 0.0
     dtype: str = "float32"
     track_every: int = 10
+    track_first: int = 5
     diverge_loss: float = 100.0
     stop_catastrophic: bool = True
 
@@ -56,6 +57,8 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.track_first, int) or self.track_first < 0:
+            raise ValueError(f"track_first must be an int >= 0, got {self.track_first!r}")
         check_number(self, "lr", above=0)
         check_number(self, "diverge_loss", above=0)
         check_number(self, "momentum", low=0)
@@ -140,7 +143,7 @@ def train(cfg: RunConfig, data: Dataset, device=None, progress=None) -> dict:
         batches(), total, train_step, tracker, track_every=cfg.track_every,
         diverge_loss=cfg.diverge_loss, device=device, history_row=history_row,
         check_every_step=device.type == "cpu", progress=progress, regime=regime,
-        stop_catastrophic=cfg.stop_catastrophic)
+        stop_catastrophic=cfg.stop_catastrophic, track_first=cfg.track_first)
     tracker.close()
     result = {"config": asdict(cfg), "status": "diverged" if diverged_at is not None else "ok",
               "diverged_step": diverged_at, "steps": step, "device": str(device), "n_classes": data.n_classes,
