@@ -35,7 +35,11 @@ def test_the_readme_stays_short_and_keeps_its_two_commands():
     assert len(text.splitlines()) <= 250
     assert re.search(r"^\./run\.sh demo$", text, re.M) and re.search(r"^\./run\.sh test$", text, re.M)
     for link in re.findall(r"\]\((docs/[^)]+)\)", text):
-        assert os.path.isfile(os.path.join(ROOT, link)), link
+        path, _, anchor = link.partition("#")
+        assert os.path.isfile(os.path.join(ROOT, path)), link
+        if anchor:  # (a heading of that page, as GitHub makes its anchor)
+            headings = re.findall(r"^#+ (.*)$", open(os.path.join(ROOT, path)).read(), re.M)
+            assert anchor in [re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings], link
 
 
 def test_the_benchmark_tables_are_what_the_results_give():
