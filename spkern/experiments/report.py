@@ -1,18 +1,16 @@
 """The sweep report: a markdown summary and PNG figures from a sweep's results.jsonl.
 
-Definitions (per experiment, i.e. per data / loss / optimizer / parameterization / ...):
+What a run, a learning rate and a width came to (score, optimal and maximal stable rate,
+regime) is defined in :mod:`spkern.experiments.results`; here, per experiment (data / loss
+/ optimizer / parameterization / ...):
 
-* mean accuracy of (width, lr): final training accuracy averaged over seeds, a diverged
-  seed counting as chance accuracy (1 / classes);
-* optimal learning rate of a width: among the grid learning rates at which no seed
-  diverged, the one with the highest mean accuracy (ties, common on easy data, go to the
-  lowest mean training loss); "n/a" when every rate had a diverged seed;
-* maximal stable learning rate of a width: the largest grid learning rate at which no
-  seed diverged and the mean accuracy stays at or above the threshold, by default
-  halfway between chance and the optimal rate's mean accuracy;
-* fitted exponent: the slope b of log lr = a + b log width (least squares over the
-  widths that have the rate), with a 95% confidence interval from Student's t when there
-  are at least 3 widths.
+* fitted exponent: the slope b of log y = a + b log width (least squares over the widths
+  that have y), with a 95% confidence interval from Student's t when there are at least 3
+  widths, for the optimal and maximal stable rates and the two regime edges;
+* regime edge at a width (:func:`boundaries`): between the stable regime and controlled
+  divergence, and between controlled divergence and the catastrophic regime, the
+  geometric mean of the grid rates on either side of it;
+* the theory's exponents of the edges (SGD): under CE -1 and -1/2, under MSE -1 and -1.
 
 Because learning rates come from a grid, a fitted exponent is only as fine as the grid
 (and an optimum at the edge of the grid is flagged: the true optimum may lie beyond).
@@ -27,6 +25,7 @@ import numpy as np
 
 from spkern.experiments.results import SWEPT, experiments, read_results, summarize
 from spkern.regime import CATASTROPHIC, CONTROLLED, REGIMES, STABLE, Criteria
+
 
 def _label(exp):
     d = dict(exp)
@@ -579,4 +578,4 @@ def _markdown(rows, exps, summaries, fits, figs, along):
     return "\n".join(lines)
 
 
-__all__ = ["experiments", "fit_exponent", "summarize", "write"]
+__all__ = ["boundaries", "experiments", "fit_exponent", "summarize", "write"]
