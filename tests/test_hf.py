@@ -153,13 +153,13 @@ def test_the_trainer_callback_measures_and_logs_through_the_trainer(tmp_path):
 
 def test_the_trainer_callback_resumes_from_a_checkpoint(tmp_path):
     def run(folder, resume=None, max_steps=4):
-        callback = spkern.hf.SpkernCallback(probe="batch")
+        callback = spkern.hf.SpkernCallback(probe="batch", stop=spkern.Regime())  # (the regime saved too)
         trainer = _trainer(_model("gpt2"), folder, [callback], logging_steps=1, save_strategy="steps", save_steps=2,
                            max_steps=max_steps)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, callback
 
-    whole, _ = run(tmp_path / "whole")
+    whole, whole_callback = run(tmp_path / "whole")
     first, _ = run(tmp_path / "parts", max_steps=4)  # (saves checkpoint-2 and checkpoint-4)
     assert os.path.isfile(tmp_path / "parts" / "checkpoint-2" / spkern.hf.STATE_FILE)
     resumed, callback = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "checkpoint-2"))
@@ -168,6 +168,7 @@ def test_the_trainer_callback_resumes_from_a_checkpoint(tmp_path):
     assert list(b) == [1, 2, 3, 4]  # (1 and 2 from the checkpoint's history, 3 and 4 measured after it)
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, nan_ok=True), step
+    assert callback.stop.history == whole_callback.stop.history and "spkern/regime" in b[4]
 
 
 def test_the_trainer_callback_can_stop_training(tmp_path):

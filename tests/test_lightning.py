@@ -78,15 +78,18 @@ def test_measures_after_the_step_and_writes_to_the_loggers():
 
 def test_a_run_restored_from_a_checkpoint_continues(tmp_path):
     # (one batch an epoch: the data order cannot differ after the restore)
-    whole = Memory()
-    _fit(spkern.lightning.SpkernCallback(probe="batch"), whole, 6, log_every_n_steps=1, rows=8)
-    first = _fit(spkern.lightning.SpkernCallback(probe="batch"), Memory(), 3, log_every_n_steps=1, rows=8)
+    # (with a spkern.Regime as stop=: saved and restored with the tracker)
+    whole, regime = Memory(), spkern.Regime()
+    _fit(spkern.lightning.SpkernCallback(probe="batch", stop=regime), whole, 6, log_every_n_steps=1, rows=8)
+    first = _fit(spkern.lightning.SpkernCallback(probe="batch", stop=spkern.Regime()), Memory(), 3,
+                 log_every_n_steps=1, rows=8)
     path = str(tmp_path / "step3.ckpt")
     first.save_checkpoint(path)
     resumed = Memory()
-    callback = spkern.lightning.SpkernCallback(probe="batch")
+    callback = spkern.lightning.SpkernCallback(probe="batch", stop=spkern.Regime())
     _fit(callback, resumed, 6, ckpt_path=path, log_every_n_steps=1, rows=8)
     assert callback.tracker.steps == 6 and list(resumed.logged) == [4, 5, 6]
+    assert callback.stop.history == regime.history and callback.stop.summary() == regime.summary()
     for step in (4, 5, 6):
         for k, v in whole.logged[step].items():
             got = resumed.logged[step][k]
