@@ -353,13 +353,13 @@ def test_a_run_carries_its_regime_and_a_catastrophic_one_is_stopped_early(digits
     # and the run that goes on ends at chance accuracy
     stopped = train(RunConfig(width=64, lr=2.15, epochs=2), digits, device="cpu")
     assert stopped["status"] == "diverged" and stopped["stopped_early"] and stopped["regime"] == "catastrophic"
-    assert stopped["steps"] == stopped["regime_step"] == 10 and stopped["steps_saved"] == 2 * 23 - 10
+    assert stopped["steps"] == stopped["regime_step"] <= 10 and stopped["steps_not_run"] == 2 * 23 - stopped["steps"]
     assert any("layers.1/act_rms" in e and "catastrophic" in e for e in stopped["regime_evidence"])
     full = train(RunConfig(width=64, lr=2.15, epochs=2, stop_catastrophic=False), digits, device="cpu")
     assert full["steps"] == 46 and not full["stopped_early"] and full["regime"] == "catastrophic"
     assert full["train_acc"] < 0.2
     ok = train(RunConfig(width=32, lr=0.01, epochs=1), digits, device="cpu")
-    assert ok["regime"] == "stable" and ok["regime_step"] is None and ok["steps_saved"] == 0
+    assert ok["regime"] == "stable" and ok["regime_step"] is None and ok["steps_not_run"] == 0
     nan = train(RunConfig(width=32, lr=1e4, epochs=1), digits, device="cpu")
     assert nan["status"] == "diverged" and nan["regime"] == "catastrophic" and nan["steps"] <= 2
     json.dumps([stopped, full, ok, nan])
@@ -370,7 +370,10 @@ def test_the_sweep_counts_the_steps_early_stopping_saved(tmp_path, capsys):
     assert cli.main(["sweep", "mlp", "--widths", "64", "--lrs", "0.01,2.15", "--loss", "ce", "--seeds", "1",
                      "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "early stopping: 1 catastrophic run(s) stopped, 36 steps saved" in text
+    stopped = [r for r in sweep.read_results(str(out)) if r["stopped_early"]]
+    assert len(stopped) == 1 and stopped[0]["steps_not_run"] > 30
+    assert (f"early stopping: 1 catastrophic run(s) stopped before their last step, {stopped[0]['steps_not_run']} "
+            "of their scheduled steps not run") in text
     md = (out / "report.md").read_text()
     assert "## Regimes" in md and (out / "regime_map.png").stat().st_size > 0
     assert "| CE SGD sp | 64 |" in md and "| 1 / 0 / 1 |" in md
@@ -378,7 +381,7 @@ def test_the_sweep_counts_the_steps_early_stopping_saved(tmp_path, capsys):
 
 def _without_labels(row):
     """A result as written before runs carried a regime."""
-    for k in ("regime", "regime_step", "regime_reached", "regime_evidence", "stopped_early", "steps_saved"):
+    for k in ("regime", "regime_step", "regime_reached", "regime_evidence", "stopped_early", "steps_not_run"):
         row.pop(k, None)
     row["config"].pop("stop_catastrophic", None)
     return row

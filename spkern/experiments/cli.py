@@ -148,9 +148,9 @@ def _run_sweep(kind, args, configs, data, device):
     print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results"
           + (f", {counts['left_out']} left out by the adaptive grid" if adaptive else ""), flush=True)
     if counts["stopped_early"]:
-        saved, run = counts["steps_saved"], counts["steps"]
-        print(f"early stopping: {counts['stopped_early']} catastrophic run(s) stopped, {saved} steps saved "
-              f"({100 * saved / (saved + run):.0f}% of the steps these runs would have taken in all)", flush=True)
+        print(f"early stopping: {counts['stopped_early']} catastrophic run(s) stopped before their last step, "
+              f"{counts['steps_not_run']} of their scheduled steps not run (at most what it saved: a run whose loss "
+              f"diverges stops there anyway)", flush=True)
     if not args.no_report:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
     return 0

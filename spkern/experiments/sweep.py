@@ -207,7 +207,7 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
         _drop_torn_line(path)
     done = _same_on_every_rank({_key(r["config"]): r for r in read_results(out)} if writer else None)
     counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0, "stopped_early": 0,
-              "steps": 0, "steps_saved": 0}
+              "steps": 0, "steps_not_run": 0}
     todo = sum(_key(asdict(c)) not in done for c in configs)
     runs_bar = tqdm(total=todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     steps_bar = tqdm(desc="steps", unit="step", leave=False, disable=not progress, dynamic_ncols=True)
@@ -229,7 +229,7 @@ def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
         counts["steps"] += r.get("steps") or 0
         if r.get("stopped_early"):
             counts["stopped_early"] += 1
-            counts["steps_saved"] += r.get("steps_saved") or 0
+            counts["steps_not_run"] += r.get("steps_not_run") or 0
         runs_bar.update(1)
         return r
 

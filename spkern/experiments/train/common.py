@@ -59,8 +59,8 @@ def torchrun(device: str):
 
 def regime_fields(regime: Regime, stopped: bool, steps: int, total: int) -> dict:
     """A result's regime (:meth:`spkern.Regime.summary`), whether the classifier stopped
-    the run, and the steps that saved."""
-    return {**regime.summary(), "stopped_early": stopped, "steps_saved": total - steps if stopped else 0}
+    the run, and its scheduled steps that were then not run."""
+    return {**regime.summary(), "stopped_early": stopped, "steps_not_run": total - steps if stopped else 0}
 
 
 def json_safe(obj):

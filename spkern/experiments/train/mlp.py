@@ -12,7 +12,7 @@ check runs on the device and is read after every step on CPU (a diverged run sto
 first bad loss), at every measurement on a GPU (no host sync per step). Every measurement
 is shown to a :class:`spkern.Regime`, whose label the result carries (``regime``,
 ``regime_step``, ``regime_evidence``); with ``stop_catastrophic`` (default) a run it finds
-catastrophic stops there and is recorded as diverged (``stopped_early``, ``steps_saved``).
+catastrophic stops there and is recorded as diverged (``stopped_early``, ``steps_not_run``).
 """
 
 import math
