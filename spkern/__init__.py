@@ -3,10 +3,12 @@
 Functional API: :func:`cross_entropy`, :func:`mse_onehot_loss`, :func:`linear_cross_entropy`,
 :func:`linear_mse_onehot_loss`, :func:`multi_tensor_norms`, :func:`spectral_norm`,
 :func:`spectral_norm_steps`, :func:`pair_stats`, :func:`multi_pair_stats`. The metric
-tracker: :class:`Tracker`; the regime of a run: :class:`Regime`. Modules: :class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss`.
-Backends: :func:`use_backend`, the ``SPKERN_BACKEND`` environment variable. Submodules:
-``spkern.optim``, ``spkern.functional``, ``spkern.hf`` (transformers), ``spkern.lightning``,
-``spkern.monitor``, ``spkern.features``, ``spkern.norms``, ``spkern.experiments``.
+tracker: :class:`Tracker`; the regime of a run: :class:`Regime`. Modules:
+:class:`CrossEntropyLoss`, :class:`LinearCrossEntropyLoss`. Backends: :func:`use_backend`,
+the ``SPKERN_BACKEND`` environment variable. Submodules: ``spkern.optim``,
+``spkern.functional``, ``spkern.hf`` (transformers), ``spkern.lightning``,
+``spkern.monitor``, ``spkern.regime``, ``spkern.features``, ``spkern.norms``,
+``spkern.experiments``.
 
 Everything is imported when first used (``import spkern`` does not import torch), so that
 the ``spkern`` command starts at once.

@@ -46,10 +46,11 @@ which quantity crossed which threshold there.
 
 The logits are the model's output on the tracker's probe (``logits/rms``) or, where that is
 not tracked (spkern's GPT reports its final hidden state), the RMS of the training batch's
-logits that the trainer records from the fused loss's statistics (``train/logit_rms``). A quantity's initial value is its value in
-the first measurement that has it: the measurement at step 0 that :meth:`Regime.start`
-takes (logits on the probe, activations), else the first one observed (always so for the
-loss and the gradients, which a measurement has from the first step on).
+logits that the trainer records from the fused loss's statistics (``train/logit_rms``). A
+quantity's initial value is its value in the first measurement that has it: the
+measurement at step 0 that :meth:`Regime.start` takes (logits on the probe, activations),
+else the first one observed (always so for the loss and the gradients, which a measurement
+has from the first step on), or one given to :meth:`Regime.initial`.
 
 In a plain loop::
 

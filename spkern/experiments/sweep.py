@@ -173,7 +173,8 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
     :class:`SweepLocked` while another sweep writes to ``out``."""
     if train_fn is None and configs:
         if type(configs[0]) not in TRAINERS:
-            raise TypeError(f"no trainer for {type(configs[0]).__name__}: a sweep runs {', '.join(c.__name__ for c in TRAINERS)}")
+            raise TypeError(f"no trainer for {type(configs[0]).__name__}: a sweep runs "
+                            f"{', '.join(c.__name__ for c in TRAINERS)}")
         train_fn = TRAINERS[type(configs[0])]
     os.makedirs(out, exist_ok=True)
     if _rank() != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
