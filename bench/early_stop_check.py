@@ -7,7 +7,7 @@ maximal stable learning rate, the regime of every rate, the steps run and the ti
 the comparison as JSON (``--json``) and prints it; exits 1 when a width's optimal or
 maximal stable rate differs.
 
-    python bench/early_stop_check.py --out runs/early_stop --json bench/results/early_stop_check.json
+    python bench/early_stop_check.py --out runs/early_stop --json bench/results/regimes/early_stop_check.json
 """
 
 import argparse
