@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import spkern
-from spkern.monitor.log import measurement_logs
+from spkern.monitor.log import Reports
 
 _SCALED = ("logit_scale", "logits_scaling")
 
@@ -197,16 +197,15 @@ class SpkernCallback(_Callback):
                  **tracker_kwargs):
         if _Callback is object:
             raise ImportError("spkern.hf.SpkernCallback needs transformers: pip install transformers")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be None or a positive int, got {every!r}")
-        if stop is not None and not callable(stop):
-            raise TypeError(f"stop must be None or a function of the metrics, got {type(stop).__name__}")
-        self.trainer, self.every, self.prefix, self.fused, self.stop = trainer, every, prefix, fused_loss, stop
-        self.quiet = quiet
+        self.reports = Reports(every, prefix, stop)
+        self.trainer, self.fused, self.quiet = trainer, fused_loss, quiet
         self.tracker_kwargs = tracker_kwargs
         self.tracker = None
         self._loss = None
-        self._logged = None
+
+    @property
+    def stop(self):
+        return self.reports.stop
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.tracker is not None:
@@ -215,8 +214,8 @@ class SpkernCallback(_Callback):
         if self.trainer is None:
             raise RuntimeError("spkern.hf.SpkernCallback could not find its Trainer: pass it, "
                                "SpkernCallback(trainer=trainer)")
-        if self.every is not None:
-            every = self.every
+        if self.reports.every is not None:
+            every = self.reports.every
         elif args.logging_steps >= 1:
             every = int(args.logging_steps)
         else:  # (a fraction of the run, as the Trainer reads it)
@@ -226,8 +225,7 @@ class SpkernCallback(_Callback):
             self._loss = fused_loss(self.tracker.model, tracker=self.tracker)
         if state.global_step > 0:
             self._resume(args, state)
-        if hasattr(self.stop, "start"):  # a spkern.Regime: its initial values
-            self.stop.start(self.tracker)
+        self.reports.start(self.tracker)
 
     def _state_file(self, folder):
         from spkern.distributed import rank_and_world
@@ -246,21 +244,18 @@ class SpkernCallback(_Callback):
             if isinstance(folder, str) and os.path.isfile(self._state_file(folder)):
                 saved = torch.load(self._state_file(folder), weights_only=True)
                 self.tracker.load_state_dict(saved)
-                if "regime" in saved and hasattr(self.stop, "load_state_dict"):
-                    self.stop.load_state_dict(saved["regime"])
+                self.reports.load_state_dict(saved)
                 return
         warnings.warn(f"spkern.hf.SpkernCallback: training resumes at step {state.global_step} but no checkpoint "
                       f"holds the tracker's state ({STATE_FILE}): it starts anew, W_0 the weights now",
                       RuntimeWarning, stacklevel=2)
 
     def on_step_end(self, args, state, control, **kwargs):
-        t = self.tracker
-        if t is None or t.measured_step is None or t.measured_step == self._logged:
+        new = self.reports.new(self.tracker)  # (a collective under torch.distributed: every rank is here)
+        if new is None:
             return control
-        self._logged = t.measured_step
-        m = t.metrics()  # (a collective under torch.distributed: every rank is here)
-        stop = self.stop is not None and self.stop(m)
-        self._log(measurement_logs(m, self.prefix, self.stop), control)
+        _, logs, stop = new
+        self._log(logs, control)
         if stop:
             control.should_training_stop = True
         return control
@@ -285,10 +280,7 @@ class SpkernCallback(_Callback):
             return control
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            saved = self.tracker.state_dict()
-            if hasattr(self.stop, "state_dict"):  # a spkern.Regime
-                saved["regime"] = self.stop.state_dict()
-            torch.save(saved, self._state_file(folder))
+            torch.save({**self.tracker.state_dict(), **self.reports.state_dict()}, self._state_file(folder))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

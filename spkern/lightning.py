@@ -17,7 +17,7 @@ is logged as ``spkern/regime`` (0 stable, 1 controlled divergence, 2 catastrophi
 """
 
 import spkern
-from spkern.monitor.log import measurement_logs
+from spkern.monitor.log import Reports
 
 try:
     import lightning
@@ -33,14 +33,14 @@ class SpkernCallback(_Callback):
     def __init__(self, *, every=None, prefix="spkern/", stop=None, **tracker_kwargs):
         if lightning is None:
             raise ImportError("spkern.lightning.SpkernCallback needs Lightning: pip install lightning")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be None or a positive int, got {every!r}")
-        if stop is not None and not callable(stop):
-            raise TypeError(f"stop must be None or a function of the metrics, got {type(stop).__name__}")
-        self.every, self.prefix, self.stop, self.tracker_kwargs = every, prefix, stop, tracker_kwargs
+        self.reports = Reports(every, prefix, stop)
+        self.tracker_kwargs = tracker_kwargs
         self.tracker = None
         self._saved = None  # a checkpoint's state, until the tracker is made
-        self._logged = None
+
+    @property
+    def stop(self):
+        return self.reports.stop
 
     def on_fit_start(self, trainer, pl_module):
         if self.tracker is not None:
@@ -49,36 +49,28 @@ class SpkernCallback(_Callback):
         if len(optimizers) != 1:
             raise ValueError(f"spkern.lightning.SpkernCallback tracks a module with one optimizer, got "
                              f"{len(optimizers)}")
-        every = self.every or max(1, int(trainer.log_every_n_steps))
+        every = self.reports.every or max(1, int(trainer.log_every_n_steps))
         self.tracker = spkern.Tracker(pl_module, optimizers[0], every=every, **self.tracker_kwargs)
         if self._saved is not None:
             self.tracker.load_state_dict(self._saved)
             self._saved = None
-        if hasattr(self.stop, "start"):  # a spkern.Regime: its initial values
-            self.stop.start(self.tracker)
+        self.reports.start(self.tracker)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        t = self.tracker
-        if t is None or t.measured_step is None or t.measured_step == self._logged:
+        new = self.reports.new(self.tracker)  # (a collective under torch.distributed: every rank is here)
+        if new is None:
             return
-        self._logged = t.measured_step
-        m = t.metrics()  # (a collective under torch.distributed: every rank is here)
-        stop = self.stop is not None and self.stop(m)
-        logs = measurement_logs(m, self.prefix, self.stop)
+        step, logs, stop = new
         for logger in trainer.loggers:
-            logger.log_metrics(logs, step=m["step"])
+            logger.log_metrics(logs, step=step)
         if stop:
             trainer.should_stop = True
 
     def state_dict(self):
-        state = {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
-        if state and hasattr(self.stop, "state_dict"):  # a spkern.Regime
-            state["regime"] = self.stop.state_dict()
-        return state
+        return {"tracker": self.tracker.state_dict(), **self.reports.state_dict()} if self.tracker is not None else {}
 
     def load_state_dict(self, state_dict):
-        if "regime" in state_dict and hasattr(self.stop, "load_state_dict"):
-            self.stop.load_state_dict(state_dict["regime"])
+        self.reports.load_state_dict(state_dict)
         saved = state_dict.get("tracker")
         if saved is None:
             return

@@ -6,12 +6,15 @@ same values).
 
 TensorBoard and W&B group their panels by the part of a tag before its first ``/``:
 their tags are grouped by metric (:func:`tag`: ``{layer}/eff_rms`` is written as
-``eff_rms/{layer}``), so that one section holds every layer's value of one quantity."""
+``eff_rms/{layer}``), so that one section holds every layer's value of one quantity.
+:class:`Reports` is what the Trainer and Lightning callbacks share."""
 
 import json
 import math
 import os
 import warnings
+
+from spkern.regime import REGIMES, Regime
 
 
 def tag(key: str, keep=("train", "logits")) -> str:
@@ -23,16 +26,46 @@ def tag(key: str, keep=("train", "logits")) -> str:
     return f"{metric}/{where}"
 
 
-def measurement_logs(metrics: dict, prefix: str, stop=None) -> dict:
-    """A measurement as the Trainer and Lightning callbacks log it: ``{prefix}{tag}``, and
-    with a :class:`spkern.Regime` as ``stop`` its label as ``{prefix}regime`` (0: stable,
-    1: controlled divergence, 2: catastrophic)."""
-    from spkern.regime import REGIMES, Regime
+class Reports:
+    """What the Trainer and Lightning callbacks share: their ``every`` and ``stop`` checked;
+    each new measurement of the tracker reported once, as its logs (``{prefix}{tag}``, and
+    with a :class:`spkern.Regime` as ``stop`` its label as ``{prefix}regime``: 0 stable,
+    1 controlled divergence, 2 catastrophic) and whether to stop; a Regime started on the
+    tracker and saved with it."""
 
-    logs = {prefix + tag(k): v for k, v in metrics.items() if k != "step"}
-    if isinstance(stop, Regime):
-        logs[prefix + "regime"] = REGIMES.index(stop.regime)
-    return logs
+    def __init__(self, every, prefix, stop):
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be None or a positive int, got {every!r}")
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be None or a function of the metrics, got {type(stop).__name__}")
+        self.every, self.prefix, self.stop = every, prefix, stop
+        self.reported = None  # the step of the measurement reported last
+
+    def start(self, tracker):
+        """A Regime's initial values, from the tracker just made (or restored)."""
+        if hasattr(self.stop, "start"):
+            self.stop.start(tracker)
+
+    def new(self, tracker):
+        """``(step, logs, stop)`` of the tracker's latest measurement when it is not reported
+        yet, else None (a collective under torch.distributed: every rank calls it)."""
+        if tracker is None or tracker.measured_step is None or tracker.measured_step == self.reported:
+            return None
+        self.reported = tracker.measured_step
+        m = tracker.metrics()
+        stop = self.stop is not None and bool(self.stop(m))
+        logs = {self.prefix + tag(k): v for k, v in m.items() if k != "step"}
+        if isinstance(self.stop, Regime):
+            logs[self.prefix + "regime"] = REGIMES.index(self.stop.regime)
+        return m["step"], logs, stop
+
+    def state_dict(self) -> dict:
+        """A Regime's state (``{"regime": ...}``), else nothing."""
+        return {"regime": self.stop.state_dict()} if hasattr(self.stop, "state_dict") else {}
+
+    def load_state_dict(self, state: dict):
+        if "regime" in state and hasattr(self.stop, "load_state_dict"):
+            self.stop.load_state_dict(state["regime"])
 
 
 def _rank():
