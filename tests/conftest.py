@@ -35,6 +35,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def end_process_group(wait=False):
+    """The end of a torchrun worker: its process group destroyed (after a barrier with
+    ``wait``: every rank done before any tears down), then a garbage collection: gloo's
+    threads hold finished work until the group object is freed, and freed by the
+    interpreter's last collection they need the GIL from a dying thread (an abort at exit)."""
+    import gc
+
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        gc.collect()
+
+
 def run_worlds(worker, folder, worlds=(2, 1), timeout=600):
     """Runs ``worker OUT`` under ``torch.distributed.run`` with each number of processes of
     ``worlds`` (1: a plain process), each writing its JSON to OUT; {world: what it wrote}."""

@@ -2,7 +2,6 @@
 MLP with DDP (gloo) on an equal share of a fixed batch per process, tracked on a share
 of a probe and on the training batch, and writes rank 0's metrics as JSON."""
 
-import gc
 import json
 import os
 import sys
@@ -12,6 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 import spkern
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import end_process_group  # noqa: E402
 
 
 def main(out):
@@ -39,9 +41,7 @@ def main(out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    if world > 1:
-        dist.destroy_process_group()
-        gc.collect()  # free gloo's threads before the interpreter exits
+    end_process_group()
 
 
 if __name__ == "__main__":

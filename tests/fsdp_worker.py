@@ -4,7 +4,6 @@ batch): the optimizer steps and their norms, multi_tensor_norms, spectral_norm a
 tracker in each probe mode, on the same global batch. Rank 0 writes what it measured as
 JSON; the test compares the two files."""
 
-import gc
 import json
 import os
 import sys
@@ -15,6 +14,9 @@ from torch import nn
 
 import spkern
 from spkern.distributed import is_dtensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import end_process_group  # noqa: E402
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
@@ -207,9 +209,7 @@ def main(path):
     if RANK == 0:
         with open(path, "w") as f:
             json.dump(result, f)
-    if WORLD > 1:
-        dist.destroy_process_group()
-        gc.collect()  # free gloo's threads before the interpreter exits
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import transformers
 import spkern.hf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import end_process_group  # noqa: E402
 from test_hf import Tokens, _model  # noqa: E402
 
 
@@ -34,9 +35,4 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import gc
-
-        torch.distributed.barrier()  # (both ranks done before either tears down)
-        torch.distributed.destroy_process_group()
-        gc.collect()  # (gloo's threads freed while the interpreter is alive: no abort at its exit)
+    end_process_group(wait=True)
