@@ -205,26 +205,27 @@ class Regime:
 
     # -- the criteria --------------------------------------------------------------------
 
-    def _watched(self, key, metrics):
-        return (key in LOGIT_KEYS or key == "train/loss" or key.endswith("/grad_rms")
-                or self._is_hidden(key, metrics))
+    def _watched(self, key):
+        return key in LOGIT_KEYS or key == "train/loss" or key.endswith("/grad_rms") or self._is_hidden(key)
 
     def _set_baseline(self, metrics):
-        """Each watched quantity's first finite, positive value is its initial value."""
+        """Each watched quantity's first finite, positive value is its initial value (and,
+        without a tracker's layer names, the readout: the last layer with an activation)."""
+        if self._readout is None:
+            self._readout = max((k[:-len("/act_rms")] for k in metrics if k.endswith("/act_rms")), key=_natural,
+                                default=None)
         for k, v in metrics.items():
             if (k != "step" and k not in self._base and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-                    and self._watched(k, metrics)):
+                    and self._watched(k)):
                 self._base[k] = float(v)
 
-    def _is_hidden(self, key, metrics):
+    def _is_hidden(self, key):
         if not key.endswith("/act_rms"):
             return False
         layer = key[:-len("/act_rms")]
         spec = self._hidden_spec
         if spec is None:
-            readout = self._readout or max((k[:-len("/act_rms")] for k in metrics if k.endswith("/act_rms")),
-                                           key=_natural)
-            return layer != readout
+            return layer != self._readout
         if isinstance(spec, str):
             return re.fullmatch(spec, layer) is not None
         return layer in spec
@@ -232,7 +233,7 @@ class Regime:
     def _crossed(self, step, metrics) -> List[Evidence]:
         c, found = self.criteria, []
         for k, v in metrics.items():
-            if k == "step" or v is None or not self._watched(k, metrics):
+            if k == "step" or v is None or not self._watched(k):
                 continue
             v = float(v)
             if not math.isfinite(v):
