@@ -177,14 +177,10 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
                             f"{', '.join(c.__name__ for c in TRAINERS)}")
         train_fn = TRAINERS[type(configs[0])]
     os.makedirs(out, exist_ok=True)
-    if _rank() != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
+    if rank_and_world()[0] != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
         return _run_locked(configs, out, data, device, False, train_fn, adaptive)
     with _lock(out):
         return _run_locked(configs, out, data, device, progress, train_fn, adaptive)
-
-
-def _rank():
-    return rank_and_world()[0]
 
 
 def _same_on_every_rank(done):
@@ -202,7 +198,7 @@ def _same_on_every_rank(done):
 def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
     from tqdm.auto import tqdm
 
-    writer = _rank() == 0
+    writer = rank_and_world()[0] == 0
     path = os.path.join(out, RESULTS)
     if writer:
         _drop_torn_line(path)

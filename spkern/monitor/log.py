@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 
+from spkern.distributed import rank_and_world
 from spkern.regime import REGIMES, Regime
 
 
@@ -68,12 +69,6 @@ class Reports:
             self.stop.load_state_dict(state["regime"])
 
 
-def _rank():
-    from spkern.distributed import rank_and_world
-
-    return rank_and_world()[0]
-
-
 def wandb_run(wandb):
     """The Weights & Biases run the tracker logs to: ``True`` for the active run
     (``wandb.init()`` first), or a run object; an ImportError or ValueError saying what
@@ -119,7 +114,7 @@ class MetricsLog:
 
     def write(self, m):
         """Appends one measurement, ``{name: float}`` with its ``step`` (on rank 0)."""
-        if _rank() != 0:
+        if rank_and_world()[0] != 0:
             return
         if not self._opened:
             self._open()
