@@ -71,9 +71,14 @@ def _add_mlp_options(p, defaults):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     config_options(p, RunConfig, MLP_HELP, defaults, choices={"data": DATASETS, "dtype": DTYPES},
                     skip=("data",))
+    _add_sweep_options(p, "accuracy", defaults.get("grid", "full"), defaults.get("grid_below"))
+
+
+def _add_sweep_options(p, score, grid, below=None):
+    """The options of how a sweep runs and reports (the MLP and the GPT sweep's)."""
     p.add_argument("--stable-threshold", type=number(), default=None,
-                   help="accuracy a stable lr must reach (default: halfway from chance to the best)")
-    _add_grid_options(p, defaults.get("grid", "full"), defaults.get("grid_below"))
+                   help=f"{score} a stable lr must reach (default: halfway from chance to the best)")
+    _add_grid_options(p, grid, below)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -203,11 +208,7 @@ def _add_gpt_options(p):
     p.add_argument("--seeds", default=d["seeds"], help="number of seeds (runs use seeds 0..N-1)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     config_options(p, GPTRunConfig, GPT_HELP, d, choices={"dtype": DTYPES}, skip=("data",))
-    p.add_argument("--stable-threshold", type=number(), default=None,
-                   help="score a stable lr must reach (default: halfway from chance to the best)")
-    _add_grid_options(p, "full")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    _add_sweep_options(p, "score", "full")
     p.add_argument("--out", default="runs/gpt")
 
 

@@ -36,22 +36,19 @@ def number(low=None, *, above=None):
 SWEPT_AS_LISTS = ("width", "lr", "loss", "optim", "param", "seed")
 _BOUNDS = {"momentum": dict(low=0), "weight_decay": dict(low=0), "clip": dict(low=0), "min_lr_frac": dict(low=0),
            "diverge_loss": dict(above=0)}
-MLP_HELP = dict(depth="hidden layers", base_width="width at which every layer trains at lr",
-                bias="Linear layers with biases", momentum="SGD momentum", dtype="bfloat16: autocast",
-                track_every="steps between tracker measurements",
-                track_first="also measure after each of the first N steps (the logits' first jump: spkern.regime)",
-                diverge_loss="a loss above this counts as diverged",
-                stop_catastrophic="run a run the regime classifier finds catastrophic to its end (spkern.regime)")
-GPT_HELP = dict(depth="transformer blocks", batch_size="sequences per step (global)",
+_TRAINING_HELP = dict(  # the options both trainers have
+    momentum="SGD momentum", dtype="bfloat16: autocast", track_every="steps between tracker measurements",
+    track_first="also measure after each of the first N steps (the logits' first jump: spkern.regime)",
+    diverge_loss="a loss above this counts as diverged",
+    stop_catastrophic="run a run the regime classifier finds catastrophic to its end (spkern.regime)")
+MLP_HELP = dict(_TRAINING_HELP, depth="hidden layers", base_width="width at which every layer trains at lr",
+                bias="Linear layers with biases")
+GPT_HELP = dict(_TRAINING_HELP, depth="transformer blocks", batch_size="sequences per step (global)",
                 grad_accum="micro-batches per step", weight_decay="AdamW, on matrices",
                 clip="gradient clipping norm (0: off)", qk_norm="no LayerNorm on queries and keys",
-                momentum="SGD momentum", min_lr_frac="the cosine decay ends at this fraction of lr",
-                eval_batches="validation batches of the final score", dtype="bfloat16: autocast",
-                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)",
-                track_every="steps between tracker measurements",
-                track_first="also measure after each of the first N steps (the logits' first jump: spkern.regime)",
-                diverge_loss="a loss above this counts as diverged",
-                stop_catastrophic="run a run the regime classifier finds catastrophic to its end (spkern.regime)")
+                min_lr_frac="the cosine decay ends at this fraction of lr",
+                eval_batches="validation batches of the final score",
+                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)")
 
 
 def config_options(p, cls, helps, overrides=None, choices=None, skip=(), swept=SWEPT_AS_LISTS):
