@@ -159,7 +159,7 @@ class Regime:
         self._readout = names[-1] if names else None
         if tracker.steps == 0 and tracker.measured_step is None and tracker.probe is not None:
             tracker.measure()
-            self._set_baseline(tracker.metrics())
+            self._set_baseline(self._watch(tracker.metrics()))
             self.history.append((0, self.regime))
         return self
 
@@ -187,9 +187,10 @@ class Regime:
         step = int(metrics["step"])
         if self.history and self.history[-1][0] >= step:
             return self.regime
-        self._set_baseline(metrics)
+        values = self._watch(metrics)
+        self._set_baseline(values)
         if self.regime != CATASTROPHIC:
-            crossed = self._crossed(step, metrics)
+            crossed = self._crossed(step, values)
             for label in (CONTROLLED, CATASTROPHIC):  # (both may be reached at one measurement)
                 found = [e for e in crossed if e.regime == label]
                 if found and label not in self.reached:
@@ -208,16 +209,19 @@ class Regime:
     def _watched(self, key):
         return key in LOGIT_KEYS or key == "train/loss" or key.endswith("/grad_rms") or self._is_hidden(key)
 
-    def _set_baseline(self, metrics):
-        """Each watched quantity's first finite, positive value is its initial value (and,
-        without a tracker's layer names, the readout: the last layer with an activation)."""
+    def _watch(self, metrics) -> Dict[str, float]:
+        """The watched quantities of a measurement (and, without a tracker's layer names, the
+        readout found on the first: the last layer with an activation)."""
         if self._readout is None:
             self._readout = max((k[:-len("/act_rms")] for k in metrics if k.endswith("/act_rms")), key=_natural,
                                 default=None)
-        for k, v in metrics.items():
-            if (k != "step" and k not in self._base and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-                    and self._watched(k)):
-                self._base[k] = float(v)
+        return {k: float(v) for k, v in metrics.items() if k != "step" and v is not None and self._watched(k)}
+
+    def _set_baseline(self, values):
+        """Each watched quantity's first finite, positive value is its initial value."""
+        for k, v in values.items():
+            if k not in self._base and math.isfinite(v) and v > 0:
+                self._base[k] = v
 
     def _is_hidden(self, key):
         if not key.endswith("/act_rms"):
@@ -230,12 +234,11 @@ class Regime:
             return re.fullmatch(spec, layer) is not None
         return layer in spec
 
-    def _crossed(self, step, metrics) -> List[Evidence]:
+    def _crossed(self, step, values) -> List[Evidence]:
         c, found = self.criteria, []
-        for k, v in metrics.items():
-            if k == "step" or v is None or not self._watched(k):
-                continue
-            v = float(v)
+        # (the hidden activations' scale: their largest initial RMS, see Criteria)
+        hidden_scale = max((b for k, b in self._base.items() if k.endswith("/act_rms")), default=None)
+        for k, v in values.items():
             if not math.isfinite(v):
                 found.append(Evidence(step, CATASTROPHIC, k, v, math.inf))
                 continue
@@ -250,8 +253,8 @@ class Regime:
             base = self._base.get(k)
             if k in LOGIT_KEYS and base is not None:
                 base = max(base, c.logit_floor)
-            if k.endswith("/act_rms") and base is not None:  # (the hidden activations' scale: see Criteria)
-                base = max(b for key, b in self._base.items() if key.endswith("/act_rms"))
+            if k.endswith("/act_rms") and base is not None:
+                base = hidden_scale
             if base is not None and v / base > limit:
                 found.append(Evidence(step, regime, k, v / base, limit))
         return found
