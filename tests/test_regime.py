@@ -219,3 +219,43 @@ def test_a_transformers_gpt2_is_labelled():
                 break
         tracker.close()
         assert r.regime == want, r.summary()
+
+
+@pytest.mark.parametrize("lr", [1.0, 3.0, 30.0])
+def test_on_transformers_gpt2_the_logits_criterion_follows_a_float64_reference(lr):
+    # the logit RMS on the probe computed here in float64 with plain torch, on a copy of the model
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def logit_rms():
+        with torch.no_grad():
+            return copy.deepcopy(model).double()(input_ids=ids[:2]).logits.pow(2).mean().sqrt().item()
+
+    initial = max(logit_rms(), 1.0)  # (counted as at least 1: Criteria.logit_floor)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tracker = spkern.Tracker(model, opt, probe=ids[:2], every=1)
+    r = Regime().start(tracker)
+    ratios = []
+    for _ in range(12):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        tracker.record_loss(loss)
+        opt.step()
+        ratios.append(logit_rms() / initial)
+        if r(tracker.metrics()):
+            break
+    tracker.close()
+    first = next((s for s, v in enumerate(ratios, 1) if v > 3), None)
+    if first is None:
+        assert CONTROLLED not in r.reached, r.summary()
+        return
+    assert r.reached[CONTROLLED] == first, (ratios, r.summary())
+    ev = next(e for e in r.evidence if e.regime == CONTROLLED)
+    assert ev.quantity == "logits/rms" and ev.value == pytest.approx(ratios[first - 1], rel=1e-4)
