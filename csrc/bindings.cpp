@@ -9,6 +9,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spkern compiled kernels";
   m.def("cross_entropy_fwd_cpu", &spkern::cpu::cross_entropy_fwd,
         "fused cross-entropy forward (+grad) with logit statistics, CPU");
+  m.def("logit_grad_cpu", &spkern::cpu::logit_grad,
+        "the logit losses' gradient from each row's log-sum-exp and coefficients (vocabulary-parallel), CPU",
+        pybind11::arg("logits"), pybind11::arg("target"), pybind11::arg("weight"), pybind11::arg("rows"),
+        pybind11::arg("kind"), pybind11::arg("ignore_index"), pybind11::arg("softcap"),
+        pybind11::arg("grad_out") = pybind11::none());
   m.def("multi_tensor_norms_cpu", &spkern::cpu::multi_tensor_norms,
         "per-tensor ||a||^2, ||b||^2, ||a-b||^2, <a,b> over lists of CPU tensors");
   m.def("pair_stats_cpu", &spkern::cpu::pair_stats,

@@ -30,6 +30,13 @@ using LogitLossFwd = std::vector<at::Tensor>(
 namespace cpu {
 LogitLossFwd cross_entropy_fwd;
 
+// The gradient of the logit losses from each row's log-sum-exp and coefficients, rows =
+// (rows, 4) float32 [lse, a, b, b_y]: the second pass of the vocabulary-parallel losses.
+// Written into grad_out when given. csrc/cpu/logit_grad.cpp has the formulas.
+at::Tensor logit_grad(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                      const at::Tensor& rows, int64_t kind, int64_t ignore_index, double softcap,
+                      const c10::optional<at::Tensor>& grad_out);
+
 // For tensors a_i and (optionally, else b_i = 0) b_i of equal sizes: a (T, 4) float32
 // tensor of ||a_i||^2, ||b_i||^2, ||a_i - b_i||^2, <a_i, b_i> (the columns of Sum in
 // constants.h). csrc/cpu/norms.cpp.

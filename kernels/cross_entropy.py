@@ -247,6 +247,80 @@ def cross_entropy_fwd(logits, target, weight, scalars, kind, ignore_index, label
     return loss, stats, grad
 
 
+@triton.jit
+def _logit_grad_kernel(
+    X, stride_x,  # (M, C) logits
+    T, stride_t,  # (M,) int64 class indices, or (M, C) probabilities
+    Wt,  # (C,) float32 class weights (unused without HAS_WEIGHT)
+    R,  # (M, 4) float32: lse, a, b, b_y
+    G, stride_g,  # (M, C) gradient, input dtype
+    C, ignore_index, cap,
+    KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, HAS_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The gradient from each row's log-sum-exp and coefficients (the second pass of the
+    # vocabulary-parallel losses); formulas in spkern.cross_entropy.logit_grad_reference.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    lse = tl.load(R + 4 * row)
+    a = tl.load(R + 4 * row + 1)
+    b = tl.load(R + 4 * row + 2)
+    b_y = tl.load(R + 4 * row + 3)
+    if PROB:
+        valid = True
+        y = -1
+    else:
+        y = tl.load(T + row * stride_t).to(tl.int64)
+        valid = y != ignore_index
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            xc = cap * _tanh(x / cap)
+        else:
+            xc = x
+        if KIND == MSE_LOGITS:
+            g = a * x
+        else:
+            pc = tl.exp(xc - lse)
+            if KIND == MSE_PROBS:
+                g = b * pc * (pc - a)
+            else:
+                bt = tl.zeros((BLOCK,), tl.float32) + b
+                if PROB:  # (b_y: the smoothing's share, every class)
+                    bt = bt * tl.load(T + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32) + b_y
+                if HAS_WEIGHT:
+                    bt = bt * tl.load(Wt + offs, mask=mask, other=0.0)
+                # the b term left out where b = 0: a NaN class weight reaches its class's rows only
+                g = pc * a - tl.where((b != 0.0) | PROB, bt, 0.0)
+        g = tl.where(offs == y, g - b_y, g)
+        if HAS_CAP and KIND == CROSS_ENTROPY:
+            u = xc / cap
+            g = g * (1.0 - u * u)
+        g = tl.where(valid, g, 0.0)
+        tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+def logit_grad(logits, target, weight, rows, kind, ignore_index, softcap, grad_out=None):
+    """Launch the gradient kernel. Same contract as spkern._C.logit_grad_cpu."""
+    M, C = logits.shape
+    prob = target.is_floating_point()
+    grad = grad_out if grad_out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if M == 0 or C == 0:
+        return grad
+    w = weight if weight is not None else rows  # any valid pointer when unused
+    block = _block_size(C)
+    _logit_grad_kernel[(M,)](
+        logits, logits.stride(0), target, target.stride(0) if prob else 1, w, rows,
+        grad, grad.stride(0), C, ignore_index, float(softcap or 0.0),
+        KIND=int(kind), HAS_WEIGHT=weight is not None, PROB=prob, HAS_CAP=bool(softcap),
+        BLOCK=block, num_warps=_num_warps(block),
+    )
+    return grad
+
+
 # (C at which the launcher picks each block size: 16, 1024 and the looping 4096)
 _SHAPES = (10, 1000, 50257)
 _FLAG_SETS = (  # KIND, HAS_WEIGHT, PROB, HAS_CAP, SMOOTH, STATS_ON, GRAD: every flag on and off
@@ -256,6 +330,14 @@ _FLAG_SETS = (  # KIND, HAS_WEIGHT, PROB, HAS_CAP, SMOOTH, STATS_ON, GRAD: every
     (CROSS_ENTROPY, False, False, False, False, False, False),
     (MSE_LOGITS, False, False, False, False, True, True),
     (MSE_PROBS, False, False, True, False, True, True),
+)
+
+_GRAD_FLAG_SETS = (  # the gradient kernel's KIND, HAS_WEIGHT, PROB, HAS_CAP
+    (CROSS_ENTROPY, False, False, False),
+    (CROSS_ENTROPY, True, False, True),
+    (CROSS_ENTROPY, True, True, True),
+    (MSE_LOGITS, False, False, False),
+    (MSE_PROBS, False, False, False),
 )
 
 
@@ -276,3 +358,11 @@ def compile_configs():
                     f" {n}" for n, on in (("weight", weight), ("prob", prob), ("cap", cap), ("smooth", smooth),
                                           ("stats", stats), ("grad", grad)) if on)
                 yield _cross_entropy_fwd_kernel, sig, const, _num_warps(block), label
+            for kind, weight, prob, cap in _GRAD_FLAG_SETS:
+                sig = {"X": f"*{dt}", "stride_x": "i32", "T": f"*{dt}" if prob else "*i64", "stride_t": "i32",
+                       "Wt": "*fp32", "R": "*fp32", "G": f"*{dt}", "stride_g": "i32", "C": "i32",
+                       "ignore_index": "i32", "cap": "fp32"}
+                const = dict(KIND=int(kind), HAS_WEIGHT=weight, PROB=prob, HAS_CAP=cap, BLOCK=block)
+                label = f"logit_grad {dt} C={C} kind={int(kind)}" + "".join(
+                    f" {n}" for n, on in (("weight", weight), ("prob", prob), ("cap", cap)) if on)
+                yield _logit_grad_kernel, sig, const, _num_warps(block), label

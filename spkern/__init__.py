@@ -8,7 +8,7 @@ tracker: :class:`Tracker`; the regime of a run: :class:`Regime`. Modules:
 the ``SPKERN_BACKEND`` environment variable. Submodules: ``spkern.optim``,
 ``spkern.functional``, ``spkern.hf`` (transformers), ``spkern.lightning``,
 ``spkern.monitor``, ``spkern.regime``, ``spkern.features``, ``spkern.norms``,
-``spkern.experiments``.
+``spkern.vocab_parallel`` (tensor-parallel losses), ``spkern.experiments``.
 
 Everything is imported when first used (``import spkern`` does not import torch), so that
 the ``spkern`` command starts at once.
@@ -37,7 +37,7 @@ _NAMES = {
 }
 _SUBMODULES = ("backends", "compile_check", "constants", "coord", "cross_entropy", "distributed", "experiments",
                "features", "functional", "hf", "info", "lightning", "linear_loss", "modules", "monitor", "norms",
-               "optim", "regime", "registry")
+               "optim", "regime", "registry", "vocab_parallel")
 
 __all__ = sorted(_NAMES) + ["optim"]
 

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from spkern import registry
 from spkern.constants import Kind
+from spkern.distributed import is_dtensor
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -227,6 +228,52 @@ def cross_entropy_reference(logits, target, weight, scalars, kind, ignore_index,
     return loss.to(out_dtype), stats, grad
 
 
+def logit_grad_reference(logits, target, weight, rows, kind, ignore_index, softcap, grad_out=None):
+    """Float64 reference of the gradient kernels of the vocabulary-parallel losses
+    (``logit_grad``): d(loss)/d(logits) of a slice of the classes from each row's
+    log-sum-exp over all classes and its coefficients, ``rows`` = (M, 4) [lse, a, b, b_y].
+    With p_c = exp(x'_c - lse) (x' the softcapped logits), per class c of the slice:
+
+        cross-entropy  g_c = (p_c a - b w_c - b_y [c = y]) (1 - (x'_c / softcap)^2)
+           (probabilities t)  (p_c a - (b t_c + b_y) w_c) (1 - (x'_c / softcap)^2)
+        MSE logits     g_c = a x_c - b_y [c = y]
+        MSE probs      g_c = b p_c (p_c - a) - b_y [c = y]
+
+    y is a local class index (one outside [0, C) is held by another slice), w_c = 1 without
+    class weights; for class indices the b term is left out where b = 0 (a NaN class weight
+    then reaches its class's rows only, as in torch); rows whose target is ignore_index are
+    zeros. (For probability targets b_y carries label smoothing: t' = (1 - eps) t + eps / C
+    gives b = (1 - eps) s, b_y = eps / C s for a gradient scale s, t read at its own dtype.)"""
+    M, C = logits.shape
+    x = logits.double()
+    xc = softcap * torch.tanh(x / softcap) if softcap else x
+    lse, a, b, b_y = (r[:, None] for r in rows.double().unbind(1))
+    prob = target.is_floating_point()
+    if prob:
+        valid = torch.ones(M, 1, dtype=torch.bool, device=x.device)
+        at_y = torch.zeros(M, C, dtype=torch.bool, device=x.device)
+    else:
+        valid = (target != ignore_index)[:, None]
+        at_y = torch.arange(C, device=x.device)[None, :] == target[:, None]
+    if kind == MSE_LOGITS:
+        g = a * x
+    else:
+        p = torch.exp(xc - lse)
+        if kind == MSE_PROBS:
+            g = b * p * (p - a)
+        else:
+            w = weight.double() if weight is not None else 1.0
+            if prob:
+                g = p * a - (b * target.double() + b_y) * w
+            else:
+                g = p * a - torch.where(b != 0, b * w, 0.0)
+    g = torch.where(at_y, g - b_y, g)
+    if kind == CROSS_ENTROPY and softcap:
+        g = g * (1 - (xc / softcap) ** 2)
+    g = torch.where(valid, g, 0.0)
+    return g.to(logits.dtype) if grad_out is None else grad_out.copy_(g)
+
+
 # ---------------------------------------------------------------------------------------
 # The custom op: (M, C) logits in, reduced loss, statistics and the saved gradient out.
 # ---------------------------------------------------------------------------------------
@@ -397,6 +444,9 @@ def cross_entropy(
     if weight is not None:
         weight = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        if is_dtensor(input):
+            raise ValueError("a probability target that requires grad is not supported with vocabulary-sharded "
+                             "logits (a DTensor input): pass target.detach()")
         # The gradient with respect to the target: torch's own loss (a documented fallback:
         # its numbers and both gradients), the statistics from spkern's pass beside it
         if z_loss or softcap is not None:
@@ -446,7 +496,19 @@ _MSE_KINDS = {"logits": MSE_LOGITS, "probs": MSE_PROBS}
 def _call(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction,
           return_stats):
     """Brings any layout to (rows, classes) with classes contiguous, runs the op, and puts
-    the loss and the statistics back in the layout of the target."""
+    the loss and the statistics back in the layout of the target. Logits that are a
+    DTensor sharded on the class dimension take the vocabulary-parallel op
+    (spkern.vocab_parallel): this rank's slice of the classes in, the whole rows' loss and
+    statistics out."""
+    shard = None
+    if is_dtensor(input) or is_dtensor(target) or is_dtensor(weight):
+        if not is_dtensor(input):
+            raise ValueError(f"input is a plain tensor but {'target' if is_dtensor(target) else 'weight'} is a "
+                             f"DTensor: pass plain tensors, or logits sharded over the classes as a DTensor")
+        shard = vocab_parallel.class_shard(input)
+        target = vocab_parallel.local_target(target, input, shard[1], shard[2])
+        weight = vocab_parallel.whole(weight, "weight")
+        input = input.to_local()
     if input.dim() == 1:
         x2 = input.unsqueeze(0)
         row_shape = ()
@@ -468,9 +530,13 @@ def _call(input, target, weight, kind, ignore_index, label_smoothing, z_loss, so
     else:
         t2 = target.reshape(-1).long().contiguous()
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    loss, stats, _ = torch.ops.spkern.logit_loss(
-        x2, t2, weight, kind, int(ignore_index), float(label_smoothing), float(z_loss),
-        float(softcap or 0.0), reduction, bool(return_stats), compute_grad)
+    if shard is not None:
+        loss, stats, _ = vocab_parallel.run(x2, t2, weight, kind, ignore_index, label_smoothing, z_loss, softcap,
+                                            reduction, return_stats, shard)
+    else:
+        loss, stats, _ = torch.ops.spkern.logit_loss(
+            x2, t2, weight, kind, int(ignore_index), float(label_smoothing), float(z_loss),
+            float(softcap or 0.0), reduction, bool(return_stats), compute_grad)
     # The op returns the float32-accumulated loss. As F.cross_entropy, return it in the
     # input's dtype, except under autocast, where losses run in float32.
     if not torch.is_autocast_enabled(input.device.type):
@@ -486,3 +552,7 @@ def stats_from_rows(stats, row_shape):
     """LogitStats from the (6, M) statistics of the kernels, each shaped row_shape."""
     lse, norm, lmax, max_prob, entropy, correct = stats.reshape((6,) + tuple(row_shape))
     return LogitStats(lse, norm, lmax, max_prob, entropy, correct > 0.5)
+
+
+# the vocabulary-parallel op (registered with the module, as logit_loss is here)
+from spkern import vocab_parallel  # noqa: E402

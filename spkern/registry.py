@@ -42,6 +42,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # in the docstring of the function that calls it).
 OPS = {
     "cross_entropy": "logit losses: per-row loss, statistics and gradient (spkern.cross_entropy)",
+    "logit_grad": "the logit losses' gradient from each row's log-sum-exp over all classes (spkern.vocab_parallel)",
     "multi_tensor_norms": "squared norms of many tensors and their differences (spkern.norms)",
     "pair_stats": "activation-pair sums (spkern.features.pair_stats)",
     "multi_pair_stats": "the sums of many activation pairs in one call (spkern.features.multi_pair_stats)",

@@ -28,6 +28,11 @@ def cross_entropy(*args):
     return compiled().cross_entropy_fwd_cpu(*args)
 
 
+@register("logit_grad", "cpu", available)
+def logit_grad(*args):
+    return compiled().logit_grad_cpu(*args)
+
+
 @register("multi_tensor_norms", "cpu", available)
 def multi_tensor_norms(a, b):
     return compiled().multi_tensor_norms_cpu(a, b)

@@ -21,11 +21,12 @@ def _paired_linear(x, w, w0):
 
 
 def _register():
-    from spkern.cross_entropy import cross_entropy_reference
+    from spkern.cross_entropy import cross_entropy_reference, logit_grad_reference
     from spkern.features import pair_by_pair, pair_stats_reference
     from spkern.norms import multi_tensor_norms_reference
 
     register("cross_entropy", "reference")(cross_entropy_reference)
+    register("logit_grad", "reference")(logit_grad_reference)
     register("multi_tensor_norms", "reference")(multi_tensor_norms_reference)
     register("pair_stats", "reference")(pair_stats_reference)
     register("multi_pair_stats", "reference")(pair_by_pair(pair_stats_reference))

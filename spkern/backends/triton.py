@@ -27,6 +27,11 @@ def cross_entropy(*args):
     return triton_kernels("cross_entropy").cross_entropy_fwd(*args)
 
 
+@register("logit_grad", "triton", _available("cross_entropy"))
+def logit_grad(*args):
+    return triton_kernels("cross_entropy").logit_grad(*args)
+
+
 @register("multi_tensor_norms", "triton", _available("norms"))
 def multi_tensor_norms(a, b):
     return triton_kernels("norms").multi_tensor_norms(a, b)
