@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from spkern import registry
+from spkern.distributed import is_dtensor
 from spkern.cross_entropy import (
     refuse_double_backward,
     CROSS_ENTROPY,
@@ -78,26 +79,45 @@ def _available_host_memory():
 
 def _chunked(x, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
              softcap, reduction, compute_stats, need_dx, need_dw, need_db, chunk_size,
-             row_scale=None):
+             row_scale=None, shard=None):
     """The chunk loop. Returns (loss rows, stats, scalars, dx, dW, db); the gradients are
-    of the loss reduced as ``reduction``, or of sum(row_scale * loss rows) when given."""
+    of the loss reduced as ``reduction``, or of sum(row_scale * loss rows) when given.
+
+    ``shard`` = (process group, offset, vocabulary size): ``weight`` and ``bias`` hold the
+    rows [offset, offset + V_local) of a vocabulary split over the group's ranks, ``x`` is
+    whole on every rank. Each chunk's logits are then the rank's slice, the
+    vocabulary-parallel loss (spkern.vocab_parallel) exchanges its per-row sums in one
+    all-gather, dW and db are the rank's rows, and dx, summed over the ranks' slices, is
+    all-reduced once at the end (in float32 for 16-bit inputs)."""
     N, D = x.shape
-    V = weight.shape[0]
+    V = weight.shape[0] if shard is None else shard[2]
     _check_target_values(target, V, ignore_index)
-    kernel = registry.resolve("cross_entropy", x).fn
+    if shard is None:
+        kernel = registry.resolve("cross_entropy", x).fn
+    else:
+        from spkern.vocab_parallel import slice_loss
+
+        group, offset = shard[:2]
+
+        def kernel(lc, t, cw, scalars, kind, ignore_index, eps, z, cap, stats_on, grad_on, out):
+            return slice_loss(lc, t, cw, kind, ignore_index, eps, z, cap, scalars, stats_on, grad_on, offset, V,
+                              group, out)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scalars = _scalars(target, class_weight, ignore_index,
                        reduction if row_scale is None else "sum", V, acc, kind)
     need_grad = need_dx or need_dw or need_db
     loss = x.new_empty(N, dtype=acc)
     stats = x.new_empty((6 if compute_stats else 1, N), dtype=acc)
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    # (a rank's partial dx, summed over ranks, in float32 at least)
+    dx = (torch.empty_like(x) if shard is None or x.dtype == acc else x.new_empty(x.shape, dtype=acc)) \
+        if need_dx else x.new_empty(0)
+    Vl = weight.shape[0]  # (this rank's rows of the vocabulary)
     # dW accumulates over chunks in float32 at least
-    dw = torch.zeros(V, D, device=x.device, dtype=weight.dtype if weight.dtype == acc else acc) \
+    dw = torch.zeros(Vl, D, device=x.device, dtype=weight.dtype if weight.dtype == acc else acc) \
         if need_dw else x.new_empty(0)
-    db = torch.zeros(V, device=x.device, dtype=acc) if need_db else x.new_empty(0)
-    chunk = chunk_size or auto_chunk_rows(N, V, x.dtype, x.device)
-    logits = x.new_empty(min(chunk, N), V)
+    db = torch.zeros(Vl, device=x.device, dtype=acc) if need_db else x.new_empty(0)
+    chunk = chunk_size or auto_chunk_rows(N, Vl, x.dtype, x.device)
+    logits = x.new_empty(min(chunk, N), Vl)
     wt = weight.t()
     for start in range(0, N, chunk):
         stop = min(start + chunk, N)
@@ -116,7 +136,10 @@ def _chunked(x, weight, target, bias, class_weight, kind, ignore_index, label_sm
         if row_scale is not None:
             g.mul_(row_scale[start:stop, None].to(g.dtype))
         if need_dx:
-            torch.mm(g, weight, out=dx[start:stop])
+            if dx.dtype == g.dtype:
+                torch.mm(g, weight, out=dx[start:stop])
+            else:  # (each rank's part rounded once to the input dtype, summed in float32)
+                dx[start:stop] = torch.mm(g, weight)
         if need_dw:
             if dw.dtype == g.dtype:
                 dw.addmm_(g.t(), xc)
@@ -124,6 +147,9 @@ def _chunked(x, weight, target, bias, class_weight, kind, ignore_index, label_sm
                 dw.addmm_(g.t().to(dw.dtype), xc.to(dw.dtype))
         if need_db:
             db += g.sum(0, dtype=acc)
+    if need_dx and shard is not None and shard[0] is not None:
+        torch.distributed.all_reduce(dx, group=shard[0])
+        dx = dx.to(x.dtype)
     if need_dw and dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)
     if need_db and bias is not None and db.dtype != bias.dtype:
@@ -149,17 +175,29 @@ def _linear_logit_loss_op(
     need_dw: bool,
     need_db: bool,
     chunk_size: int,  # 0 = automatic
+    offset: int = 0,  # vocabulary-parallel (weight and bias: rows [offset, offset + V_local) of classes)
+    classes: int = 0,  # 0 = not vocabulary-parallel
+    group_name: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, stats, d input, d weight, d bias); gradients not asked for are empty."""
     loss, stats, scalars, dx, dw, db = _chunked(
         input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
-        softcap, reduction, compute_stats, need_dx, need_dw, need_db, chunk_size)
+        softcap, reduction, compute_stats, need_dx, need_dw, need_db, chunk_size,
+        shard=_shard(offset, classes, group_name))
     return _reduce(loss, scalars, reduction), stats, dx, dw, db
+
+
+def _shard(offset, classes, group_name):
+    if not classes:
+        return None
+    from spkern.vocab_parallel import resolve_group
+    return resolve_group(group_name), offset, classes
 
 
 @_linear_logit_loss_op.register_fake
 def _(input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
-      softcap, reduction, compute_stats, need_dx, need_dw, need_db, chunk_size):
+      softcap, reduction, compute_stats, need_dx, need_dw, need_db, chunk_size, offset=0, classes=0,
+      group_name=""):
     N = input.shape[0]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = input.new_empty((N,) if reduction == "none" else (), dtype=acc)
@@ -194,22 +232,26 @@ def _linear_logit_loss_backward_op(
     need_dw: bool,
     need_db: bool,
     chunk_size: int,
+    offset: int = 0,
+    classes: int = 0,
+    group_name: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, _, _, dx, dw, db = _chunked(
         input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
-        softcap, "none", False, need_dx, need_dw, need_db, chunk_size, row_scale=dloss)
+        softcap, "none", False, need_dx, need_dw, need_db, chunk_size, row_scale=dloss,
+        shard=_shard(offset, classes, group_name))
     return dx, dw, db
 
 
 @_linear_logit_loss_backward_op.register_fake
 def _(input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing, z_loss,
-      softcap, dloss, need_dx, need_dw, need_db, chunk_size):
+      softcap, dloss, need_dx, need_dw, need_db, chunk_size, offset=0, classes=0, group_name=""):
     return _fake_grads(input, weight, bias, need_dx, need_dw, need_db)
 
 
 _ARGS = ("input", "weight", "target", "bias", "class_weight", "kind", "ignore_index",
          "label_smoothing", "z_loss", "softcap", "reduction", "compute_stats", "need_dx",
-         "need_dw", "need_db", "chunk_size")
+         "need_dw", "need_db", "chunk_size", "offset", "classes", "group_name")
 
 
 def _setup_context(ctx, inputs, output):
@@ -226,13 +268,14 @@ def _setup_context(ctx, inputs, output):
         ctx.config = tuple(args[k] for k in ("kind", "ignore_index", "label_smoothing", "z_loss",
                                              "softcap"))
         ctx.chunk_size = args["chunk_size"]
+        ctx.shard = tuple(args.get(k, d) for k, d in (("offset", 0), ("classes", 0), ("group_name", "")))
     else:
         ctx.save_for_backward(dx, dw, db)
 
 
 def _backward(ctx, dloss, *unused):
     refuse_double_backward("linear_cross_entropy / linear_mse_onehot_loss")
-    none = (None,) * 16
+    none = (None,) * 19
     if dloss is None:
         return none
     need_dx, need_dw, need_db = ctx.needs
@@ -242,7 +285,7 @@ def _backward(ctx, dloss, *unused):
         need_dw = need_dw or ctx.needs_input_grad[1]
         need_db = b is not None and (need_db or ctx.needs_input_grad[3])
         dx, dw, db = torch.ops.spkern.linear_logit_loss_backward(
-            x, w, t, b, cw, *ctx.config, dloss, need_dx, need_dw, need_db, ctx.chunk_size)
+            x, w, t, b, cw, *ctx.config, dloss, need_dx, need_dw, need_db, ctx.chunk_size, *ctx.shard)
     else:
         dx, dw, db = (scale_grad(g, dloss) if need else None
                       for g, need in zip(ctx.saved_tensors, ctx.needs))
@@ -291,6 +334,10 @@ def _check_linear_args(input, weight, target, bias, chunk_size):
 
 def _linear_call(input, weight, target, bias, class_weight, kind, ignore_index, label_smoothing,
                  z_loss, softcap, reduction, return_stats, chunk_size):
+    shard = (0, 0, "")
+    if any(is_dtensor(t) for t in (input, weight, target, bias, class_weight)):
+        input, weight, target, bias, class_weight, shard = _vocab_parallel_parts(
+            input, weight, target, bias, class_weight)
     device = input.device.type
     if torch.is_autocast_enabled(device):
         # as F.linear under autocast: the product runs in the autocast dtype
@@ -310,7 +357,7 @@ def _linear_call(input, weight, target, bias, class_weight, kind, ignore_index, 
     loss, stats, *_ = torch.ops.spkern.linear_logit_loss(
         x2, w2, t2, bias, class_weight, kind, int(ignore_index), float(label_smoothing),
         float(z_loss), float(softcap or 0.0), reduction, bool(return_stats), need_dx, need_dw,
-        need_db, int(chunk_size or 0))
+        need_db, int(chunk_size or 0), *shard)
     if not torch.is_autocast_enabled(device):
         loss = loss.to(input.dtype)
     if reduction == "none":
@@ -318,6 +365,27 @@ def _linear_call(input, weight, target, bias, class_weight, kind, ignore_index, 
     if not return_stats:
         return loss
     return loss, stats_from_rows(stats, target.shape)
+
+
+def _vocab_parallel_parts(input, weight, target, bias, class_weight):
+    """Local tensors of a vocabulary-parallel call (the head's weight a DTensor sharded
+    over its rows, the vocabulary), and (offset, vocabulary size, group name)."""
+    from spkern.distributed import placement_text
+    from spkern.vocab_parallel import split_of, whole
+
+    if not is_dtensor(weight):
+        raise ValueError("weight is a plain tensor but another argument is a DTensor: for the vocabulary-parallel "
+                         "loss pass the head's weight as a DTensor sharded over the vocabulary (Shard(0))")
+    group, offset, V = split_of(weight, 0, "weight", "the vocabulary-parallel linear losses take the head's weight "
+                                                     "sharded over the vocabulary, Shard(0)")
+    if bias is not None and (not is_dtensor(bias) or bias.device_mesh != weight.device_mesh
+                             or tuple(bias.placements) != tuple(weight.placements)):
+        got = placement_text(bias) if is_dtensor(bias) else "a plain tensor"
+        raise ValueError(f"bias must be sharded as weight {placement_text(weight)} (a ColwiseParallel head's bias "
+                         f"is), got {got}")
+    shard = (offset, V, group.group_name)
+    return (whole(input, "input"), weight.to_local(), whole(target, "target"),
+            bias.to_local() if bias is not None else None, whole(class_weight, "class_weight"), shard)
 
 
 def linear_cross_entropy(

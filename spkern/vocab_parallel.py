@@ -48,40 +48,41 @@ def partials_per_row(kind: int, prob: bool, label_smoothing: float) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def class_shard(input, what: str = "input"):
-    """(process group, offset of this rank's first class, number of classes) of logits
-    ``input`` sharded on its class dimension (1, or 0 for a single row of logits) over
-    one mesh dimension and replicated over the others; a ValueError naming ``what`` and
-    its placement otherwise."""
-    class_dim = 1 if input.dim() > 1 else 0
-    mesh = input.device_mesh
+def split_of(t, dim: int, what: str, takes: str):
+    """(process group, offset of this rank's first index, size) of DTensor ``t`` sharded on
+    tensor dimension ``dim`` over one mesh dimension and replicated over the others; a
+    ValueError naming ``what``, its placement and what the call ``takes`` otherwise."""
+    mesh = t.device_mesh
     split = None
-    for i, p in enumerate(input.placements):
+    for i, p in enumerate(t.placements):
         if p.is_partial():
-            raise ValueError(f"{what} has placement {placement_text(input)}: a Partial placement (values still to be "
-                             f"summed over ranks) cannot be a loss's logits; redistribute it first")
+            raise ValueError(f"{what} has placement {placement_text(t)}: spkern cannot use a Partial placement "
+                             f"(values still to be summed over ranks) here; redistribute it first")
         if p.is_shard():
-            d = p.dim % input.dim()
-            if d != class_dim or split is not None:
-                raise ValueError(
-                    f"{what} has placement {placement_text(input)} over mesh {tuple(mesh.shape)}: the "
-                    f"vocabulary-parallel losses take logits sharded on their class dimension ({class_dim}, "
-                    f"Shard({class_dim}) or Shard(-1) for 2-D logits) over one mesh dimension and replicated over "
-                    f"the others")
+            if p.dim % t.dim() != dim or split is not None:
+                raise ValueError(f"{what} has placement {placement_text(t)} over mesh {tuple(mesh.shape)}: {takes}, "
+                                 f"over one mesh dimension and replicated over the others")
             split = i
     if split is None:
-        raise ValueError(f"{what} is a DTensor replicated on every mesh dimension {placement_text(input)}: "
-                         f"pass its local tensor (input.to_local()) for the ordinary loss")
-    C = input.shape[class_dim]
+        raise ValueError(f"{what} is a DTensor replicated on every mesh dimension {placement_text(t)}: {takes} "
+                         f"(for the ordinary loss pass {what}.to_local())")
+    size = t.shape[dim]
     n = mesh.size(split)
     coordinate = mesh.get_local_rank(split)
-    per = -(-C // n)  # torch.chunk's split, as DTensor's Shard
-    offset = min(coordinate * per, C)
-    size = max(0, min(C, offset + per) - offset)
-    if size == 0:
-        raise ValueError(f"{what} has {C} classes over {n} ranks ({placement_text(input)}): rank {coordinate} of "
+    per = -(-size // n)  # torch.chunk's split, as DTensor's Shard
+    offset = min(coordinate * per, size)
+    if min(size, offset + per) <= offset:
+        raise ValueError(f"{what} has {size} classes over {n} ranks ({placement_text(t)}): rank {coordinate} of "
                          f"mesh dimension {split} holds none; use fewer ranks than classes")
-    return mesh.get_group(split), offset, C
+    return mesh.get_group(split), offset, size
+
+
+def class_shard(input, what: str = "input"):
+    """(process group, offset of this rank's first class, number of classes) of logits
+    ``input`` sharded on their class dimension (1, or 0 for a single row of logits)."""
+    class_dim = 1 if input.dim() > 1 else 0
+    return split_of(input, class_dim, what, f"the vocabulary-parallel losses take logits sharded on their class "
+                                            f"dimension ({class_dim}; Shard(-1) for 2-D logits)")
 
 
 def local_target(target, input, offset, C, what="target"):
@@ -133,33 +134,16 @@ def _all_gather(parts, group):
     return torch.stack(out)
 
 
-@torch.library.custom_op("spkern::logit_loss_vocab_parallel", mutates_args=())
-def _vocab_parallel_op(
-    input: Tensor,  # (M, C_local): this rank's classes [offset, offset + C_local)
-    target: Tensor,  # (M,) int64 global class indices, or (M, C_local) probabilities
-    weight: Optional[Tensor],  # (C,) float32, every class, or None
-    kind: int,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    reduction: str,
-    compute_stats: bool,
-    compute_grad: bool,
-    offset: int,
-    classes: int,
-    group_name: str,  # "" = no group (one rank holds every class: the tests' reference)
-) -> tuple[Tensor, Tensor, Tensor]:
-    group = None
-    if group_name:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        group = _resolve_process_group(group_name)
+def slice_loss(input, target, weight, kind, ignore_index, eps, z, cap, scalars, compute_stats, compute_grad,
+               offset, C, group, grad_out=None):
+    """The two passes on a rank's (M, C_local) slice of the classes [offset, offset +
+    C_local) of C; ``scalars`` = [gradient scale, sum of class weights] of the whole loss
+    (spkern.cross_entropy._scalars). Returns (loss of each row, the rows' statistics, the
+    slice's gradient, written into ``grad_out`` when given: it may be ``input``)."""
     M, Cl = input.shape
-    C, eps, z, cap = classes, float(label_smoothing), float(z_loss), float(softcap)
+    eps, z, cap = float(eps), float(z), float(cap)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     prob = target.is_floating_point()
-    if not prob:
-        _check_target_values(target, C, ignore_index)
     dev = input.device
 
     # ---- pass 1: the fused kernel's statistics of this slice, and the sums beside it ----
@@ -201,7 +185,6 @@ def _vocab_parallel_op(
     lse = top + torch.log(torch.exp(lse_r - top).sum(0))
     share = torch.exp(lse_r - lse)  # the slice's share of the row's softmax
     x_y = xy_r.sum(0)
-    scalars = _scalars(target, weight, ignore_index, reduction, C, acc, kind)
     scale = scalars[0].double()
     w_sum = scalars[1].double()
     if prob:
@@ -222,7 +205,7 @@ def _vocab_parallel_op(
             p_y = torch.exp(x_y - lse)
             loss = p_sq - 2 * p_y + 1
         loss = torch.where(valid, torch.where(in_range, loss, math.nan), 0.0)
-    loss = _reduce(loss.to(acc), scalars, reduction)
+    loss = loss.to(acc)
 
     if compute_stats:
         raw_max = max_r.max(0).values
@@ -265,8 +248,45 @@ def _vocab_parallel_op(
     rows = torch.stack([lse, a, b, b_y], 1).to(acc).contiguous()
     w_local = weight[offset:offset + Cl].contiguous() if weight is not None else None
     grad_kernel = registry.resolve("logit_grad", input)
-    grad = grad_kernel.fn(input, target2, w_local, rows, kind, -1, cap, None)
+    grad = grad_kernel.fn(input, target2, w_local, rows, kind, -1, cap, grad_out)
     return loss, stats, grad
+
+
+def resolve_group(group_name):
+    """The process group of ``group_name`` ("" = none)."""
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name)
+
+
+@torch.library.custom_op("spkern::logit_loss_vocab_parallel", mutates_args=())
+def _vocab_parallel_op(
+    input: Tensor,  # (M, C_local): this rank's classes [offset, offset + C_local)
+    target: Tensor,  # (M,) int64 global class indices, or (M, C_local) probabilities
+    weight: Optional[Tensor],  # (C,) float32, every class, or None
+    kind: int,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    compute_stats: bool,
+    compute_grad: bool,
+    offset: int,
+    classes: int,
+    group_name: str,  # "" = no group (one rank holds every class: the tests' reference)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As spkern::logit_loss, on a slice of the classes: (reduced loss, statistics of the
+    whole rows, gradient of the slice)."""
+    if not target.is_floating_point():
+        _check_target_values(target, classes, ignore_index)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    scalars = _scalars(target, weight, ignore_index, reduction, classes, acc, kind)
+    loss, stats, grad = slice_loss(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap,
+                                   scalars, compute_stats, compute_grad, offset, classes,
+                                   resolve_group(group_name))
+    return _reduce(loss, scalars, reduction), stats, grad
 
 
 @_vocab_parallel_op.register_fake
@@ -313,4 +333,4 @@ def run(x2, t2, weight, kind, ignore_index, label_smoothing, z_loss, softcap, re
         group.group_name if group is not None else "")
 
 
-__all__ = ["class_shard", "local_target", "partials_per_row", "whole"]
+__all__ = ["class_shard", "local_target", "partials_per_row", "slice_loss", "split_of", "whole"]

@@ -147,3 +147,28 @@ def test_probability_target_requiring_grad_is_refused_on_sharded_logits():
     with mock.patch("spkern.cross_entropy.is_dtensor", return_value=True), \
             pytest.raises(ValueError, match="requires grad is not supported with vocabulary-sharded"):
         spkern.cross_entropy(x, t)
+
+
+def test_vocab_parallel_linear_loss_equals_one_process_and_float64(two):
+    # the head's weight and bias sharded over the vocabulary (Shard(0)), the hidden states
+    # whole: loss, statistics, and the gradients of the input (all-reduced), of the weight's
+    # and the bias's rows; several chunks; reduction "none" (gradients in backward)
+    cases = two["linear"]
+    assert len(cases) >= 19
+    for name, measured in cases.items():
+        bf16 = measured.pop("dtype") == "bfloat16"
+        for what, err in measured.items():
+            if "float64" in what:
+                limit = 2e-2 if bf16 else 1e-4
+            else:  # (bfloat16: each rank's part of d input is rounded once before the sum)
+                limit = 1e-2 if bf16 else 1e-5
+            assert err <= limit, (name, what, err)
+
+
+def test_vocab_parallel_linear_loss_bad_placements(two):
+    e = two["errors"]
+    assert e["linear: weight sharded on columns"].startswith("ValueError: weight has placement (S(1))")
+    assert "Shard(0)" in e["linear: weight sharded on columns"]
+    assert e["linear: bias plain"].startswith("ValueError: bias must be sharded as weight (S(0))")
+    assert e["linear: weight plain, input DTensor"].startswith("ValueError: weight is a plain tensor")
+    assert e["linear: input sharded"].startswith("ValueError: input has placement (S(0))")

@@ -175,6 +175,95 @@ def head_case(mesh):
     return out
 
 
+LINEAR_CASES = {  # name: (kind, reduction, options, dtype, chunk_size, bias)
+    "ce": ("ce", "mean", {}, torch.float32, None, True),
+    "ce chunks of 3": ("ce", "mean", {}, torch.float32, 3, True),
+    "ce none (gradients in backward)": ("ce", "none", {}, torch.float32, 4, True),
+    "ce every option": ("ce", "mean", dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), torch.float32, 5, False),
+    "ce class weights sum": ("ce", "sum", dict(class_weight=True), torch.float32, None, True),
+    "ce bfloat16": ("ce", "mean", {}, torch.bfloat16, 4, True),
+    "mse probs sum": ("mse_probs", "sum", {}, torch.float32, 4, True),
+    "mse logits": ("mse_logits", "mean", {}, torch.float32, None, False),
+}
+
+
+def linear_case(mesh, name):
+    """The head's weight (and bias) sharded over the vocabulary, the hidden states whole
+    on every rank: loss, statistics and the gradients of the input, of the weight's and
+    the bias's rows, against the unsharded fused loss and plain torch in float64."""
+    kind, reduction, options, dtype, chunk, has_bias = LINEAR_CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    N, D, V = 11, 8, 29
+    h = torch.randn(N, D, generator=g).to(dtype)
+    w = (torch.randn(V, D, generator=g) * 0.7).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if has_bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0], y[1], y[2] = V - 1, 0, -100
+    options = dict(options)
+    if options.pop("class_weight", False):
+        options["class_weight"] = torch.rand(V, generator=g) + 0.5
+
+    def run(h, w, b):
+        if kind == "ce":
+            return spkern.linear_cross_entropy(h, w, y, b, reduction=reduction, return_stats=True, chunk_size=chunk,
+                                               **options)
+        return spkern.linear_mse_onehot_loss(h, w, y, b, on=kind[4:], reduction=reduction, return_stats=True,
+                                             chunk_size=chunk)
+
+    hs = h.clone().requires_grad_()
+    ws = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    bs = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_() if has_bias else None
+    loss, stats = run(hs, ws, bs)
+    loss.sum().backward()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    b1 = b.clone().requires_grad_() if has_bias else None
+    loss1, stats1 = run(h1, w1, b1)
+    loss1.sum().backward()
+    # float64, plain torch
+    h2, w2 = h.double().requires_grad_(), w.double().requires_grad_()
+    b2 = b.double().requires_grad_() if has_bias else None
+    logits = F.linear(h2, w2, b2)
+    cw = options.get("class_weight")
+    ref_loss, ref_stats, _ = torch_reference(logits, y, cw, kind, -100, reduction, options.get("label_smoothing", 0.0),
+                                             options.get("z_loss", 0.0), options.get("softcap"))
+    # (the gradients through the head, from the reference loss on the float64 logits)
+    ref_loss2 = torch_reference_loss(logits, y, cw, kind, reduction, options)
+    ref_loss2.sum().backward()
+    out = {"loss": rel(loss, loss1), "loss vs float64": rel(loss, ref_loss)}
+    for what, got, one, ref in (("d input", hs.grad, h1.grad, h2.grad),
+                                ("d weight", ws.grad.full_tensor(), w1.grad, w2.grad),
+                                ("d bias", bs.grad.full_tensor() if has_bias else None, b1.grad if has_bias else None,
+                                 b2.grad if has_bias else None)):
+        if got is not None:
+            out[what] = rel(got, one)
+            out[what + " vs float64"] = rel(got, ref)
+    for i, field in enumerate(spkern.LogitStats._fields):
+        scale = ref_stats[0].abs().max() if field == "entropy" else None
+        out[field] = rel(getattr(stats, field).double(), getattr(stats1, field).double(), scale)
+        out[field + " vs float64"] = rel(getattr(stats, field).double(), ref_stats[i], scale)
+    out["dtype"] = str(dtype)[6:]
+    return out
+
+
+def torch_reference_loss(logits, y, cw, kind, reduction, options):
+    """The loss on float64 logits with plain torch, differentiable (for the head's gradients)."""
+    cap = options.get("softcap")
+    xc = cap * torch.tanh(logits / cap) if cap else logits
+    if kind == "ce":
+        loss = F.cross_entropy(xc, y, cw.double() if cw is not None else None, reduction=reduction,
+                               label_smoothing=options.get("label_smoothing", 0.0))
+        z = options.get("z_loss", 0.0)
+        if z:
+            valid = y != -100
+            zl = torch.where(valid, z * torch.logsumexp(xc, 1) ** 2, 0.0)
+            loss = loss + (zl.sum() / valid.sum() if reduction == "mean" else zl if reduction == "none" else zl.sum())
+        return loss
+    valid = y != -100
+    pred = logits if kind == "mse_logits" else torch.softmax(logits, 1)
+    sq = torch.where(valid, ((pred - F.one_hot(torch.where(valid, y, 0), logits.shape[1]).double()) ** 2).sum(1), 0.0)
+    return {"none": sq, "sum": sq.sum(), "mean": sq.sum() / (valid.sum() * logits.shape[1])}[reduction]
+
+
 def errors(mesh):
     """The message of each bad call ('' where it did not raise)."""
     x = torch.randn(6, 10)
@@ -191,6 +280,18 @@ def errors(mesh):
         "weight sharded": lambda: spkern.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), y,
                                                        distribute_tensor(torch.rand(10), mesh, [Shard(0)])),
     }
+    w = torch.randn(10, 4)
+    h = torch.randn(6, 4)
+    calls.update({
+        "linear: weight sharded on columns": lambda: spkern.linear_cross_entropy(
+            h, distribute_tensor(w, mesh, [Shard(1)]), y),
+        "linear: bias plain": lambda: spkern.linear_cross_entropy(
+            h, distribute_tensor(w, mesh, [Shard(0)]), y, torch.zeros(10)),
+        "linear: weight plain, input DTensor": lambda: spkern.linear_cross_entropy(
+            distribute_tensor(h, mesh, [Replicate()]), w, y),
+        "linear: input sharded": lambda: spkern.linear_cross_entropy(
+            distribute_tensor(h, mesh, [Shard(0)]), distribute_tensor(w, mesh, [Shard(0)]), y),
+    })
     out = {}
     for name, fn in calls.items():
         try:
@@ -210,6 +311,14 @@ def main(path):
             with spkern.use_backend(backend):
                 for name in CASES:
                     result["cases"][f"{backend} {str(dtype)[6:]} {name}"] = one_case(mesh, name, dtype)
+    result["linear"] = {}
+    for backend in available_backends():
+        with spkern.use_backend(backend):
+            for name in LINEAR_CASES:
+                if backend == "triton" and LINEAR_CASES[name][3] == torch.float32 and "every" not in name \
+                        and name != "ce chunks of 3":
+                    continue  # (the interpreter is slow: a few cases on Triton)
+                result["linear"][f"{backend} {name}"] = linear_case(mesh, name)
     result["head"] = head_case(mesh)
     result["errors"] = errors(mesh)
     if RANK == 0:

@@ -61,6 +61,14 @@ void grad_rows(const GradParams& p, const scalar_t* X, int64_t sx, const int64_t
     }
     const float* t = p.prob ? as_float(T_prob + i * st, buf_t.data(), C) : nullptr;
     const float lse = R[4 * i], a = R[4 * i + 1], b = R[4 * i + 2], b_y = R[4 * i + 3];
+    // the softcap's factor at the target column, read before the row is overwritten (the
+    // gradient may be written over the logits)
+    const bool has_y = y >= 0 && y < C;
+    float d_y = 1.f;
+    if (has_y && cap_on && p.kind == Kind::kCrossEntropy) {
+      const float u = std::tanh(x[y] * inv_cap);
+      d_y = 1.f - u * u;
+    }
     const bool b_on = b != 0.f;
     const fVec vlse(lse), va(a), vb(b), vby(b_y);
     int64_t c = 0;
@@ -109,14 +117,7 @@ void grad_rows(const GradParams& p, const scalar_t* X, int64_t sx, const int64_t
       }
       gf[c] = gv;
     }
-    if (y >= 0 && y < C) {  // the target column, when this slice holds it
-      float d = 1.f;
-      if (cap_on && p.kind == Kind::kCrossEntropy) {
-        const float u = std::tanh(x[y] * inv_cap);
-        d = 1.f - u * u;
-      }
-      gf[y] -= b_y * d;
-    }
+    if (has_y) gf[y] -= b_y * d_y;  // the target column, when this slice holds it
     if constexpr (!is_float) store_row(gf, g, C);
   }
 }
@@ -152,7 +153,7 @@ at::Tensor logit_grad(const at::Tensor& logits, const at::Tensor& target, const 
                   rows.is_contiguous() && rows.device().is_cpu(),
               where, ": rows must be contiguous float32 (rows, 4)");
   at::Tensor grad;
-  if (grad_out.has_value() && grad_out->defined()) {
+  if (grad_out.has_value() && grad_out->defined()) {  // (may be the logits themselves)
     TORCH_CHECK(grad_out->sizes() == logits.sizes() && grad_out->stride(1) == 1 && grad_out->scalar_type() == dtype,
                 where, ": grad_out must be like logits");
     grad = *grad_out;
