@@ -9,7 +9,7 @@ rank holds the same values, which are counted once. ``Partial`` placements (valu
 be summed) are refused: redistribute them first.
 """
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,13 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
+def sharded(p) -> bool:
+    """Whether placement ``p`` splits a tensor dimension over a mesh dimension: ``Shard``,
+    and ``_StridedShard`` (FSDP2's sharding of a dimension tensor parallelism shards too),
+    which is not a ``Shard`` to ``is_shard()``."""
+    return not (p.is_replicate() or p.is_partial())
+
+
 def placement_text(t) -> str:
     return "(" + ", ".join(str(p) for p in t.placements) + ")"
 
@@ -55,7 +62,7 @@ def shard_dim(t, what: str, dims: Sequence[int] = (0,)) -> Optional[int]:
             raise ValueError(f"{what} has placement {placement_text(t)} on its mesh: spkern cannot use a "
                              f"Partial placement (values still to be summed over ranks); redistribute it to "
                              f"Shard or Replicate first")
-        if p.is_shard():
+        if sharded(p):
             d = p.dim % t.dim() if t.dim() else p.dim
             if d not in dims or (found is not None and d != found):
                 raise ValueError(f"{what} has placement {placement_text(t)}: spkern supports sharding on "
@@ -63,6 +70,87 @@ def shard_dim(t, what: str, dims: Sequence[int] = (0,)) -> Optional[int]:
                                  f"shards parameters), and on one tensor dimension")
             found = d
     return found
+
+
+def check_summable(t, what: str):
+    """Sums over a DTensor's shards add up whatever dimensions the mesh dimensions shard
+    (rows, columns, both: FSDP2 x tensor parallelism); only ``Partial`` is refused."""
+    if is_dtensor(t):
+        for p in t.placements:
+            if p.is_partial():
+                raise ValueError(f"{what} has placement {placement_text(t)} on its mesh: spkern cannot use a "
+                                 f"Partial placement (values still to be summed over ranks); redistribute it to "
+                                 f"Shard or Replicate first")
+
+
+class MatrixSplit(NamedTuple):
+    """How a matrix (a tensor viewed as ``(shape[0], -1)``) is split over the ranks: the
+    groups over which its rows differ (any number of mesh dimensions sharding dimension 0),
+    the group over which its columns differ (one mesh dimension sharding dimension 1, or
+    None), and the rank's columns [col_start, col_start + cols) of the flattened view."""
+
+    row_groups: list
+    col_group: Optional[object]
+    col_start: int
+    cols: int
+
+
+def matrix_split(t, what: str) -> MatrixSplit:
+    """The :class:`MatrixSplit` of a DTensor or plain tensor ``t``; a ValueError naming
+    ``what`` for a ``Partial`` placement, a sharding of a dimension other than 0 and 1, or
+    dimension 1 sharded over two mesh dimensions."""
+    local_rows = local(t).shape[0] if t.dim() else 1
+    cols = local(t).numel() // local_rows if local_rows else (t.numel() // max(t.shape[0], 1) if t.dim() else 1)
+    if not is_dtensor(t):
+        return MatrixSplit([], None, 0, cols)
+    check_summable(t, what)
+    rows, col_group, col_start = [], None, 0
+    for i, p in enumerate(t.placements):
+        if not sharded(p):
+            continue
+        d = p.dim % t.dim()
+        if d == 0:
+            rows.append(t.device_mesh.get_group(i))
+        elif d == 1 and col_group is None and type(p).__name__ == "Shard":
+            n, k = t.device_mesh.size(i), t.device_mesh.get_local_rank(i)
+            per = -(-t.shape[1] // n)  # torch.chunk's split, as DTensor's Shard
+            inner = t.numel() // max(t.shape[0] * t.shape[1], 1)  # (the flattened columns of one dim-1 index)
+            col_group, col_start = t.device_mesh.get_group(i), min(k * per, t.shape[1]) * inner
+        else:
+            raise ValueError(f"{what} has placement {placement_text(t)}: spkern's operator norms take a matrix "
+                             f"sharded by rows (dimension 0, on any number of mesh dimensions) and by columns "
+                             f"(dimension 1, on one mesh dimension), as FSDP2 and tensor parallelism shard them")
+    return MatrixSplit(rows, col_group, col_start, cols)
+
+
+def sharded_gram(split: MatrixSplit, fan_in: int, forward, backward, local_gram=None):
+    """x -> A^T A x of a matrix split as ``split`` over the ranks, x whole (fan_in,) on every
+    rank, from the rank's block's products ``forward(x of its columns) -> y`` (its rows) and
+    ``backward(y) -> z`` (its columns), or ``local_gram(x)`` = both in one pass when the
+    columns are whole. The products are summed over the ranks holding the row's other
+    columns (y) and the column's other rows (z): one all-reduce of a vector per iteration,
+    two when the columns are split (of the rows' vector, and of z laid in place in a
+    fan_in vector); the matrix is never gathered."""
+    dist = torch.distributed
+
+    def gram(x):
+        if split.col_group is None and local_gram is not None:
+            z = local_gram(x)
+        else:
+            xj = x[split.col_start:split.col_start + split.cols] if split.col_group is not None else x
+            y = forward(xj)
+            if split.col_group is not None:
+                dist.all_reduce(y, group=split.col_group)
+            z = backward(y)
+        for g in split.row_groups:
+            dist.all_reduce(z, group=g)
+        if split.col_group is not None:
+            whole = torch.zeros(fan_in, dtype=z.dtype, device=z.device)
+            whole[split.col_start:split.col_start + split.cols] = z
+            dist.all_reduce(whole, group=split.col_group)
+            z = whole
+        return z
+    return gram
 
 
 def check_like(t, ref, what: str, ref_what: str):
@@ -80,7 +168,7 @@ def check_like(t, ref, what: str, ref_what: str):
 def _shard_groups(t):
     """The process groups over which the shards of DTensor ``t`` differ (its Shard-ed
     mesh dimensions)."""
-    return [t.device_mesh.get_group(i) for i, p in enumerate(t.placements) if p.is_shard()]
+    return [t.device_mesh.get_group(i) for i, p in enumerate(t.placements) if sharded(p)]
 
 
 def sum_over_shards(sums: Tensor, tensors: Sequence) -> Tensor:
@@ -111,4 +199,5 @@ def all_reduce_over_shards(x: Tensor, t) -> Tensor:
     return x
 
 
-__all__ = ["all_reduce_over_shards", "check_like", "is_dtensor", "local", "shard_dim", "sum_over_shards"]
+__all__ = ["MatrixSplit", "all_reduce_over_shards", "check_like", "check_summable", "is_dtensor", "local", "matrix_split",
+           "shard_dim", "sharded_gram", "sum_over_shards"]

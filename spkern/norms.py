@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from spkern import registry
-from spkern.distributed import all_reduce_over_shards, check_like, is_dtensor, local, shard_dim, sum_over_shards
+from spkern.distributed import check_like, check_summable, is_dtensor, local, matrix_split, sharded_gram, sum_over_shards
 
 # ---------------------------------------------------------------------------------------
 # multi-tensor pair norms
@@ -94,7 +94,7 @@ def multi_tensor_norms(a: Sequence[Tensor], b: Optional[Sequence[Tensor]] = None
                              f"(shapes {tuple(y.shape)} and {tuple(x.shape)})")
     if any(is_dtensor(t) for t in a + b_list):
         for i, t in enumerate(a):
-            shard_dim(t, f"a[{i}]", dims=range(t.dim()))  # any dimension: the sums add up
+            check_summable(t, f"a[{i}]")  # any dimensions: the sums add up
             if b_list:
                 check_like(b_list[i], t, f"b[{i}]", f"a[{i}]")
         out = torch.ops.spkern.multi_tensor_norms([local(t).detach().contiguous() for t in a],
@@ -261,7 +261,7 @@ def _segments(sizes, fan_ratios, device):
 
 
 def _sharded_spectral_norm(matrix, state, iters, minus, tol=None, max_iters=200):
-    dim = shard_dim(matrix, "matrix", dims=(0, 1))
+    split = matrix_split(matrix, "matrix")
     if minus is not None:
         if not isinstance(minus, Tensor) or minus.shape != matrix.shape:
             raise ValueError(f"minus must have the shape of matrix {tuple(matrix.shape)}, got "
@@ -269,23 +269,19 @@ def _sharded_spectral_norm(matrix, state, iters, minus, tol=None, max_iters=200)
         check_like(minus, matrix, "minus", "matrix")
     fan_out = matrix.shape[0]
     fan_in = matrix.numel() // max(fan_out, 1)
-    rows = local(matrix).shape[0]  # a shard's rows (Shard(0)) or all of them
-    cols = local(matrix).numel() // max(rows, 1) if rows else fan_in
-    A = local(matrix).detach().reshape(rows, cols)
-    B = local(minus).detach().reshape(rows, cols) if minus is not None else None
-    if dim == 1:  # columns: A A^T y = sum_r A_r (A_r^T y) (and each product of A - B is A. - B.)
-        def gram(y):
-            z = A.t().float() @ y if B is None else A.t().float() @ y - B.t().float() @ y
-            w = A.float() @ z if B is None else A.float() @ z - B.float() @ z
-            return all_reduce_over_shards(w, matrix)
-        v, n_iter = start_vector(fan_out, A.device, state, iters)
-    else:  # rows (or replicated: one rank's product is the whole one)
-        local_gram = (registry.resolve("spectral_norm", A, B).fn(A, B) if A.numel()
-                      else lambda x: torch.zeros_like(x))  # an empty shard adds nothing
+    rows = local(matrix).shape[0]  # the rank's rows and columns of the (fan_out, fan_in) view
+    A = local(matrix).detach().reshape(rows, split.cols)
+    B = local(minus).detach().reshape(rows, split.cols) if minus is not None else None
 
-        def gram(x):
-            return all_reduce_over_shards(local_gram(x), matrix) if dim == 0 else local_gram(x)
-        v, n_iter = start_vector(fan_in, A.device, state, iters)
+    def forward(x):  # (A - B) x, of the rank's block
+        return A.float() @ x if B is None else A.float() @ x - B.float() @ x
+
+    def backward(y):
+        return A.t().float() @ y if B is None else A.t().float() @ y - B.t().float() @ y
+    local_gram = (registry.resolve("spectral_norm", A, B).fn(A, B) if A.numel()
+                  else lambda x: torch.zeros_like(x))  # an empty shard adds nothing
+    gram = sharded_gram(split, fan_in, forward, backward, local_gram)
+    v, n_iter = start_vector(fan_in, A.device, state, iters)
     return converged(gram, v, n_iter, fan_in / max(fan_out, 1), tol, max_iters)
 
 

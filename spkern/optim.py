@@ -55,7 +55,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from spkern import registry
 from spkern.constants import Sum
-from spkern.distributed import all_reduce_over_shards, check_like, is_dtensor, local, shard_dim, sum_over_shards
+from spkern.distributed import check_like, check_summable, is_dtensor, local, matrix_split, sharded_gram, sum_over_shards
 from spkern.norms import SpectralNorm, lanczos, multi_tensor_norms, start_vector
 
 _BLOCK_ELEMENTS = 1 << 22  # rows of an update rebuilt at a time: at most 16 MB of float32
@@ -212,7 +212,7 @@ class _NormStats:
             if id(p) in self._placements_checked or not (is_dtensor(p) or is_dtensor(g)):
                 continue
             what = self._name_of(group, p)
-            shard_dim(p, f"parameter {what}", dims=range(p.dim()))
+            check_summable(p, f"parameter {what}")
             check_like(g, p, f"the gradient of {what}", "the parameter")
             self._placements_checked.add(id(p))
 
@@ -350,13 +350,13 @@ class _NormStats:
             raise ValueError(f"update_spectral_norm needs a matrix parameter, got shape {tuple(p.shape)}")
         if p not in self._stats:
             raise RuntimeError("update_spectral_norm: this parameter has not been updated by a step yet")
-        sharded = shard_dim(p, f"parameter {self._name_of(group, p)}") == 0  # (Shard(0) or replicated)
+        split = matrix_split(p, f"parameter {self._name_of(group, p)}")
         fan_out = p.shape[0]
         fan_in = p.numel() // max(fan_out, 1)
-        local_rows = local(p).shape[0]  # a shard's rows (all of them, unsharded)
+        local_rows = local(p).shape[0]  # the rank's block of the (fan_out, fan_in) view
         terms, blocks = self._update_operator(p, group)
-        terms = [(c, local(t).detach().reshape(local_rows, fan_in)) for c, t in terms]
-        rows = max(1, _BLOCK_ELEMENTS // max(fan_in, 1))
+        terms = [(c, local(t).detach().reshape(local_rows, split.cols)) for c, t in terms]
+        rows = max(1, _BLOCK_ELEMENTS // max(split.cols, 1))
         spans = [(r, min(r + rows, local_rows)) for r in range(0, local_rows, rows)]
 
         def local_gram(x):  # A^T A x with A = terms + blocks, each block of rows rebuilt once
@@ -372,9 +372,19 @@ class _NormStats:
                     out += c * (t[r0:r1].float().t() @ yb)
             return out
 
-        def gram(x):  # a sharded matrix: the ranks' row blocks' products added up
-            return all_reduce_over_shards(local_gram(x), p) if sharded else local_gram(x)
+        def forward(x):  # A x of the rank's block (columns split: summed over the ranks between the two)
+            y = sum(c * (t.float() @ x) for c, t in terms) if terms else x.new_zeros(local_rows)
+            for r0, r1 in spans if blocks is not None else ():
+                y[r0:r1] += blocks(r0, r1) @ x
+            return y
 
+        def backward(y):
+            z = sum(c * (t.float().t() @ y) for c, t in terms) if terms else y.new_zeros(split.cols)
+            for r0, r1 in spans if blocks is not None else ():
+                z += blocks(r0, r1).t() @ y[r0:r1]
+            return z
+
+        gram = sharded_gram(split, fan_in, forward, backward, local_gram)
         v, n_iter = start_vector(fan_in, p.device, state, iters)
         return lanczos(gram, v, n_iter, fan_in / fan_out)
 
@@ -605,7 +615,8 @@ class AdamW(_NormStats, torch.optim.AdamW):
         step_size = lr / (1 - beta1**step)
         bc2_sqrt = (1 - beta2**step) ** 0.5
         scale = 1 / (1 - lr * wd)
-        rows, cols = local(p).shape[0], p.numel() // max(p.shape[0], 1)  # (a shard's rows)
+        rows = local(p).shape[0]  # (the rank's block of the (shape[0], -1) view)
+        cols = local(p).numel() // rows if rows else 0
         m = local(st["exp_avg"]).reshape(rows, cols)
         v = local(st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]).reshape(rows, cols)
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from spkern import registry
 from spkern.cross_entropy import (CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS, _check_target_values, _reduce,
                                   _scalars, refuse_double_backward, scale_grad)
-from spkern.distributed import is_dtensor, placement_text
+from spkern.distributed import is_dtensor, placement_text, sharded
 
 
 def partials_per_row(kind: int, prob: bool, label_smoothing: float) -> int:
@@ -58,8 +58,8 @@ def split_of(t, dim: int, what: str, takes: str):
         if p.is_partial():
             raise ValueError(f"{what} has placement {placement_text(t)}: spkern cannot use a Partial placement "
                              f"(values still to be summed over ranks) here; redistribute it first")
-        if p.is_shard():
-            if p.dim % t.dim() != dim or split is not None:
+        if sharded(p):
+            if p.dim % t.dim() != dim or split is not None or not p.is_shard():
                 raise ValueError(f"{what} has placement {placement_text(t)} over mesh {tuple(mesh.shape)}: {takes}, "
                                  f"over one mesh dimension and replicated over the others")
             split = i

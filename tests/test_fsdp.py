@@ -106,7 +106,8 @@ def test_sharded_bad_input_is_named(runs):
     errors = runs[2]["errors"]
     assert "parameter 'w'" in errors["optim_partial"] and "Partial" in errors["optim_partial"]
     assert errors["spectral_partial"].startswith("matrix has placement")
-    assert "parameter 'cols'" in errors["update_op_cols"] and "Shard(0)" in errors["update_op_cols"]
+    assert errors["update_op_deep"].startswith("parameter 'deep' has placement (S(2))")
+    assert "dimension 0" in errors["update_op_deep"]
     assert errors["norms_unlike"].startswith("b[0] must be a DTensor placed as a[0]")
     assert errors["spectral_minus_unlike"].startswith("minus must be a DTensor placed as matrix")
 
