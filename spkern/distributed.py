@@ -153,6 +153,35 @@ def sharded_gram(split: MatrixSplit, fan_in: int, forward, backward, local_gram=
     return gram
 
 
+class Split(NamedTuple):
+    """How an activation's rows are split over ``group`` (tensor parallelism: each rank holds
+    some of every row's features): its sums count on every rank, but a row's norm needs the
+    row's sums added over the group first, and then counts where ``lead``."""
+    group: object
+    lead: bool
+
+
+def local_count(t) -> tuple:
+    """(this rank's tensor, whether its sums count here) of an activation the tracker
+    measures: a DTensor's local tensor counts on every rank where a mesh dimension shards
+    it and on one rank per replica (coordinate 0 of each mesh dimension replicating it),
+    so that sums added over all the ranks count every entry once; sharded on its last
+    dimension (features), the count is a :class:`Split`; a ``Partial`` one is summed over
+    its ranks first. A plain tensor counts everywhere."""
+    if not is_dtensor(t):
+        return t, True
+    from torch.distributed.tensor import Replicate
+
+    if any(p.is_partial() for p in t.placements):
+        t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+    mesh = t.device_mesh
+    lead = all(mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if p.is_replicate())
+    features = [i for i, p in enumerate(t.placements) if sharded(p) and p.dim % t.dim() == t.dim() - 1]
+    if features and lead:
+        return t.to_local(), Split(mesh.get_group(features[0]), mesh.get_local_rank(features[0]) == 0)
+    return t.to_local(), lead
+
+
 def check_like(t, ref, what: str, ref_what: str):
     """``t`` placed as ``ref``: both DTensors on the same mesh with the same placements,
     or both plain tensors."""
@@ -199,5 +228,6 @@ def all_reduce_over_shards(x: Tensor, t) -> Tensor:
     return x
 
 
-__all__ = ["MatrixSplit", "all_reduce_over_shards", "check_like", "check_summable", "is_dtensor", "local", "matrix_split",
+__all__ = ["MatrixSplit", "all_reduce_over_shards", "check_like", "check_summable", "is_dtensor", "local", "local_count",
+           "matrix_split", "Split",
            "shard_dim", "sharded_gram", "sum_over_shards"]

@@ -1,7 +1,8 @@
 """Tensor parallelism: spkern.optim, multi_tensor_norms and spectral_norm on the placements
 of ColwiseParallel / RowwiseParallel layers (Shard(0), Shard(1), Replicate, plain) with 2
-gloo processes, and on a 2-D mesh (FSDP2 x TP, 4 processes), against one process on the
-plain model and the same global batch (tests/tp_worker.py)."""
+gloo processes, and on a 2-D mesh (FSDP2 x TP, 4 processes), and the tracker on such
+models, against one process on the plain model and the same global batch
+(tests/tp_worker.py)."""
 
 import math
 import os
@@ -66,3 +67,23 @@ def test_multi_tensor_norms_and_spectral_norm(runs, world):
     for name in ("0.weight", "2.weight", "4.weight"):
         assert _close(got[name]["cold"], got[name]["exact"], 1e-5), (name, got[name])
         assert _close(got[name]["cold"], one[name]["cold"], 1e-5) and _close(got[name]["warm"], one[name]["warm"], 1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tracker_on_tensor_parallel_models_equals_one_process(runs, world):
+    # every metric (activations, inputs, effective and propagating updates with their row
+    # norms, alignments, operator norms, the parameters' norms and drift, logits, the
+    # training loss) in each probe mode, spkern's SGD and torch's: one process measuring
+    # the plain MLP on the whole probe / batch
+    got, one = runs[world]["tracker"], runs[1]["tracker"]
+    assert set(one) == {"probe/spkern", "first/spkern", "batch/spkern", "probe/torch", "batch/torch"}
+    compared = 0
+    for mode, want in one.items():
+        assert got[mode].keys() == want.keys(), mode
+        assert {"0/eff_rms", "0/eff_row_l2", "2/prop_rms", "2/input_row_l2", "2/eff_align", "2/delta_w_op",
+                "4/eff_rms", "logits/rms", "train/loss"} <= want.keys()
+        for k, v in want.items():
+            g = got[mode][k]
+            assert (math.isnan(v) and math.isnan(g)) or _close(g, v, 1e-4, 1e-6), (mode, k, g, v)
+            compared += 1
+    assert compared >= 400

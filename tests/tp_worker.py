@@ -4,8 +4,8 @@ second ``RowwiseParallel``: weight ``Shard(1)``, bias replicated, its last layer
 with 4 processes the same on a 2-D mesh (dp 2 x tp 2: tensor-parallel, then FSDP2's
 ``fully_shard`` over dp, each dp rank training on its half of the batch); alone (one
 process, the plain MLP, the whole batch). spkern.optim's steps, norms, drift and update
-operator norms, multi_tensor_norms and spectral_norm of every placement, on the same
-global batch. Rank 0 writes what it measured as JSON; the test compares the files."""
+operator norms, multi_tensor_norms and spectral_norm of every placement, and the tracker in
+each probe mode, on the same global batch. Rank 0 writes what it measured as JSON; the test compares the files."""
 
 import json
 import os
@@ -135,10 +135,36 @@ def norms():
     return out
 
 
+def trackers():
+    """The tracker on the parallel MLP in each probe mode, with spkern's SGD and torch's:
+    every metric, against one process on the plain MLP (each dp rank measures its share of
+    the probe or of the batch; the tensor-parallel ranks of a dp rank share its rows). The
+    last layer's output is the model's logits (reported under logits/)."""
+    out = {}
+    x, y = data()
+    probe = torch.randn(8, 10, generator=torch.Generator().manual_seed(3))
+    for mode, optim in (("probe", "spkern"), ("first", "spkern"), ("batch", "spkern"), ("probe", "torch"),
+                        ("batch", "torch")):
+        model = parallel(mlp())
+        opt = (spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9) if optim == "spkern"
+               else torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+        given = {"probe": share(probe), "first": None, "batch": "batch"}[mode]
+        tracker = spkern.Tracker(model, opt, probe=given, probe_rows=16, row_l2=True)
+        for _ in range(3):
+            opt.zero_grad()
+            loss, stats = spkern.cross_entropy(model(share(x)), share(y), return_stats=True)
+            loss.backward()
+            tracker.record_loss(loss, stats)
+            opt.step()
+        out[f"{mode}/{optim}"] = tracker.metrics()
+        tracker.close()
+    return out
+
+
 def main(path):
     if WORLD > 1:
         dist.init_process_group("gloo")
-    result = {"world": WORLD, "optim": optimizers(), "norms": norms()}
+    result = {"world": WORLD, "optim": optimizers(), "norms": norms(), "tracker": trackers()}
     if RANK == 0:
         with open(path, "w") as f:
             json.dump(result, f)

@@ -130,9 +130,10 @@ class _Sums:
     def __init__(self):
         self.num, self.den = [], []
 
-    def add(self, num, den):
-        self.num.append(num)
-        self.den.append(den)
+    def add(self, num, den, count=True):
+        # (a rank whose copy does not count adds zeros: every rank's sums keep one layout)
+        self.num.append(num if count else 0.0)
+        self.den.append(den if count else 0.0)
 
     def ratio(self, root=True):
         if len(self.num) == 1:  # (one application: the entries themselves)
@@ -167,15 +168,26 @@ class Measurement:
             self._pairs.compute()
             self._pairs = None
 
-    def _rows(self, acc, stat, a, b):
-        """Row-mean L2 norm sums of a - b (row_l2=True)."""
+    def _rows(self, acc, stat, a, b, count=True):
+        """Row-mean L2 norm sums of a - b (row_l2=True); rows whose features are split over
+        ranks (``count`` a :class:`spkern.distributed.Split`) summed over them first."""
         _, rows = pair_stats(a, b, per_row=True)
-        acc[stat].add(rows[:, Sum.DIFF_SQ if b is not None else Sum.A_SQ].sqrt().sum(), rows.shape[0])
+        sq = rows[:, Sum.DIFF_SQ if b is not None else Sum.A_SQ].contiguous()
+        if not isinstance(count, bool):
+            torch.distributed.all_reduce(sq, group=count.group)
+            count = count.lead
+        acc[stat].add(sq.sqrt().sum(), rows.shape[0], count)
 
-    def add(self, layer, x: Optional[Tensor], h: Tensor, ref: Optional[RefApp], y=None, z=None):
+    def add(self, layer, x: Optional[Tensor], h: Tensor, ref: Optional[RefApp], y=None, z=None,
+            counts=(True, True, True)):
         """One application of ``layer``: input ``x`` (None: not an activation), output ``h``,
         its reference application ``ref`` (None: none), and with the refined coordinate
-        check y = f(x_t; θ_t), z = f(x_t; θ_0)."""
+        check y = f(x_t; θ_t), z = f(x_t; θ_0). ``counts``: whether the sums of x, of h and
+        of y and z count on this rank (tensor parallelism: a tensor every rank of a group
+        holds alike counts on one of them, so that sums added over the ranks count each
+        entry once; :func:`spkern.distributed.local_count`)."""
+        rx, rh, ryz = counts  # (for the row norms; for the sums a Split counts everywhere)
+        cx, ch, cyz = (c if isinstance(c, bool) else True for c in counts)
         n = layer.name
         self.applied[n] = self.applied.get(n, 0) + 1
         acc = self._sums.get(n)
@@ -184,11 +196,11 @@ class Measurement:
         numel = h.numel()
         if ref is not None and ref.h.shape == h.shape:
             s = self._pair(h, ref.h.to(h.dtype))
-            acc["change_rms"].add(s[Sum.DIFF_SQ], numel)
+            acc["change_rms"].add(s[Sum.DIFF_SQ], numel, ch)
         else:
             s = self._pair(h)
-        acc["act_rms"].add(s[Sum.A_SQ], numel)
-        acc["zero_frac"].add(s[Sum.ZEROS], numel)
+        acc["act_rms"].add(s[Sum.A_SQ], numel, ch)
+        acc["zero_frac"].add(s[Sum.ZEROS], numel, ch)
         if not layer.rcc:
             return
         rows = self.row_l2 and (layer.map is None or layer.map.per_row)
@@ -196,30 +208,30 @@ class Measurement:
             numel = x.numel()
             x0 = ref.x if ref is not None and ref.x is not None and ref.x.shape == x.shape else None
             sx = self._pair(x, x0.to(x.dtype) if x0 is not None else None)
-            acc["input_rms"].add(sx[Sum.A_SQ], numel)
-            acc["input_zero_frac"].add(sx[Sum.ZEROS], numel)
+            acc["input_rms"].add(sx[Sum.A_SQ], numel, cx)
+            acc["input_zero_frac"].add(sx[Sum.ZEROS], numel, cx)
             if x0 is not None:
-                acc["input_change_rms"].add(sx[Sum.DIFF_SQ], numel)
-                acc["prop_align_den"].add(sx[Sum.DIFF_SQ], 1)
-            acc["eff_align_den"].add(sx[Sum.A_SQ], 1)
+                acc["input_change_rms"].add(sx[Sum.DIFF_SQ], numel, cx)
+                acc["prop_align_den"].add(sx[Sum.DIFF_SQ], 1, cx)
+            acc["eff_align_den"].add(sx[Sum.A_SQ], 1, cx)
             if rows:
-                self._rows(acc, "input_row_l2", x, None)
+                self._rows(acc, "input_row_l2", x, None, rx)
                 if x0 is not None:
-                    self._rows(acc, "input_change_row_l2", x, x0.to(x.dtype))
+                    self._rows(acc, "input_change_row_l2", x, x0.to(x.dtype), rx)
         if y is None:
             return
         numel = z.numel()
         eff = self._pair(y, z)[Sum.DIFF_SQ]
-        acc["eff_rms"].add(eff, numel)
-        acc["eff_align_num"].add(eff, 1)
+        acc["eff_rms"].add(eff, numel, cyz)
+        acc["eff_align_num"].add(eff, 1, cyz)
         if rows:
-            self._rows(acc, "eff_row_l2", y, z)
+            self._rows(acc, "eff_row_l2", y, z, ryz)
         if ref is not None and ref.z is not None and ref.z.shape == z.shape:
             prop = self._pair(z, ref.z)[Sum.DIFF_SQ]
-            acc["prop_rms"].add(prop, numel)
-            acc["prop_align_num"].add(prop, 1)
+            acc["prop_rms"].add(prop, numel, cyz)
+            acc["prop_align_num"].add(prop, 1, cyz)
             if rows:
-                self._rows(acc, "prop_row_l2", z, ref.z)
+                self._rows(acc, "prop_row_l2", z, ref.z, ryz)
 
     def align(self, layer, op: Optional[Tensor], op_w0: Optional[Tensor]):
         """The alignments of a layer whose map has them: ||ΔW X|| / (op(ΔW) ||X||) and
@@ -239,13 +251,17 @@ class Measurement:
         """The model's output on the probe, reported under ``key``."""
         if out is None or not out.is_floating_point():
             return
-        out = out.detach()
+        from spkern.distributed import local_count
+
+        out, count = local_count(out.detach())  # (a tensor-parallel head's logits: each rank's classes)
+        ref = local_count(ref)[0] if ref is not None else None
+        numel = out.numel() if count else 0.0
         if ref is not None and ref.shape == out.shape:
             s = self._pair(out, ref.to(out.dtype))
-            self.values[f"{key}/change_rms"] = _Ratio(s[Sum.DIFF_SQ], out.numel(), True)
+            self.values[f"{key}/change_rms"] = _Ratio(s[Sum.DIFF_SQ] if count else 0.0, numel, True)
         else:
             s = self._pair(out)
-        self.values[f"{key}/rms"] = _Ratio(s[Sum.A_SQ], out.numel(), True)
+        self.values[f"{key}/rms"] = _Ratio(s[Sum.A_SQ] if count else 0.0, numel, True)
         self.values[f"{key}/max_abs"] = _Max(out.abs().amax().float())
 
     _ROOTS = {"act_rms", "change_rms", "input_rms", "input_change_rms", "eff_rms", "prop_rms"}

@@ -271,6 +271,9 @@ class TrainingBatch:
         named = dict(t.model.named_parameters())
         named.update(dict(t.model.named_buffers()))
         saved = []
+        # (a plain parameter beside the DTensors, as in a tensor-parallel model, is written and
+        # put back: it still holds W_0 afterwards if it did before)
+        initial = [p for p in named.values() if t.reference.is_initial(p)]
         with torch.no_grad():
             for n, (init, _) in t.reference.init_state.items():
                 now = local(named[n])
@@ -283,6 +286,8 @@ class TrainingBatch:
             with torch.no_grad():
                 for now, value in saved:
                     now.copy_(value)
+            for p in initial:
+                t.reference.mark_initial(p)
 
     def measure_step(self):
         t = self.t

@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from spkern.distributed import Split, is_dtensor, local_count, sharded
 from spkern.monitor.capture import Recorder, first_tensor, no_autocast, own_pass, reshard
 from spkern.monitor.measure import RefApp, products
 from spkern.monitor.reference import current_weight, whole
@@ -138,12 +139,12 @@ class Recording:
                           "the layer, which the reference pass had not shown: this measurement of them is not "
                           "reliable; they are copied from the next one on", RuntimeWarning, stacklevel=4)
         with torch.no_grad():
-            for layer, x, h, ref, y, z, _ in pending:
-                self.measurement.add(layer, x, h, ref, y, z)
+            for layer, x, h, ref, y, z, counts, _ in pending:
+                self.measurement.add(layer, x, h, ref, y, z, counts)
 
     # -- applications -------------------------------------------------------------------
 
-    def _record(self, layer, x, h, y=None, z=None):
+    def _record(self, layer, x, h, y=None, z=None, counts=(True, True, True)):
         name = layer.name
         k = self._count.get(name, 0)
         self._count[name] = k + 1
@@ -160,10 +161,10 @@ class Recording:
             if name in self._clone:
                 x, h = (x.clone() if x is not None else None), h.clone()
             versions = [(t, t._version) for t in (x, h) if t is not None]
-            self._pending.append((layer, x, h, ref, y, z, versions))
+            self._pending.append((layer, x, h, ref, y, z, counts, versions))
         else:  # a training forward: measured now, its tensors not kept past the layer
             with torch.no_grad(), no_autocast():
-                self.measurement.add(layer, x, h, ref, y, z)
+                self.measurement.add(layer, x, h, ref, y, z, counts)
                 self.measurement.flush()
 
     def _products(self, layer, x, call, which):
@@ -200,6 +201,16 @@ class Recording:
             h = first_tensor(output)
             if h is None or not h.is_floating_point():
                 return
+            if is_dtensor(h) or is_dtensor(x):  # (tensor parallelism: each rank's part, counted once)
+                if self.rcc and layer.rcc and is_dtensor(getattr(layer.module, layer.weight or "", None)):
+                    raise NotImplementedError(
+                        f"spkern.Tracker: layer {layer.name!r} ({type(layer.module).__name__}) has a tensor-parallel "
+                        f"weight; the refined coordinate check of tensor-parallel layers covers nn.Linear "
+                        f"(ColwiseParallel, RowwiseParallel): leave this layer out (modules=...) or pass rcc=False")
+                h, ch = local_count(h)
+                x, cx = local_count(x) if x is not None else (None, True)
+                self._record(layer, x, h, counts=(cx, ch, True))
+                return
             y = z = None
             if self.rcc and layer.rcc and x is not None:
                 got = self._products(layer, x, (args, kwargs), self.role)
@@ -213,6 +224,8 @@ class Recording:
         if self.quiet:
             return call()
         self._seen[layer.name] = self._seen.get(layer.name, 0) + 1
+        if is_dtensor(weight):
+            return self._linear_parallel(layer, x, weight, call)
         if not self.rcc:
             out = call()
             self._record(layer, x, out)
@@ -239,3 +252,60 @@ class Recording:
         else:
             self._record(layer, x, out, ys[0], ys[1])
         return out
+
+    def _linear_parallel(self, layer, x, weight, call):
+        """F.linear of a tensor-parallel layer: ``weight`` a DTensor on the tensor-parallel
+        mesh (FSDP2 has gathered its other dimensions for the forward), its rows split
+        (``ColwiseParallel``: x whole, the output's features split) or its columns
+        (``RowwiseParallel``: x's features split, the products' partial sums added over the
+        ranks). The model computes its own output; the products are the rank's block's,
+        with W_0's block of the same rows and columns (never a whole matrix); each tensor's
+        sums count once over the ranks that hold it alike."""
+        out = call()
+        x_local, cx = local_count(x) if is_dtensor(x) else (x, self._lead(weight))
+        h, ch = local_count(out)
+        if not self.rcc:
+            self._record(layer, x_local, h, counts=(cx, ch, True))
+            return out
+        mesh, placements = weight.device_mesh, weight.placements
+        summed = [i for i, p in enumerate(placements) if sharded(p) and p.dim % weight.dim() == 1]
+        cyz = all(mesh.get_local_rank(i) == 0 for i, p in enumerate(placements) if p.is_replicate() or i in summed)
+        rows_split = [i for i, p in enumerate(placements) if sharded(p) and p.dim % weight.dim() == 0]
+        if rows_split and cyz:  # (the products' features split: a row's norm summed over the ranks first)
+            cyz = Split(mesh.get_group(rows_split[0]), mesh.get_local_rank(rows_split[0]) == 0)
+        w0 = self._w0_block(layer, weight)
+        with torch.no_grad():
+            ys = products(layer, x_local, [w0] if self.role == "reference" else [weight.to_local(), w0])
+            for i in summed:  # (the rank's columns: partial sums of the row's products)
+                for y in ys:
+                    torch.distributed.all_reduce(y, group=mesh.get_group(i))
+        if self.role == "reference":
+            self._record(layer, x_local, h, None, ys[-1], counts=(cx, ch, cyz))
+        else:
+            self._record(layer, x_local, h, ys[0], ys[1], counts=(cx, ch, cyz))
+        return out
+
+    @staticmethod
+    def _lead(t):
+        """Whether this rank is the first of those holding DTensor ``t``'s replicas."""
+        return all(t.device_mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if p.is_replicate())
+
+    def _w0_block(self, layer, weight):
+        """The block of W_0 that matches the block of ``weight`` (a DTensor on the
+        tensor-parallel mesh) this rank applies: W_0 kept on a larger mesh (FSDP2 x TP)
+        gathered over the other mesh dimensions only."""
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        w0 = self.reference.weight0(layer)
+        if not is_dtensor(w0):  # (a reference model's plain W_0: placed as the weight)
+            return distribute_tensor(w0, weight.device_mesh, weight.placements).to_local()
+        if w0.device_mesh == weight.device_mesh:
+            return w0.to_local()
+        names = weight.device_mesh.mesh_dim_names or ()
+        w0_names = w0.device_mesh.mesh_dim_names or ()
+        if not names or any(n not in w0_names for n in names):
+            raise ValueError(f"spkern.Tracker: layer {layer.name!r}: its weight is applied on mesh "
+                             f"{weight.device_mesh} and its W_0 kept on {w0.device_mesh}: name the mesh dimensions "
+                             f"(init_device_mesh(..., mesh_dim_names=...)) so that W_0's block can be found")
+        target = [weight.placements[names.index(n)] if n in names else Replicate() for n in w0_names]
+        return w0.redistribute(w0.device_mesh, target).to_local()

@@ -123,6 +123,11 @@ class Reference:
         holds the value W_0 was copied from (nothing has written it since)."""
         return self._versions.get(id(w), -1) == w._version
 
+    def mark_initial(self, w):
+        """``w`` still holds the value W_0 was copied from (written and put back)."""
+        if id(w) in self._versions:
+            self._versions[id(w)] = w._version
+
     def of(self, p) -> Tensor:
         """W_0 of a parameter the tracker took it for."""
         return self._copies[id(p)]
