@@ -87,3 +87,104 @@ def test_tracker_on_tensor_parallel_models_equals_one_process(runs, world):
             assert (math.isnan(v) and math.isnan(g)) or _close(g, v, 1e-4, 1e-6), (mode, k, g, v)
             compared += 1
     assert compared >= 400
+
+
+def _gpt(tmp_path, name, world, extra=()):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    args = ["-m", "spkern.experiments.train.gpt", "--width", "64", "--depth", "2", "--steps", "4", "--track-every",
+            "2", "--batch-size", "8", "--context", "16", "--grad-accum", "2", "--eval-batches", "2",
+            "--out", str(tmp_path / f"{name}.json"), *extra]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}"]
+              if world > 1 else [sys.executable])
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        return proc.stdout + proc.stderr
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gpt_one(tmp_path_factory):
+    return _gpt(tmp_path_factory.mktemp("gpt1"), "one", 1)
+
+
+def _same_run(got, want):
+    assert isinstance(got, dict), got[-3000:]
+    assert got["status"] == "ok" and got["processes"] > 1
+    assert math.isclose(got["val_ce"], want["val_ce"], rel_tol=1e-5)
+    assert (got["regime"], got["regime_step"]) == (want["regime"], want["regime_step"])
+    ma, mb = got["last_measurement"], want["last_measurement"]
+    assert ma.keys() == mb.keys() and len(mb) > 150  # every tracked statistic
+    for k, v in mb.items():
+        assert (math.isnan(v) and math.isnan(ma[k])) or _close(ma[k], v, 1e-4, 1e-6), (k, ma[k], v)
+
+
+def test_gpt_tensor_parallel_equals_one_process(tmp_path, gpt_one):
+    # --tp 2: heads, MLP and the vocabulary split over 2 processes (7 s on the 2-core VM)
+    got = _gpt(tmp_path, "tp", 2, ["--tp", "2"])
+    _same_run(got, gpt_one)
+    assert got["config"]["tp"] == 2
+
+
+@pytest.mark.slow
+def test_gpt_fsdp_by_tensor_parallel_equals_one_process(tmp_path, gpt_one):
+    # --tp 2 --fsdp on 4 processes: a 2 x 2 mesh, each dp rank its half of every batch (16 s)
+    _same_run(_gpt(tmp_path, "tp_fsdp", 4, ["--tp", "2", "--fsdp"]), gpt_one)
+
+
+@pytest.mark.slow
+def test_gpt_tensor_parallel_bfloat16_and_the_sweep(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    one = _gpt(tmp_path, "one_bf16", 1, ["--dtype", "bfloat16"])
+    got = _gpt(tmp_path, "tp_bf16", 2, ["--tp", "2", "--dtype", "bfloat16"])
+    assert isinstance(got, dict), got[-3000:]
+    assert got["status"] == "ok" and math.isclose(got["val_ce"], one["val_ce"], rel_tol=2e-3)
+    # spkern sweep gpt passes --tp through; every rank trains each run, rank 0 writes
+    out = tmp_path / "sweep"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "spkern.experiments.cli", "sweep", "gpt", "--tp", "2",
+                           "--widths", "64", "--lrs", "1e-2", "--loss", "ce", "--steps", "2", "--track-every", "1",
+                           "--context", "16", "--batch-size", "4", "--depth", "1", "--eval-batches", "1", "--out",
+                           str(out), "--no-progress", "--no-report"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["config"]["tp"] == 2 and r["processes"] == 2 and r["status"] == "ok"
+
+
+def test_gpt_tensor_parallel_bad_setups_are_named(tmp_path):
+    # one process, or more processes than --tp without --fsdp, or heads that do not split
+    assert "run it under torchrun" in _gpt(tmp_path, "alone", 1, ["--tp", "2"])
+    msg = _gpt(tmp_path, "heads", 2, ["--tp", "2", "--head-dim", "64"])  # one head of 64
+    assert "the number of heads (width / head_dim), 1, to be a multiple of 2" in msg
+
+
+def test_gpt_tensor_parallel_mesh_checks():
+    import torch
+
+    from spkern.experiments.train.gpt import GPTRunConfig, _mesh
+
+    cfg = GPTRunConfig(tp=2)
+    with pytest.raises(ValueError, match=r"--tp 2 on 4 processes: .* add --fsdp"):
+        _mesh(cfg, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"tp \(2\) must divide the number of processes \(3\)"):
+        _mesh(cfg, 3, torch.device("cpu"))
+    assert _mesh(GPTRunConfig(), 4, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="tp must be a positive int"):
+        GPTRunConfig(tp=0).check()

@@ -69,13 +69,44 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.scale = 1.0 / cfg.head_dim if cfg.param == "mup" else 1.0 / math.sqrt(cfg.head_dim)
 
+    tp_group = None  # tensor parallelism: this rank's heads only (tensor_parallel)
+
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # (under tensor parallelism the rank's heads: their q, k, v, laid out so by tensor_parallel)
+        q, k, v = self.qkv(x).view(B, T, 3, -1, self.head_dim).unbind(2)
+        q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _norm(self, norm, x):
+        if self.tp_group is None or not isinstance(norm, nn.LayerNorm):
+            return norm(x)
+        # every head shares the LayerNorm: under tensor parallelism each rank's gradient of
+        # its gain and bias is its heads' part, summed over the ranks in the backward
+        g = self.tp_group
+        return F.layer_norm(x, norm.normalized_shape, _grad_summed(norm.weight, g), _grad_summed(norm.bias, g),
+                            norm.eps)
+
+
+class _GradSummed(torch.autograd.Function):
+    """The identity, whose backward adds the gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _grad_summed(t, group):
+    return _GradSummed.apply(t, group)
 
 
 class MLPBlock(nn.Module):
@@ -186,4 +217,33 @@ class GPT(nn.Module):
         return list(groups.values())
 
 
-__all__ = ["GPT", "GPTConfig", "GPT_PARAMS"]
+def tensor_parallel(model: "GPT", mesh):
+    """Splits the GPT over the ranks of a 1-D device mesh, as torchtitan and Megatron do: in
+    each block the query/key/value projection and the MLP's first layer ``ColwiseParallel``
+    (each rank its heads, its hidden units), the attention's and the MLP's output
+    projections ``RowwiseParallel``; the head's weight sharded over the vocabulary for
+    spkern's vocabulary-parallel fused loss. Embeddings and LayerNorms stay whole on every
+    rank (the per-head q/k LayerNorms' gradients summed over the ranks). The qkv weight's
+    rows are first laid out so that each rank's rows are its heads' q, k and v."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    n = mesh.size()
+    cfg = model.cfg
+    heads = cfg.width // cfg.head_dim
+    for what, size in (("the number of heads (width / head_dim)", heads), ("the MLP's width (4 x width)", 4 * cfg.width),
+                       ("the vocabulary", cfg.vocab)):
+        if size % n:
+            raise ValueError(f"tensor parallelism over {n} ranks needs {what}, {size}, to be a multiple of {n}")
+    order = torch.arange(3 * cfg.width).view(3, n, -1).transpose(0, 1).reshape(-1)  # [q_r, k_r, v_r] per rank
+    plan = {"head": ColwiseParallel()}
+    for i, block in enumerate(model.blocks):
+        with torch.no_grad():
+            block.attn.qkv.weight.copy_(block.attn.qkv.weight[order])
+        block.attn.tp_group = mesh.get_group()
+        plan.update({f"blocks.{i}.attn.qkv": ColwiseParallel(), f"blocks.{i}.attn.proj": RowwiseParallel(),
+                     f"blocks.{i}.mlp.fc": ColwiseParallel(), f"blocks.{i}.mlp.proj": RowwiseParallel()})
+    parallelize_module(model, mesh, plan)
+    return model
+
+
+__all__ = ["GPT", "GPTConfig", "GPT_PARAMS", "tensor_parallel"]

@@ -48,7 +48,9 @@ GPT_HELP = dict(_TRAINING_HELP, depth="transformer blocks", batch_size="sequence
                 clip="gradient clipping norm (0: off)", qk_norm="no LayerNorm on queries and keys",
                 min_lr_frac="the cosine decay ends at this fraction of lr",
                 eval_batches="validation batches of the final score",
-                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)")
+                fsdp="shard the model with FSDP2 over the processes of torchrun (in place of DDP)",
+                tp="tensor parallelism: split every layer over this many processes of torchrun (heads, MLP, "
+                   "vocabulary); with more processes, --fsdp over the rest")
 
 
 def config_options(p, cls, helps, overrides=None, choices=None, skip=(), swept=SWEPT_AS_LISTS):

@@ -18,6 +18,15 @@ the whole model's.
 
     torchrun --nproc_per_node=2 -m spkern.experiments.train.gpt --fsdp --width 128 --out run.json
 
+With ``--tp N`` every layer is split over N processes (tensor parallelism, as torchtitan
+does: each rank its attention heads and MLP units, ``ColwiseParallel`` / ``RowwiseParallel``,
+the head's weight split over the vocabulary for spkern's vocabulary-parallel fused loss);
+with more processes than N, ``--fsdp`` shards the rest data-parallel on a 2-D mesh (dp x
+tp). The tracker measures the split layers without gathering their weights.
+
+    torchrun --nproc_per_node=2 -m spkern.experiments.train.gpt --tp 2 --width 128 --out run.json
+    torchrun --nproc_per_node=4 -m spkern.experiments.train.gpt --tp 2 --fsdp --width 128 --out run.json
+
 Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to
 ``min_lr_frac * lr`` at the last step, applied to every group's own rate (the per-layer
 rates of the parameterization). AdamW decays matrices only; gradients are clipped to
@@ -37,7 +46,7 @@ import torch
 
 import spkern
 from spkern.distributed import rank_and_world
-from spkern.experiments.gpt import GPT, GPTConfig
+from spkern.experiments.gpt import GPT, GPTConfig, tensor_parallel
 from spkern.experiments.train import loop
 from spkern.experiments.options import GPT_HELP, config_options as _config_options
 from spkern.experiments.train.common import (DTYPES, LOSSES, check_choices, check_number, json_safe, regime_fields,
@@ -71,6 +80,7 @@ class GPTRunConfig:
     seed: int = 0
     dtype: str = "float32"
     fsdp: bool = False
+    tp: int = 1
     track_every: int = 25
     track_first: int = 5
     eval_batches: int = 8
@@ -82,7 +92,7 @@ class GPTRunConfig:
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"optim must be 'sgd' or 'adam', got {self.optim!r}")
         self.model_config().check()  # width, depth, head_dim, context, base_width, param
-        for name in ("steps", "batch_size", "grad_accum", "track_every", "eval_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "track_every", "eval_batches", "tp"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -141,15 +151,20 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
 
     cfg.check()
     rank, world = rank_and_world()
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro % world:
-        raise ValueError(f"batch_size / grad_accum ({micro}) must be a multiple of the number of processes ({world})")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mesh = _mesh(cfg, world, device)
+    dp, dp_rank = (mesh["dp"].size(), mesh["dp"].get_local_rank()) if mesh is not None else (world, rank)
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % dp:
+        raise ValueError(f"batch_size / grad_accum ({micro}) must be a multiple of the number of data-parallel "
+                         f"processes ({dp})")
     tokens = tokens or load_tokens(cfg.data)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config(tokens.vocab)).to(device)
+    if cfg.tp > 1:
+        tensor_parallel(model, mesh["tp"])
     if cfg.fsdp:
-        shard(model, bfloat16=cfg.dtype == "bfloat16")
+        shard(model, bfloat16=cfg.dtype == "bfloat16", mesh=mesh["dp"] if mesh is not None else None)
     groups = model.param_groups(cfg.optim, cfg.lr, cfg.weight_decay if cfg.optim == "adam" else 0.0)
     if cfg.optim == "adam":
         opt = spkern.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
@@ -164,10 +179,10 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     with torch.no_grad():  # the logits' initial scale, as the fused loss measures it in training
         norm = model(probe, probe_targets, cfg.loss)[1].logit_norm.float().mean()
         regime.initial({"train/logit_rms": norm / math.sqrt(tokens.vocab)})
-    ddp = DDP(model) if world > 1 and not cfg.fsdp else model
+    ddp = DDP(model) if world > 1 and not cfg.fsdp and cfg.tp == 1 else model
     sampler = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and not cfg.fsdp)
-    lo, hi = rank * (micro // world), (rank + 1) * (micro // world)
+    lo, hi = dp_rank * (micro // dp), (dp_rank + 1) * (micro // dp)  # (the tensor-parallel ranks share rows)
     factors = []
 
     def train_step(step, _):
@@ -182,7 +197,7 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
             x, y = tokens.batch("train", micro, cfg.context, sampler)  # the global micro-batch
             x, y = x[lo:hi].to(device), y[lo:hi].to(device)
             sync = k == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync and not cfg.fsdp) else _nullcontext()
+            ctx = ddp.no_sync() if (ddp is not model and not sync) else _nullcontext()
             with ctx:
                 with autocast:
                     loss, stats = _loss(ddp, model, x, y, cfg.loss)
@@ -194,8 +209,8 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
         means = _mean_over_ranks(torch.cat([loss_sum.reshape(1), stat_sums]) / cfg.grad_accum)
         tracker.record_loss(means[0], **dict(zip(("logit_norm", "logit_max", "max_prob", "entropy", "accuracy"),
                                                   means[1:])), logit_rms=means[1] / math.sqrt(tokens.vocab))
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if cfg.clip > 0:  # (tensor-parallel: parameters on two meshes and plain ones together)
+            (clip_grad_norm if cfg.tp > 1 else torch.nn.utils.clip_grad_norm_)(model.parameters(), cfg.clip)
         opt.step()
         return means[0]
 
@@ -227,10 +242,44 @@ def train(cfg: GPTRunConfig, tokens=None, device=None, progress=None) -> dict:
     return json_safe(result)
 
 
-def shard(model, bfloat16=False):
+def _mesh(cfg, world, device):
+    """The (dp, tp) device mesh of a tensor-parallel run (None without --tp): ``tp`` ranks
+    split each layer, the ``world / tp`` groups of them split the batch (FSDP2 over dp)."""
+    if cfg.tp == 1:
+        return None
+    if world == 1:
+        raise RuntimeError("--tp splits the model over the processes of a torch.distributed job: run it under "
+                           "torchrun (torchrun --nproc_per_node=N -m spkern.experiments.train.gpt --tp N ...)")
+    if world % cfg.tp:
+        raise ValueError(f"tp ({cfg.tp}) must divide the number of processes ({world})")
+    if world > cfg.tp and not cfg.fsdp:
+        raise ValueError(f"--tp {cfg.tp} on {world} processes: the other {world // cfg.tp}-way split is data "
+                         f"parallel over FSDP2: add --fsdp (or run {cfg.tp} processes)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
+
+
+def clip_grad_norm(params, max_norm: float):
+    """``torch.nn.utils.clip_grad_norm_`` for parameters placed any way (plain, FSDP2's and
+    tensor parallelism's DTensors on different meshes, together): the gradients' total
+    norm from spkern.multi_tensor_norms (the whole tensors' sums), then the same scaling."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = spkern.multi_tensor_norms(grads)[:, 0].double().sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    with torch.no_grad():
+        for g in grads:
+            spkern.distributed.local(g).mul_(coef.to(g.dtype))
+    return total
+
+
+def shard(model, bfloat16=False, mesh=None):
     """FSDP2 on the GPT: ``fully_shard`` on each block, then on the root (embeddings, final
     LayerNorm, head); with ``bfloat16``, parameters gathered in bfloat16 for the forward
-    and backward and gradients reduced in float32."""
+    and backward and gradients reduced in float32. ``mesh``: the data-parallel mesh of a
+    tensor-parallel run (the default: every process)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -239,8 +288,8 @@ def shard(model, bfloat16=False):
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bfloat16
               else MixedPrecisionPolicy())
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, mesh=mesh)
+    fully_shard(model, mp_policy=policy, mesh=mesh)
     return model
 
 
