@@ -1,17 +1,26 @@
-"""Sharded-training benchmark: FSDP2 against DDP on 2 processes (gloo on CPU, NCCL on a
-GPU machine): per-rank memory of the parameters, the tracker's W_0 and the optimizer
-state, and the tracker's overhead over the untracked step, under each.
+"""Sharded-training benchmark: FSDP2 and tensor parallelism against DDP on 2 processes (gloo
+on CPU, NCCL on a GPU machine): per-rank memory of the parameters, the tracker's W_0 and
+the optimizer state, and the tracker's overhead over the untracked step, under each; and
+the vocabulary-parallel losses' cost against the unsharded loss.
 
     python bench/bench_sharded.py                      # MLP widths 1024, 2048 and the GPT
     python bench/bench_sharded.py --quick              # MLP width 256, 3 rounds
     python bench/bench_sharded.py --models mlp --widths 4096
 
 It starts ``torch.distributed.run --nproc_per_node=2`` on itself once per parallelism
-(DDP, FSDP2). Models: the MLP of bench/bench_tracker.py (784 -> width x 3 -> 10, no
+(DDP, FSDP2, TP; ``--parallel``). Models: the MLP of bench/bench_tracker.py (784 -> width x 3 -> 10, no
 biases, global batch 128: 64 rows per rank) and its GPT (depth 2, context 64, vocabulary
 8192, width --gpt-width, global batch 4), with spkern.optim.SGD (momentum 0.9) and
 spkern's fused loss. FSDP2: ``fully_shard`` on every Linear layer (the GPT: every block)
-and on the root.
+and on the root. TP: the MLP's Linear layers alternately ``ColwiseParallel`` and
+``RowwiseParallel``, the GPT as ``--tp`` splits it (spkern.experiments.gpt.tensor_parallel:
+heads, MLP units, the vocabulary of the fused head loss); every TP rank trains on the whole
+global batch (DDP and FSDP2 ranks on half of it).
+
+Losses (TP only): ``spkern.cross_entropy`` on logits sharded over the vocabulary (each rank
+its half of every row: 8 x 512 rows, vocabulary 32768, float32, forward and backward)
+against the same call on the whole logits in one rank, interleaved; the bytes each rank
+sends in the one all-gather per call.
 
 Memory: the bytes of the rank's own tensors, counted (not the process's resident size,
 which the allocator and the libraries blur): parameters (the local shards under FSDP2,
@@ -67,9 +76,25 @@ def _build(kind, width, device, parallel, world, rank):
 
         def loss(net, x, y):
             return spkern.cross_entropy(net(x), y, return_stats=True)
-    x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+    if parallel != "tp":  # (tensor-parallel ranks share the rows)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+    x, y = x.to(device), y.to(device)
     net = model
-    if parallel == "fsdp":
+    if parallel == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(torch.device(device).type, (world,))
+        if kind == "gpt":
+            from spkern.experiments.gpt import tensor_parallel
+
+            tensor_parallel(model, mesh)
+        else:
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            linear = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+            parallelize_module(model, mesh, {str(i): ColwiseParallel() if k % 2 == 0 else RowwiseParallel()
+                                             for k, i in enumerate(linear)})
+    elif parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for u in units:
@@ -99,7 +124,8 @@ def worker(kind, width, parallel, rounds, cycle, device):
     for arm in ("untracked", "tracked"):
         model, net, x, y, loss_fn = _build(kind, width, device, parallel, world, rank)
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9)
-        tracker = spkern.Tracker(model, opt, probe=x[:64]) if arm == "tracked" else None
+        probe = x[:64] if kind == "mlp" else x[:max(1, GPT_BATCH // world)]  # (each rank's 64 rows / 2 sequences)
+        tracker = spkern.Tracker(model, opt, probe=probe) if arm == "tracked" else None
 
         def step(net=net, opt=opt, tracker=tracker, loss_fn=loss_fn):
             opt.zero_grad()
@@ -130,6 +156,47 @@ def worker(kind, width, parallel, rounds, cycle, device):
             "param_count": sum(p.numel() for p in params)}
 
 
+LOSS_ROWS, LOSS_VOCAB = 8 * 512, 32768
+
+
+def loss_worker(rounds, cycle, device):
+    """The vocabulary-parallel cross-entropy (each rank half of every row's logits) against
+    the unsharded call on the whole logits, interleaved; rank 0's clock."""
+    import statistics
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import spkern
+    from spkern.vocab_parallel import partials_per_row
+
+    world = torch.distributed.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(LOSS_ROWS, LOSS_VOCAB, generator=g) * 2).to(device)
+    y = torch.randint(0, LOSS_VOCAB, (LOSS_ROWS,), generator=g).to(device)
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    xs = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+    xw = x.clone().requires_grad_()
+
+    def sharded():
+        loss, _ = spkern.cross_entropy(xs, y, return_stats=True)
+        loss.backward()
+        xs.grad = None
+
+    def whole():
+        loss, _ = spkern.cross_entropy(xw, y, return_stats=True)
+        loss.backward()
+        xw.grad = None
+    times = harness.interleave({"sharded": sharded, "whole": whole}, rounds, cycle, device,
+                               before_cycle=torch.distributed.barrier)
+    return {"rows": LOSS_ROWS, "vocab": LOSS_VOCAB, "world": world,
+            "sharded_ms": statistics.median(times["sharded"]), "whole_ms": statistics.median(times["whole"]),
+            "ratio": statistics.median(a / b for a, b in zip(times["sharded"], times["whole"])),
+            "all_gather_bytes_sent_per_rank": partials_per_row(0, False, 0.0) * LOSS_ROWS * 4,
+            "logits_bytes_per_rank": LOSS_ROWS * (LOSS_VOCAB // world) * 4}
+
+
 def _worker_main(argv):
     import gc
 
@@ -145,6 +212,8 @@ def _worker_main(argv):
     try:
         rows = [worker(kind, width, spec["parallel"], spec["rounds"], spec["cycle"], device)
                 for kind, width in spec["cases"]]
+        if spec["parallel"] == "tp" and spec.get("losses"):
+            rows.append(loss_worker(spec["rounds"], spec["cycle"], device))
         if torch.distributed.get_rank() == 0:
             with open(spec["out"], "w") as f:
                 json.dump(rows, f)
@@ -163,6 +232,9 @@ def main(argv=None):
     parser.add_argument("--widths", default=None, help="MLP widths (default 1024,2048; --quick 256)")
     parser.add_argument("--gpt-width", type=int, default=256)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--parallel", default="ddp,fsdp,tp", help="of ddp, fsdp, tp (each against ddp)")
+    parser.add_argument("--no-losses", dest="losses", action="store_false",
+                        help="leave out the vocabulary-parallel loss's timing (under tp)")
     args = harness.parse(parser, argv, None)
 
     widths = harness.parse_ints(parser, args.widths or ("256" if args.quick else "1024,2048"), "--widths")
@@ -176,9 +248,13 @@ def main(argv=None):
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     with tempfile.TemporaryDirectory() as tmp:
-        for parallel in ("ddp", "fsdp"):
+        kinds = [p for p in args.parallel.split(",") if p]
+        if set(kinds) - {"ddp", "fsdp", "tp"} or "ddp" not in kinds:
+            parser.error(f"--parallel: a comma list of ddp, fsdp, tp with ddp (the baseline); got {args.parallel!r}")
+        for parallel in kinds:
             out = os.path.join(tmp, f"{parallel}.json")
-            spec = dict(device=args.device, parallel=parallel, rounds=rounds, cycle=5, cases=cases, out=out)
+            spec = dict(device=args.device, parallel=parallel, rounds=rounds, cycle=5, cases=cases, out=out,
+                        losses=args.losses)
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                                    "--master_port", str(harness.free_port()), os.path.abspath(__file__),
                                    "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
@@ -186,6 +262,8 @@ def main(argv=None):
                 print(f"# {parallel}: failed\n{proc.stderr[-3000:]}")
                 return 1
             results += json.loads(open(out).read())
+    losses = [r for r in results if "sharded_ms" in r]
+    results = [r for r in results if "sharded_ms" not in r]
     print("| model | width | parallel | untracked ms | tracked ms | tracker overhead | params + W_0 + state MB/rank |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -193,14 +271,20 @@ def main(argv=None):
               f"{r['overhead']:+.0%} | {r['memory_bytes_per_rank']['total'] / 2**20:.1f} |")
     for kind, width in cases:
         by = {r["parallel"]: r for r in results if (r["model"], r["width"]) == (kind, width)}
-        mem = by["fsdp"]["memory_bytes_per_rank"]["total"] / by["ddp"]["memory_bytes_per_rank"]["total"]
-        ratio = (1 + by["fsdp"]["overhead"]) / (1 + by["ddp"]["overhead"])
-        print(f"# {kind} {width}: FSDP2 memory {mem:.2f}x DDP's per rank; tracked/untracked step "
-              f"{1 + by['fsdp']['overhead']:.2f}x under FSDP2, {1 + by['ddp']['overhead']:.2f}x under DDP "
-              f"(ratio {ratio:.2f})")
+        for other in (p for p in by if p != "ddp"):
+            mem = by[other]["memory_bytes_per_rank"]["total"] / by["ddp"]["memory_bytes_per_rank"]["total"]
+            ratio = (1 + by[other]["overhead"]) / (1 + by["ddp"]["overhead"])
+            print(f"# {kind} {width}: {other} memory {mem:.2f}x DDP's per rank; tracked/untracked step "
+                  f"{1 + by[other]['overhead']:.2f}x under {other}, {1 + by['ddp']['overhead']:.2f}x under DDP "
+                  f"(ratio {ratio:.2f})")
+    for r in losses:
+        print(f"# vocabulary-parallel cross-entropy, {r['rows']} rows x {r['vocab']} classes over {r['world']} ranks: "
+              f"{r['sharded_ms']:.1f} ms against {r['whole_ms']:.1f} ms for the whole logits in one rank "
+              f"({r['ratio']:.2f}x); one all-gather of {r['all_gather_bytes_sent_per_rank'] / 2**10:.0f} KiB sent "
+              f"per rank, against {r['logits_bytes_per_rank'] / 2**20:.0f} MiB of logits a rank holds")
     if args.out:
         harness.save(args.out, f"sharded_{args.device}", args.quick, info, results, rounds=rounds,
-                     processes=args.nproc)
+                     processes=args.nproc, losses=losses)
     return 0
 
 

@@ -169,7 +169,7 @@ def local_count(t) -> tuple:
     dimension (features), the count is a :class:`Split`; a ``Partial`` one is summed over
     its ranks first. A plain tensor counts everywhere."""
     if not is_dtensor(t):
-        return t, True
+        return waited(t), True
     from torch.distributed.tensor import Replicate
 
     if any(p.is_partial() for p in t.placements):
@@ -178,8 +178,21 @@ def local_count(t) -> tuple:
     lead = all(mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if p.is_replicate())
     features = [i for i, p in enumerate(t.placements) if sharded(p) and p.dim % t.dim() == t.dim() - 1]
     if features and lead:
-        return t.to_local(), Split(mesh.get_group(features[0]), mesh.get_local_rank(features[0]) == 0)
-    return t.to_local(), lead
+        return local_of(t), Split(mesh.get_group(features[0]), mesh.get_local_rank(features[0]) == 0)
+    return local_of(t), lead
+
+
+def local_of(t):
+    """A DTensor's local tensor, its collective finished."""
+    return waited(t.to_local())
+
+
+def waited(t):
+    """``t`` with the collective that makes it finished: a redistributed DTensor's local
+    tensor (what tensor parallelism's layers return) may be one still in flight, torch's
+    AsyncCollectiveTensor, which a kernel cannot read."""
+    wait = getattr(t, "wait", None) if type(t) is not Tensor else None
+    return wait() if callable(wait) else t
 
 
 def check_like(t, ref, what: str, ref_what: str):
@@ -229,5 +242,6 @@ def all_reduce_over_shards(x: Tensor, t) -> Tensor:
 
 
 __all__ = ["MatrixSplit", "all_reduce_over_shards", "check_like", "check_summable", "is_dtensor", "local", "local_count",
+           "local_of", "waited",
            "matrix_split", "Split",
            "shard_dim", "sharded_gram", "sum_over_shards"]

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from spkern.distributed import Split, is_dtensor, local_count, sharded
+from spkern.distributed import Split, is_dtensor, local_count, local_of, sharded, waited
 from spkern.monitor.capture import Recorder, first_tensor, no_autocast, own_pass, reshard
 from spkern.monitor.measure import RefApp, products
 from spkern.monitor.reference import current_weight, whole
@@ -148,8 +148,8 @@ class Recording:
         name = layer.name
         k = self._count.get(name, 0)
         self._count[name] = k + 1
-        x = x.detach() if isinstance(x, Tensor) else None
-        h = h.detach()
+        x = waited(x.detach()) if isinstance(x, Tensor) else None
+        h = waited(h.detach())
         if self.role == "reference":
             self._originals += [(name, t, t._version) for t in (x, h) if t is not None]
             self.refs.setdefault(name, []).append(
@@ -308,4 +308,4 @@ class Recording:
                              f"{weight.device_mesh} and its W_0 kept on {w0.device_mesh}: name the mesh dimensions "
                              f"(init_device_mesh(..., mesh_dim_names=...)) so that W_0's block can be found")
         target = [weight.placements[names.index(n)] if n in names else Replicate() for n in w0_names]
-        return w0.redistribute(w0.device_mesh, target).to_local()
+        return local_of(w0.redistribute(w0.device_mesh, target))
