@@ -339,6 +339,11 @@ def _reduce(loss_rows, scalars, reduction):
 @_logit_loss_op.register_fake
 def _(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction,
       compute_stats, compute_grad):
+    return fake_outputs(input, reduction, compute_stats, compute_grad)
+
+
+def fake_outputs(input, reduction, compute_stats, compute_grad):
+    """(loss, stats, grad) of a logit-loss op, shaped and typed, for tracing."""
     M, C = input.shape
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     loss = input.new_empty((M,) if reduction == "none" else (), dtype=acc)
@@ -347,7 +352,9 @@ def _(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softca
     return loss, stats, grad
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """The logit-loss ops' autograd context (their reduction and compute_grad arguments at
+    positions 8 and 10): the gradient computed in the forward pass, saved."""
     _, stats, grad = output
     ctx.reduction = inputs[8]
     ctx.compute_grad = inputs[10]
@@ -384,19 +391,23 @@ def refuse_double_backward(op):
                            f"use the torch loss it replaces where higher-order gradients are needed")
 
 
-def _backward(ctx, dloss, dstats, dgrad):
-    refuse_double_backward("cross_entropy / mse_onehot_loss")
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad or dloss is None:
-        return (None,) * 11
-    if ctx.reduction == "none":
-        dinput = grad * dloss.to(grad.dtype)[:, None]
-    else:
-        dinput = scale_grad(grad, dloss)
-    return (dinput,) + (None,) * 10
+def backward_of(what: str, n_inputs: int):
+    """The backward of a logit-loss op with ``n_inputs`` arguments, its input first: the
+    saved gradient scaled by the incoming one."""
+    def backward(ctx, dloss, dstats, dgrad):
+        refuse_double_backward(what)
+        (grad,) = ctx.saved_tensors
+        if not ctx.compute_grad or dloss is None:
+            return (None,) * n_inputs
+        if ctx.reduction == "none":
+            dinput = grad * dloss.to(grad.dtype)[:, None]
+        else:
+            dinput = scale_grad(grad, dloss)
+        return (dinput,) + (None,) * (n_inputs - 1)
+    return backward
 
 
-_logit_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_logit_loss_op.register_autograd(backward_of("cross_entropy / mse_onehot_loss", 11), setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------

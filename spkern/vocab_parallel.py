@@ -32,7 +32,7 @@ from torch import Tensor
 
 from spkern import registry
 from spkern.cross_entropy import (CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS, _check_target_values, _reduce,
-                                  _scalars, refuse_double_backward, scale_grad)
+                                  _scalars, backward_of, fake_outputs, setup_context)
 from spkern.distributed import is_dtensor, placement_text, sharded
 
 
@@ -292,33 +292,11 @@ def _vocab_parallel_op(
 @_vocab_parallel_op.register_fake
 def _(input, target, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_stats,
       compute_grad, offset, classes, group_name):
-    M, Cl = input.shape
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    loss = input.new_empty((M,) if reduction == "none" else (), dtype=acc)
-    stats = input.new_empty((6 if compute_stats else 1, M), dtype=acc)
-    grad = input.new_empty((M, Cl) if compute_grad else (0,))
-    return loss, stats, grad
+    return fake_outputs(input, reduction, compute_stats, compute_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    _, stats, grad = output
-    ctx.reduction = inputs[8]
-    ctx.compute_grad = inputs[10]
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(stats, grad)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dloss, dstats, dgrad):
-    refuse_double_backward("vocabulary-parallel cross_entropy / mse_onehot_loss")
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad or dloss is None:
-        return (None,) * 14
-    dinput = grad * dloss.to(grad.dtype)[:, None] if ctx.reduction == "none" else scale_grad(grad, dloss)
-    return (dinput,) + (None,) * 13
-
-
-_vocab_parallel_op.register_autograd(_backward, setup_context=_setup_context)
+_vocab_parallel_op.register_autograd(
+    backward_of("vocabulary-parallel cross_entropy / mse_onehot_loss", 14), setup_context=setup_context)
 
 
 def run(x2, t2, weight, kind, ignore_index, label_smoothing, z_loss, softcap, reduction, return_stats,

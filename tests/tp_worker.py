@@ -43,6 +43,8 @@ def mlp():
 
 
 def parallel(model):
+    """Layers 0 and 2 split over tp (ColwiseParallel, RowwiseParallel); with 4 processes
+    every Linear layer and the root sharded over dp by FSDP2."""
     if WORLD == 1:
         return model
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -51,8 +53,9 @@ def parallel(model):
     if DP > 1:
         from torch.distributed.fsdp import fully_shard
 
-        for i in (0, 2, 4):
-            fully_shard(model[i], mesh=mesh()["dp"])
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh()["dp"])
         fully_shard(model, mesh=mesh()["dp"])
     return model
 
@@ -157,6 +160,21 @@ def trackers():
             tracker.record_loss(loss, stats)
             opt.step()
         out[f"{mode}/{optim}"] = tracker.metrics()
+        tracker.close()
+    # the model's output straight from a RowwiseParallel layer (TP returns it while its
+    # all-reduce may still be in flight): logits/ and the layer's output measured
+    for mode in ("probe", "batch"):
+        torch.manual_seed(0)
+        model = parallel(nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 5)))
+        opt = spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9)
+        tracker = spkern.Tracker(model, opt, probe=share(probe) if mode == "probe" else "batch", probe_rows=16)
+        for _ in range(2):
+            opt.zero_grad()
+            loss, stats = spkern.cross_entropy(model(share(x)), share(y), return_stats=True)
+            loss.backward()
+            tracker.record_loss(loss, stats)
+            opt.step()
+        out[f"{mode}/spkern/rowwise_out"] = tracker.metrics()
         tracker.close()
     return out
 
