@@ -381,9 +381,15 @@ def _top_generalized(N: Tensor, T: Tensor, on_host: bool) -> Tensor:
     tiny = torch.finfo(torch.float32).tiny
     k = T.shape[0]
     if on_host:
+        # on T's range only: where the Krylov space of a matrix of low rank is exhausted, T's
+        # smallest eigenvalues are rounding, of either sign (about 1e-6 of the largest), and
+        # 1 / sqrt of them would blow the problem up
         d, U = torch.linalg.eigh(T.double())
-        S = U / d.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        kept = (d > 1e-5 * d.max().clamp_min(torch.finfo(torch.float64).tiny)) | (d == d.max())
+        S = U[:, kept] / d[kept].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
         return (S @ torch.linalg.eigh(S.t() @ N.double() @ S)[1][:, -1]).to(T.dtype)
+    # (on a device: T shifted by 1e-5 of its scale, past the rounding of an exhausted space)
+    T = T + 1e-5 * torch.eye(k, dtype=T.dtype, device=T.device)
     L = torch.linalg.cholesky_ex(T)[0]
     Li = torch.linalg.solve_triangular(L, torch.eye(k, dtype=T.dtype, device=T.device), upper=False)
     M = Li @ N @ Li.t()

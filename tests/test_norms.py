@@ -293,3 +293,27 @@ def test_a_nan_in_the_matrix_gives_a_nan_norm():
     ops = [r.op.item() for r in spkern.spectral_norm_steps([w, torch.randn(5, 5, generator=g)],
                                                             [warm, torch.randn(5, generator=g)])]
     assert math.isnan(ops[0]) and ops[1] > 0
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_lanczos_small_problem_survives_an_exhausted_krylov_space(on_host):
+    # a matrix of rank below the Lanczos steps: T's smallest eigenvalues are rounding, of
+    # either sign; the estimate stays the top eigenvalue (it was 0 when 1/sqrt of a
+    # clamped negative eigenvalue blew the problem up, seen on a tensor-parallel layer)
+    from spkern.norms import _top_generalized
+
+    T = torch.diag(torch.tensor([1.0, 0.5, 1e-6 - 1.6e-6, 1e-6]))
+    N = T @ T
+    c = _top_generalized(N, T, on_host=on_host)
+    assert bool(torch.isfinite(c).all())
+    theta = (c @ (N @ c)) / (c @ (T @ c))
+    assert abs(float(theta) - 1.0) < 1e-4
+
+
+def test_spectral_norm_of_a_low_rank_matrix_with_many_steps():
+    # rank 3, 50 steps (the cold start's default): the norm, not 0
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(32, 3, generator=g) @ torch.randn(3, 64, generator=g) * 1e-3
+    exact = torch.linalg.matrix_norm(A.double(), 2).item()
+    got = spkern.spectral_norm(A, iters=50).op.item()
+    assert abs(got - exact) <= 1e-4 * exact

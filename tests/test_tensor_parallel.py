@@ -91,6 +91,19 @@ def test_tracker_on_tensor_parallel_models_equals_one_process(runs, world):
     assert compared >= 500
 
 
+def test_tracker_on_tensor_parallel_llama_equals_one_process(runs):
+    # transformers' Llama split as its tensor-parallel plan does, 2 processes: every metric
+    # (each layer's rcc, alignments, operator norms; parameters; logits; loss) as one process
+    got, want = runs[2]["llama"], runs[1]["llama"]
+    assert got.keys() == want.keys()
+    assert {"model.layers.0.self_attn.q_proj/eff_rms", "model.layers.1.self_attn.o_proj/prop_rms",
+            "model.layers.1.mlp.down_proj/eff_align", "model.layers.0.mlp.gate_proj/delta_w_op",
+            "model.layers.0.self_attn.k_proj.weight/drift_rms", "logits/rms"} <= want.keys()
+    for k, v in want.items():
+        assert (math.isnan(v) and math.isnan(got[k])) or _close(got[k], v, 1e-4, 1e-6), (k, got[k], v)
+    assert len(want) > 150
+
+
 def _gpt(tmp_path, name, world, extra=()):
     import json
     import socket

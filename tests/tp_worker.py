@@ -179,10 +179,53 @@ def trackers():
     return out
 
 
+def llama():
+    """The tracker on transformers' Llama split as its tensor-parallel plan splits it (q, k,
+    v, gate and up projections ColwiseParallel, o and down projections RowwiseParallel:
+    each rank 2 of the 4 query heads and 1 of the 2 key/value heads), 2 processes only."""
+    import transformers
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32))
+    if WORLD == 2:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {}
+        for i in range(2):
+            at = f"model.layers.{i}."
+            plan.update({at + f"self_attn.{n}_proj": ColwiseParallel() for n in "qkv"})
+            plan.update({at + "self_attn.o_proj": RowwiseParallel(), at + "mlp.gate_proj": ColwiseParallel(),
+                         at + "mlp.up_proj": ColwiseParallel(), at + "mlp.down_proj": RowwiseParallel()})
+        parallelize_module(model, mesh()["tp"], plan)
+    g = torch.Generator().manual_seed(4)
+    ids, probe = torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+    opt = spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9)
+    tracker = spkern.Tracker(model, opt, probe=probe)
+    for _ in range(3):
+        opt.zero_grad()
+        logits = model(input_ids=ids).logits
+        loss, stats = spkern.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), return_stats=True)
+        loss.backward()
+        tracker.record_loss(loss, stats)
+        opt.step()
+    out = tracker.metrics()
+    for name, layer in tracker.layers.items():  # (the exact operator norms, for comparison)
+        if name.endswith("down_proj"):
+            w, w0 = (whole(t.detach()) for t in (layer.module.weight, tracker.reference.weight0(layer)))
+            out[f"exact/{name}"] = torch.linalg.matrix_norm((w - w0).double(), 2).item()
+    tracker.close()
+    return out
+
+
 def main(path):
     if WORLD > 1:
         dist.init_process_group("gloo")
     result = {"world": WORLD, "optim": optimizers(), "norms": norms(), "tracker": trackers()}
+    if WORLD <= 2:
+        result["llama"] = llama()
     if RANK == 0:
         with open(path, "w") as f:
             json.dump(result, f)
