@@ -75,6 +75,11 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<int64_t>& gram_index, const std::vector<at::Tensor>& gram_v,
                 const std::vector<at::Tensor>& gram_out);
 
+// An uninitialised tensor for a large output (a gradient of logits): 2 MB aligned with
+// transparent huge pages, and the last one freed handed to the next request of its size
+// (csrc/cpu/cross_entropy.cpp); smaller ones from at::empty.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Frees the gradient buffer kept for reuse by the CPU kernels (see empty_large).
 void release_cached_buffer();
 

@@ -96,6 +96,8 @@ void release_large(void* ptr, size_t bytes) {
   free(ptr);
 }
 
+}  // namespace
+
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
@@ -115,8 +117,6 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
 #endif
   return at::empty(sizes, options);
 }
-
-}  // namespace
 
 void release_cached_buffer() {
   auto& cache = buffer_cache();

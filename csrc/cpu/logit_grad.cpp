@@ -158,7 +158,7 @@ at::Tensor logit_grad(const at::Tensor& logits, const at::Tensor& target, const 
                 where, ": grad_out must be like logits");
     grad = *grad_out;
   } else {
-    grad = at::empty({M, C}, logits.options());
+    grad = empty_large({M, C}, logits.options());  // (as the fused loss's: no page faults on reuse)
   }
   if (M == 0 || C == 0) return grad;
   GradParams p{static_cast<Kind>(kind), C, ignore_index, float(softcap), prob, has_w ? weight->data_ptr<float>() : nullptr};
