@@ -18,7 +18,8 @@ heads, MLP units, the vocabulary of the fused head loss); every TP rank trains o
 global batch (DDP and FSDP2 ranks on half of it).
 
 Losses (TP only): ``spkern.cross_entropy`` on logits sharded over the vocabulary (each rank
-its half of every row: 8 x 512 rows, vocabulary 32768, float32, forward and backward)
+its half of every row: 8 x 512 rows, vocabulary 32768, float32, forward and backward;
+``--quick``: 512 rows, 8192)
 against the same call on the whole logits in one rank, interleaved; the bytes each rank
 sends in the one all-gather per call.
 
@@ -156,10 +157,11 @@ def worker(kind, width, parallel, rounds, cycle, device):
             "param_count": sum(p.numel() for p in params)}
 
 
-LOSS_ROWS, LOSS_VOCAB = 8 * 512, 32768
+LOSS_SIZES = {False: (8 * 512, 32768), True: (512, 8192)}  # (rows, vocabulary); True: --quick
+LABELS = {"ddp": "DDP", "fsdp": "FSDP2", "tp": "TP"}
 
 
-def loss_worker(rounds, cycle, device):
+def loss_worker(rounds, cycle, device, quick=False):
     """The vocabulary-parallel cross-entropy (each rank half of every row's logits) against
     the unsharded call on the whole logits, interleaved; rank 0's clock."""
     import statistics
@@ -172,9 +174,10 @@ def loss_worker(rounds, cycle, device):
     from spkern.vocab_parallel import partials_per_row
 
     world = torch.distributed.get_world_size()
+    rows, vocab = LOSS_SIZES[quick]
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(LOSS_ROWS, LOSS_VOCAB, generator=g) * 2).to(device)
-    y = torch.randint(0, LOSS_VOCAB, (LOSS_ROWS,), generator=g).to(device)
+    x = (torch.randn(rows, vocab, generator=g) * 2).to(device)
+    y = torch.randint(0, vocab, (rows,), generator=g).to(device)
     mesh = init_device_mesh(torch.device(device).type, (world,))
     xs = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
     xw = x.clone().requires_grad_()
@@ -190,11 +193,11 @@ def loss_worker(rounds, cycle, device):
         xw.grad = None
     times = harness.interleave({"sharded": sharded, "whole": whole}, rounds, cycle, device,
                                before_cycle=torch.distributed.barrier)
-    return {"rows": LOSS_ROWS, "vocab": LOSS_VOCAB, "world": world,
+    return {"rows": rows, "vocab": vocab, "world": world,
             "sharded_ms": statistics.median(times["sharded"]), "whole_ms": statistics.median(times["whole"]),
             "ratio": statistics.median(a / b for a, b in zip(times["sharded"], times["whole"])),
-            "all_gather_bytes_sent_per_rank": partials_per_row(0, False, 0.0) * LOSS_ROWS * 4,
-            "logits_bytes_per_rank": LOSS_ROWS * (LOSS_VOCAB // world) * 4}
+            "all_gather_bytes_sent_per_rank": partials_per_row(0, False, 0.0) * rows * 4,
+            "logits_bytes_per_rank": rows * (vocab // world) * 4}
 
 
 def _worker_main(argv):
@@ -213,7 +216,7 @@ def _worker_main(argv):
         rows = [worker(kind, width, spec["parallel"], spec["rounds"], spec["cycle"], device)
                 for kind, width in spec["cases"]]
         if spec["parallel"] == "tp" and spec.get("losses"):
-            rows.append(loss_worker(spec["rounds"], spec["cycle"], device))
+            rows.append(loss_worker(spec["rounds"], spec["cycle"], device, spec.get("quick", False)))
         if torch.distributed.get_rank() == 0:
             with open(spec["out"], "w") as f:
                 json.dump(rows, f)
@@ -254,7 +257,7 @@ def main(argv=None):
         for parallel in kinds:
             out = os.path.join(tmp, f"{parallel}.json")
             spec = dict(device=args.device, parallel=parallel, rounds=rounds, cycle=5, cases=cases, out=out,
-                        losses=args.losses)
+                        losses=args.losses, quick=args.quick)
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                                    "--master_port", str(harness.free_port()), os.path.abspath(__file__),
                                    "--worker", json.dumps(spec)], capture_output=True, text=True, env=env)
@@ -274,8 +277,9 @@ def main(argv=None):
         for other in (p for p in by if p != "ddp"):
             mem = by[other]["memory_bytes_per_rank"]["total"] / by["ddp"]["memory_bytes_per_rank"]["total"]
             ratio = (1 + by[other]["overhead"]) / (1 + by["ddp"]["overhead"])
-            print(f"# {kind} {width}: {other} memory {mem:.2f}x DDP's per rank; tracked/untracked step "
-                  f"{1 + by[other]['overhead']:.2f}x under {other}, {1 + by['ddp']['overhead']:.2f}x under DDP "
+            name = LABELS[other]
+            print(f"# {kind} {width}: {name} memory {mem:.2f}x DDP's per rank; tracked/untracked step "
+                  f"{1 + by[other]['overhead']:.2f}x under {name}, {1 + by['ddp']['overhead']:.2f}x under DDP "
                   f"(ratio {ratio:.2f})")
     for r in losses:
         print(f"# vocabulary-parallel cross-entropy, {r['rows']} rows x {r['vocab']} classes over {r['world']} ranks: "

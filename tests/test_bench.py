@@ -211,18 +211,36 @@ def test_gpu_run_dry_run_exercises_every_stage(tmp_path, with_wheels):
 
 
 @pytest.mark.slow
-def test_bench_sharded_runs_ddp_and_fsdp(tmp_path, capsys):
-    # the plumbing: two torchrun jobs (DDP, FSDP2), one row each, memory halved by sharding
+def test_bench_sharded_runs_ddp_fsdp_and_tp(tmp_path, capsys):
+    # the plumbing: three torchrun jobs (DDP, FSDP2, TP), one row each, memory halved by
+    # sharding and by splitting the layers; the vocabulary-parallel loss's timing
     import bench_sharded
 
     assert bench_sharded.main(["--quick", "--models", "mlp", "--widths", "64", "--repeats", "1",
                                "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| mlp | 64 | ddp |" in out and "| mlp | 64 | fsdp |" in out and "FSDP2 memory 0.50x" in out
+    assert "| mlp | 64 | tp |" in out and "TP memory 0.50x" in out
+    assert "vocabulary-parallel cross-entropy, 512 rows x 8192 classes over 2 ranks" in out
     saved = json.loads(next(tmp_path.glob("sharded_cpu_*.json")).read_text())
-    assert {r["parallel"] for r in saved["results"]} == {"ddp", "fsdp"}
+    assert {r["parallel"] for r in saved["results"]} == {"ddp", "fsdp", "tp"}
+    assert saved["losses"][0]["all_gather_bytes_sent_per_rank"] == 7 * 512 * 4
     with pytest.raises(SystemExit):
         bench_sharded.main(["--models", "cnn"])
+
+
+@pytest.mark.slow
+def test_bench_vocab_parallel_quick(tmp_path, capsys):
+    # the plumbing: three arms in fresh processes, the fused linear loss's peak memory per
+    # rank below torch's (which makes the logits, their softmax and their gradient)
+    import bench_vocab_parallel
+
+    assert bench_vocab_parallel.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert "| spkern-tp | 2 |" in capsys.readouterr().out
+    saved = json.loads(next(tmp_path.glob("vocab_parallel_cpu_*.json")).read_text())
+    by = {r["arm"]: r for r in saved["results"]}
+    assert set(by) == {"torch", "spkern", "spkern-tp"}
+    assert max(by["spkern-tp"]["peak_extra_bytes_per_rank"]) < by["torch"]["peak_extra_bytes"]
 
 
 def test_bench_op_norm_quick(tmp_path, capsys):
