@@ -11,12 +11,23 @@ spkern editable that way once and then builds the extension in place with
 """
 
 import glob
+import json
 import os
 import shutil
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+def _cpu_isa_module():
+    """spkern/cpu_isa.py (the features each build needs), loaded without the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_spkern_cpu_isa", os.path.join(ROOT, "spkern", "cpu_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 ISA_FLAGS = {
     "default": [],
@@ -52,7 +63,14 @@ def extensions():
     # (the C++ standard is torch's choice: it adds the -std= its headers need)
     # -ffp-contract=off: no silent fused multiply-adds, so that each float operation of
     # the fused optimizer steps rounds as the torch op it replaces (fmas are explicit).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + ISA_FLAGS[cpu_isa()]
+    isa = cpu_isa()
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + ISA_FLAGS[isa]
+    # the choice, recorded beside the package: spkern reads it before it loads the extension,
+    # and does not where this CPU cannot run it (spkern/cpu_isa.py)
+    assert set(ISA_FLAGS) == set(_cpu_isa_module().NEEDS)
+    with open(os.path.join(ROOT, "spkern", "_build_info.json"), "w") as f:
+        json.dump({"cpu_isa": isa}, f)
+        f.write("\n")
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -85,6 +103,7 @@ def main():
         packages=["spkern", "spkern.backends", "spkern.experiments", "spkern.experiments.train", "spkern.kernels",
                   "spkern.monitor"],
         package_dir={"spkern": "spkern", "spkern.kernels": "kernels"},
+        package_data={"spkern": ["_build_info.json"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn"],
         extras_require={

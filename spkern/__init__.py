@@ -35,9 +35,9 @@ _NAMES = {
     "coord_check": "spkern.coord",
     "Regime": "spkern.regime",
 }
-_SUBMODULES = ("backends", "compile_check", "constants", "coord", "cross_entropy", "distributed", "experiments",
-               "features", "functional", "hf", "info", "lightning", "linear_loss", "modules", "monitor", "norms",
-               "optim", "regime", "registry", "vocab_parallel")
+_SUBMODULES = ("backends", "compile_check", "constants", "coord", "cpu_isa", "cross_entropy", "distributed",
+               "experiments", "features", "functional", "hf", "info", "lightning", "linear_loss", "modules", "monitor",
+               "norms", "optim", "regime", "registry", "vocab_parallel")
 
 __all__ = sorted(_NAMES) + ["optim"]
 

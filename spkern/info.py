@@ -22,10 +22,16 @@ def _versions():
         rows.append(("triton", "not installed"))
     C = registry.compiled()
     if C is None:
-        rows.append(("spkern._C", "not built (pip install --no-build-isolation -e .)"))
+        rows.append(("spkern._C", registry.compiled_reason()))
     else:
         rows.append(("spkern._C", f"CPU kernels for {C.compiled_isa()}, "
                                   f"{'with' if C.with_cuda else 'without'} CUDA kernels"))
+    from spkern import cpu_isa
+
+    best = cpu_isa.best_here()
+    rows.append(("this CPU runs", "unknown (no /proc/cpuinfo)" if best is None else
+                 ", ".join(n for n in cpu_isa.NEEDS if cpu_isa.cannot_run(n) is None)
+                 + f" (torch's choice: {torch.backends.cpu.get_cpu_capability()})"))
     rows.append(("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"))
     interp = "TRITON_INTERPRET=1" if registry.triton_kernels("cross_entropy") is not None and \
         registry.triton_interpreted() else "off"

@@ -176,12 +176,27 @@ def resolve(op: str, tensor, *call) -> Optional[Kernel]:
 
 @functools.cache
 def compiled():
-    """spkern._C, or None when the extension is not built."""
+    """spkern._C, or None when the extension is not built, or built for instructions this
+    CPU lacks (then it is not even imported: :func:`compiled_reason` says why)."""
+    from spkern import cpu_isa
+
+    why = cpu_isa.cannot_run(cpu_isa.built_isa())
+    if why is not None:
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
+        return None
     try:
         from spkern import _C
     except ImportError:
         return None
     return _C
+
+
+def compiled_reason() -> str:
+    """Why :func:`compiled` is None (for the backends' checks)."""
+    from spkern import cpu_isa
+
+    return (cpu_isa.cannot_run(cpu_isa.built_isa())
+            or "spkern._C is not built (pip install --no-build-isolation -e .)")
 
 
 @functools.cache

@@ -3,14 +3,14 @@
 import torch
 
 from spkern.features import each_pair
-from spkern.registry import compiled, dtype_reason, register
+from spkern.registry import compiled, compiled_reason, dtype_reason, register
 
 
 def available(tensor, *_):
     if tensor.device.type != "cpu":
         return f"device {tensor.device}"
     if compiled() is None:
-        return "spkern._C is not built (pip install --no-build-isolation -e .)"
+        return compiled_reason()
     return dtype_reason(tensor)
 
 
