@@ -29,20 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def _hwm_bytes():
+def _status_bytes(key):
+    """A size from /proc/self/status: VmRSS (resident now), VmHWM (its high-water mark)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def _reset_peak():
@@ -87,10 +80,10 @@ def arm(name, rows, width, vocab, repeats):
     spkern.empty_cache()
     if world > 1:
         torch.distributed.barrier()
-    before = _rss_bytes()
+    before = _status_bytes("VmRSS")
     _reset_peak()
     call()
-    peak = _hwm_bytes() - before
+    peak = _status_bytes("VmHWM") - before
     times = []
     for _ in range(repeats):
         if world > 1:
