@@ -97,7 +97,12 @@ def arm(name, rows, width, vocab, repeats):
         peaks = [None] * world
         torch.distributed.all_gather_object(peaks, peak)
         out["peak_extra_bytes_per_rank"] = peaks
+        # every rank done before any tears down, then the group's objects freed now: gloo's
+        # threads freed by the interpreter's last collection abort the process at exit
+        torch.distributed.barrier()
+        del w, h
         torch.distributed.destroy_process_group()
+        gc.collect()
     return out if rank == 0 else None
 
 
