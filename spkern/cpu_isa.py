@@ -45,6 +45,11 @@ def cpu_flags() -> Optional[frozenset]:
     return None
 
 
+def runs_on(flags: frozenset) -> list:
+    """The builds of :data:`NEEDS` a CPU with ``flags`` runs, narrowest first."""
+    return [name for name, needs in NEEDS.items() if all(f in flags for f in needs)]
+
+
 def cannot_run(isa: Optional[str], flags: Optional[frozenset] = None) -> Optional[str]:
     """Why this CPU cannot run kernels built for ``isa`` (missing features), or None when
     it can or when that cannot be told (no record, no readable flags: then the extension
@@ -57,19 +62,16 @@ def cannot_run(isa: Optional[str], flags: Optional[frozenset] = None) -> Optiona
     missing = [f for f in NEEDS[isa] if f not in flags]
     if not missing:
         return None
-    runs = [name for name, needs in NEEDS.items() if all(f in flags for f in needs)]
     return (f"spkern._C was built for {isa}, which this CPU cannot run (it lacks {', '.join(missing)}); it was "
             f"not loaded (it would die with an illegal instruction). Rebuild it here (pip install "
             f"--no-build-isolation -e ., or ./run.sh), or build for what this CPU runs: "
-            f"SPKERN_CPU_ISA={runs[-1]}")
+            f"SPKERN_CPU_ISA={runs_on(flags)[-1]}")
 
 
 def best_here(flags: Optional[frozenset] = None) -> Optional[str]:
     """The widest of :data:`NEEDS` this CPU runs (None: its flags cannot be read)."""
     flags = cpu_flags() if flags is None else flags
-    if flags is None:
-        return None
-    return [name for name, needs in NEEDS.items() if all(f in flags for f in needs)][-1]
+    return None if flags is None else runs_on(flags)[-1]
 
 
-__all__ = ["BUILD_INFO", "NEEDS", "best_here", "built_isa", "cannot_run", "cpu_flags"]
+__all__ = ["BUILD_INFO", "NEEDS", "best_here", "built_isa", "cannot_run", "cpu_flags", "runs_on"]

@@ -46,30 +46,15 @@ def sharded(p) -> bool:
     return not (p.is_replicate() or p.is_partial())
 
 
+def lead(t, also=()) -> bool:
+    """Whether this rank is the first (coordinate 0) of the ranks holding DTensor ``t``'s
+    replicas: on every mesh dimension that replicates it, and on those in ``also``."""
+    return all(t.device_mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements)
+               if p.is_replicate() or i in also)
+
+
 def placement_text(t) -> str:
     return "(" + ", ".join(str(p) for p in t.placements) + ")"
-
-
-def shard_dim(t, what: str, dims: Sequence[int] = (0,)) -> Optional[int]:
-    """The tensor dimension a DTensor is sharded on (None: replicated on every mesh
-    dimension, or not a DTensor), checked to be one of ``dims``; a ``Partial`` placement,
-    or sharding on two tensor dimensions, is a ValueError naming ``what``."""
-    if not is_dtensor(t):
-        return None
-    found = None
-    for p in t.placements:
-        if p.is_partial():
-            raise ValueError(f"{what} has placement {placement_text(t)} on its mesh: spkern cannot use a "
-                             f"Partial placement (values still to be summed over ranks); redistribute it to "
-                             f"Shard or Replicate first")
-        if sharded(p):
-            d = p.dim % t.dim() if t.dim() else p.dim
-            if d not in dims or (found is not None and d != found):
-                raise ValueError(f"{what} has placement {placement_text(t)}: spkern supports sharding on "
-                                 f"dimension {' or '.join(map(str, dims))} only (Shard({dims[0]}), as FSDP2 "
-                                 f"shards parameters), and on one tensor dimension")
-            found = d
-    return found
 
 
 def check_summable(t, what: str):
@@ -175,11 +160,11 @@ def local_count(t) -> tuple:
     if any(p.is_partial() for p in t.placements):
         t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
     mesh = t.device_mesh
-    lead = all(mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if p.is_replicate())
+    first = lead(t)
     features = [i for i, p in enumerate(t.placements) if sharded(p) and p.dim % t.dim() == t.dim() - 1]
-    if features and lead:
+    if features and first:
         return local_of(t), Split(mesh.get_group(features[0]), mesh.get_local_rank(features[0]) == 0)
-    return local_of(t), lead
+    return local_of(t), first
 
 
 def local_of(t):
@@ -233,15 +218,5 @@ def sum_over_shards(sums: Tensor, tensors: Sequence) -> Tensor:
     return sums
 
 
-def all_reduce_over_shards(x: Tensor, t) -> Tensor:
-    """``x`` (a local partial result for DTensor ``t``) summed over the ranks holding
-    ``t``'s other shards, in place."""
-    for g in _shard_groups(t):
-        torch.distributed.all_reduce(x, group=g)
-    return x
-
-
-__all__ = ["MatrixSplit", "all_reduce_over_shards", "check_like", "check_summable", "is_dtensor", "local", "local_count",
-           "local_of", "waited",
-           "matrix_split", "Split",
-           "shard_dim", "sharded_gram", "sum_over_shards"]
+__all__ = ["MatrixSplit", "Split", "check_like", "check_summable", "is_dtensor", "lead", "local", "local_count",
+           "local_of", "matrix_split", "sharded", "sharded_gram", "sum_over_shards", "waited"]

@@ -28,10 +28,9 @@ def _versions():
                                   f"{'with' if C.with_cuda else 'without'} CUDA kernels"))
     from spkern import cpu_isa
 
-    best = cpu_isa.best_here()
-    rows.append(("this CPU runs", "unknown (no /proc/cpuinfo)" if best is None else
-                 ", ".join(n for n in cpu_isa.NEEDS if cpu_isa.cannot_run(n) is None)
-                 + f" (torch's choice: {torch.backends.cpu.get_cpu_capability()})"))
+    flags = cpu_isa.cpu_flags()
+    rows.append(("this CPU runs", "unknown (no /proc/cpuinfo)" if flags is None else
+                 ", ".join(cpu_isa.runs_on(flags)) + f" (torch's choice: {torch.backends.cpu.get_cpu_capability()})"))
     rows.append(("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"))
     interp = "TRITON_INTERPRET=1" if registry.triton_kernels("cross_entropy") is not None and \
         registry.triton_interpreted() else "off"

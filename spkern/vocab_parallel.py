@@ -33,7 +33,7 @@ from torch import Tensor
 from spkern import registry
 from spkern.cross_entropy import (CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS, _check_target_values, _reduce,
                                   _scalars, backward_of, fake_outputs, setup_context)
-from spkern.distributed import is_dtensor, placement_text, sharded
+from spkern.distributed import check_summable, is_dtensor, placement_text, sharded
 
 
 def partials_per_row(kind: int, prob: bool, label_smoothing: float) -> int:
@@ -52,12 +52,10 @@ def split_of(t, dim: int, what: str, takes: str):
     """(process group, offset of this rank's first index, size) of DTensor ``t`` sharded on
     tensor dimension ``dim`` over one mesh dimension and replicated over the others; a
     ValueError naming ``what``, its placement and what the call ``takes`` otherwise."""
+    check_summable(t, what)
     mesh = t.device_mesh
     split = None
     for i, p in enumerate(t.placements):
-        if p.is_partial():
-            raise ValueError(f"{what} has placement {placement_text(t)}: spkern cannot use a Partial placement "
-                             f"(values still to be summed over ranks) here; redistribute it first")
         if sharded(p):
             if p.dim % t.dim() != dim or split is not None or not p.is_shard():
                 raise ValueError(f"{what} has placement {placement_text(t)} over mesh {tuple(mesh.shape)}: {takes}, "
@@ -158,7 +156,6 @@ def slice_loss(input, target, weight, kind, ignore_index, eps, z, cap, scalars, 
     ones = torch.tensor([1.0, float(Cl)], dtype=acc, device=dev)
     _, st, _ = kernel.fn(input, y_local, None, ones, CROSS_ENTROPY, -1, 0.0, 0.0, cap, True, False, None)
     parts = [r.to(acc) for r in st]  # lse, norm, max, max_prob, entropy, correct of the slice
-    xc = None
     if prob:
         parts.append(torch.zeros(M, dtype=acc, device=dev))
         xc = _softcapped(input.to(acc), cap)

@@ -100,7 +100,7 @@ class _GradSummed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # (all_reduce writes in place)
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad, None
 

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from spkern.distributed import Split, is_dtensor, local_count, local_of, sharded, waited
+from spkern.distributed import Split, is_dtensor, lead, local_count, local_of, sharded, waited
 from spkern.monitor.capture import Recorder, first_tensor, no_autocast, own_pass, reshard
 from spkern.monitor.measure import RefApp, products
 from spkern.monitor.reference import current_weight, whole
@@ -262,14 +262,14 @@ class Recording:
         with W_0's block of the same rows and columns (never a whole matrix); each tensor's
         sums count once over the ranks that hold it alike."""
         out = call()
-        x_local, cx = local_count(x) if is_dtensor(x) else (x, self._lead(weight))
+        x_local, cx = local_count(x) if is_dtensor(x) else (x, lead(weight))
         h, ch = local_count(out)
         if not self.rcc:
             self._record(layer, x_local, h, counts=(cx, ch, True))
             return out
         mesh, placements = weight.device_mesh, weight.placements
         summed = [i for i, p in enumerate(placements) if sharded(p) and p.dim % weight.dim() == 1]
-        cyz = all(mesh.get_local_rank(i) == 0 for i, p in enumerate(placements) if p.is_replicate() or i in summed)
+        cyz = lead(weight, also=summed)
         rows_split = [i for i, p in enumerate(placements) if sharded(p) and p.dim % weight.dim() == 0]
         if rows_split and cyz:  # (the products' features split: a row's norm summed over the ranks first)
             cyz = Split(mesh.get_group(rows_split[0]), mesh.get_local_rank(rows_split[0]) == 0)
@@ -284,11 +284,6 @@ class Recording:
         else:
             self._record(layer, x_local, h, ys[0], ys[1], counts=(cx, ch, cyz))
         return out
-
-    @staticmethod
-    def _lead(t):
-        """Whether this rank is the first of those holding DTensor ``t``'s replicas."""
-        return all(t.device_mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements) if p.is_replicate())
 
     def _w0_block(self, layer, weight):
         """The block of W_0 that matches the block of ``weight`` (a DTensor on the
