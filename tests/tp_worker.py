@@ -138,6 +138,20 @@ def norms():
     return out
 
 
+def tracked(model, opt, tracker, x, y, steps):
+    """``steps`` training steps on the rank's rows of (x, y) with ``tracker`` attached: its
+    metrics after them (every rank: a collective)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, stats = spkern.cross_entropy(model(share(x)), share(y), return_stats=True)
+        loss.backward()
+        tracker.record_loss(loss, stats)
+        opt.step()
+    out = tracker.metrics()
+    tracker.close()
+    return out
+
+
 def trackers():
     """The tracker on the parallel MLP in each probe mode, with spkern's SGD and torch's:
     every metric, against one process on the plain MLP (each dp rank measures its share of
@@ -153,14 +167,7 @@ def trackers():
                else torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
         given = {"probe": share(probe), "first": None, "batch": "batch"}[mode]
         tracker = spkern.Tracker(model, opt, probe=given, probe_rows=16, row_l2=True)
-        for _ in range(3):
-            opt.zero_grad()
-            loss, stats = spkern.cross_entropy(model(share(x)), share(y), return_stats=True)
-            loss.backward()
-            tracker.record_loss(loss, stats)
-            opt.step()
-        out[f"{mode}/{optim}"] = tracker.metrics()
-        tracker.close()
+        out[f"{mode}/{optim}"] = tracked(model, opt, tracker, x, y, 3)
     # the model's output straight from a RowwiseParallel layer (TP returns it while its
     # all-reduce may still be in flight): logits/ and the layer's output measured
     for mode in ("probe", "batch"):
@@ -168,14 +175,7 @@ def trackers():
         model = parallel(nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 5)))
         opt = spkern.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9)
         tracker = spkern.Tracker(model, opt, probe=share(probe) if mode == "probe" else "batch", probe_rows=16)
-        for _ in range(2):
-            opt.zero_grad()
-            loss, stats = spkern.cross_entropy(model(share(x)), share(y), return_stats=True)
-            loss.backward()
-            tracker.record_loss(loss, stats)
-            opt.step()
-        out[f"{mode}/spkern/rowwise_out"] = tracker.metrics()
-        tracker.close()
+        out[f"{mode}/spkern/rowwise_out"] = tracked(model, opt, tracker, x, y, 2)
     return out
 
 
