@@ -16,13 +16,18 @@ here = os.path.dirname(os.path.abspath(spkern.__file__))
 assert "site-packages" in here, f"spkern imported from {here}, not the installed wheel"
 C = spkern.registry.compiled()
 assert C is not None, spkern.registry.compiled_reason()
-assert spkern.cpu_isa.built_isa() == C.compiled_isa()
+isas = spkern.cpu_isa.compiled()
+assert isas == ["default", "avx2", "avx512"], isas  # (one wheel for every x86-64 CPU)
+assert spkern.cpu_isa.current() == spkern.cpu_isa.supported()[-1]
 
 torch.manual_seed(0)
 x = torch.randn(8, 50, requires_grad=True)
 y = torch.randint(0, 50, (8,))
 loss, stats = spkern.cross_entropy(x, y, return_stats=True)
 torch.testing.assert_close(loss, F.cross_entropy(x, y))
+for isa in spkern.cpu_isa.supported():  # each copy of the CPU kernels this CPU runs
+    with spkern.cpu_isa.use(isa):
+        torch.testing.assert_close(spkern.cross_entropy(x, y), F.cross_entropy(x, y))
 loss.backward()
 assert spkern.registry.resolve("cross_entropy", x).backend == "cpu"
 
@@ -38,5 +43,5 @@ for _ in range(2):
 metrics = tracker.metrics()
 assert metrics["2/eff_rms"] > 0 and metrics["0.weight/update_rms"] > 0, metrics
 info = subprocess.run([sys.executable, "-m", "spkern", "info"], capture_output=True, text=True, check=True).stdout
-assert f"CPU kernels for {C.compiled_isa()}" in info and "triton              not installed" in info, info
-print(f"wheel smoke test: ok ({here}, spkern._C for {C.compiled_isa()}, {len(metrics)} metrics)")
+assert f"CPU kernels for {', '.join(isas)}" in info and "triton              not installed" in info, info
+print(f"wheel smoke test: ok ({here}, spkern._C CPU kernels {', '.join(isas)}, running {spkern.cpu_isa.current()}, {len(metrics)} metrics)")

@@ -85,7 +85,7 @@ else
   echo "-- peers: no wheels in $wheels (bash bench/peer_wheels.sh saves them): the benchmarks skip them"
 fi
 if [ $dry = 1 ]; then
-  stage build 60 "$py" -c 'import spkern._C as C; print("spkern._C (CPU build):", C.compiled_isa())'
+  stage build 60 "$py" -c 'import spkern._C as C; print("spkern._C CPU kernels:", [v["isa"] for v in C.cpu_variants()], "running", C.cpu_isa())'
   stage gpu_tests 60 bash -c '"$py" -c "import spkern; print(\"spkern\", spkern.__version__, \"imports\")" && peers_found'
 else
   # the CUDA extension, built in place (16 cores)

@@ -300,7 +300,7 @@ def machine_info(device):
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     ext = registry.compiled()
-    info["spkern_cpu_isa"] = ext.compiled_isa() if ext else None
+    info["spkern_cpu_isa"] = ext.cpu_isa() if ext else None  # (the copy of the CPU kernels that ran)
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     info["peers"] = peers.versions()

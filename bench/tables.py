@@ -31,8 +31,10 @@ def table(path):
     where = d.get("gpu") or d["cpu"]
     if "ops" in d:  # spkern bench (bench/suite.py)
         return _suite(d, where)
+    if isinstance(d["results"], dict) and "copies" in d["results"]:  # bench/bench_cpu_isa.py
+        return _cpu_isa(d, where)
     lines = [f"`{d['command']}` on {where}, {d['threads']} threads, torch {d['torch']}, "
-             f"spkern `_C` built for {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
+             f"spkern `_C` CPU kernels {d['spkern_cpu_isa']}, commit {d['commit']}, {d['date'][:10]}.", ""]
     rows = d["results"]
     if rows and "optim" in rows[0]:
         lines += ["| optimizer | dtype | width | implementation | median ms | vs torch.optim | peak extra MB |",
@@ -77,6 +79,27 @@ def table(path):
             lines.append(f"| {r['N']} x {r['D']} x {r['V']} | {r['impl']} | {r['median_ms']:.0f} | "
                          f"{_fmt(r['vs_floor'], '.2f')}x | {_fmt(r['vs_eager'], '.2f')}x | "
                          f"{_fmt(r['peak_extra_mb'], '.0f')} | {_fmt(r['extra_fraction_of_eager_logits'], '.1%')} |")
+    return "\n".join(lines)
+
+
+def _cpu_isa(d, where):
+    copies = d["results"]["copies"]
+    isas = list(next(iter(copies.values())))
+    lines = [f"`{d['command']}` on {where}, {d['threads']} threads, torch {d['torch']}, commit {d['commit']}, "
+             f"{d['date'][:10]}; medians of {d['rounds']} rounds.", "",
+             "Each copy of the CPU kernels this CPU runs, timed in alternation in one process:", "",
+             "| step | " + " | ".join(f"{isa} ms" for isa in isas) + f" | {isas[0]} / {isas[-1]} |",
+             "|---|" + "---|" * (len(isas) + 1)]
+    for name, ms in copies.items():
+        lines.append(f"| {name} | " + " | ".join(f"{ms[isa]:.1f}" for isa in isas) +
+                     f" | {ms[isas[0]] / ms[isas[-1]]:.2f}x |")
+    against = d["results"].get("against_baseline")
+    if against:
+        lines += ["", f"This build (every copy, running {d['isa']['this']}) against `{d['baseline']}` (built for "
+                  f"{d['isa']['baseline']} alone), processes of each alternating:", "",
+                  "| step | one-ISA build ms | this build ms | ratio |", "|---|---|---|---|"]
+        for name, r in against.items():
+            lines.append(f"| {name} | {r['baseline']:.1f} | {r['this']:.1f} | {r['ratio']:.3f} |")
     return "\n".join(lines)
 
 

@@ -1,77 +1,109 @@
-"""The CPU instruction set spkern's C++ kernels were built for, and whether this CPU runs it,
-known without importing the extension: an extension built for instructions the CPU lacks
-(AVX-512 code moved to an AVX2-only machine: a Docker image, a wheel, a virtual
-environment copied between machines) dies at ``import spkern._C`` with SIGILL, no Python
-error. ``setup.py`` writes the choice next to this file (``_build_info.json``) when it
-builds the extension; :func:`spkern.registry.compiled` reads it first and leaves the
-extension unloaded, with a reason the backends report, where this CPU cannot run it.
+"""Which copy of spkern's C++ CPU kernels runs.
 
-No torch import here: ``setup.py`` reads :data:`NEEDS` too.
+The extension carries every CPU kernel compiled once per instruction set (on x86-64:
+``default``, portable; ``avx2``, AVX2 + FMA + F16C; ``avx512``, AVX-512 F/BW/VL/DQ), as PyTorch
+carries its own. At load it runs the widest copy the CPU supports (asked of the CPU itself,
+CPUID, by ``csrc/cpu_dispatch.cpp``), so one build, a wheel or a virtual environment moved
+between machines, runs anywhere. A narrower copy can be forced, at start-up with the
+environment variable ``SPKERN_CPU_ISA=default|avx2|avx512`` or at any time with
+:func:`use`; a copy that is not built in, or one this CPU cannot run, is a ``ValueError``
+naming what is missing, never an illegal instruction.
+
+>>> spkern.cpu_isa.current()
+'avx2'
+>>> with spkern.cpu_isa.use("default"):   # the portable kernels, e.g. to compare
+...     loss = spkern.cross_entropy(logits, target)
 """
 
-import json
 import os
 from typing import Optional
 
-# The CPU features each build's compiler flags (setup.py's ISA_FLAGS) let it use.
-NEEDS = {
-    "default": (),
-    "avx2": ("avx2", "fma", "f16c"),
-    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
-}
+ENV = "SPKERN_CPU_ISA"
 
-BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+_forced_by: Optional[str] = None  # how the copy in use was chosen when not by the CPU
 
 
-def built_isa() -> Optional[str]:
-    """The instruction set ``spkern._C`` was built for, as setup.py recorded it (None: not
-    recorded, an extension built before the record existed)."""
+def _extension():
+    from spkern import registry
+
+    C = registry.compiled()
+    if C is None:
+        raise RuntimeError(registry.compiled_reason())
+    return C
+
+
+def variants() -> list:
+    """The copies built in, narrowest first: dicts of ``isa``, ``needs`` (the CPU features its
+    code uses) and ``missing`` (those this CPU lacks; empty: it runs here). Empty when the
+    extension is not built."""
+    from spkern import registry
+
+    C = registry.compiled()
+    return [] if C is None else C.cpu_variants()
+
+
+def compiled() -> list:
+    """The instruction sets the CPU kernels are built for, narrowest first."""
+    return [v["isa"] for v in variants()]
+
+
+def supported() -> list:
+    """Those of :func:`compiled` this CPU runs, narrowest first."""
+    return [v["isa"] for v in variants() if not v["missing"]]
+
+
+def current() -> Optional[str]:
+    """The instruction set of the copy in use (None: the extension is not built)."""
+    from spkern import registry
+
+    C = registry.compiled()
+    return None if C is None else C.cpu_isa()
+
+
+def reason() -> str:
+    """Why :func:`current` runs: the widest copy this CPU runs, or how a narrower one was asked for."""
+    if _forced_by is not None:
+        return _forced_by
+    wider = [f"{v['isa']} (this CPU lacks {', '.join(v['missing'])})" for v in variants() if v["missing"]]
+    return "the widest built in that this CPU runs" + (f"; not {', '.join(wider)}" if wider else "")
+
+
+class use:
+    """Runs the CPU kernels built for ``isa`` from now on; as a context manager, until the block
+    ends (then the copy before it again). A ``ValueError`` names what this CPU lacks, or the
+    copies built in, when ``isa`` cannot run here."""
+
+    def __init__(self, isa: str, _why: Optional[str] = None):
+        global _forced_by
+        C = _extension()
+        self._previous = (C.cpu_isa(), _forced_by)
+        if not isinstance(isa, str):
+            raise TypeError(f"isa must be a string, one of {compiled()}; got {isa!r}")
+        C.set_cpu_isa(isa.lower())
+        _forced_by = _why or f"spkern.cpu_isa.use({isa!r})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _forced_by
+        isa, _forced_by = self._previous
+        _extension().set_cpu_isa(isa)
+        return False
+
+
+def apply_environment(C) -> None:
+    """``SPKERN_CPU_ISA``, read when the extension ``C`` is loaded (spkern.registry.compiled)."""
+    global _forced_by
+    asked = os.environ.get(ENV, "").strip().lower()
+    if not asked:
+        return
     try:
-        with open(BUILD_INFO) as f:
-            return json.load(f).get("cpu_isa")
-    except (OSError, ValueError):
-        return None
+        C.set_cpu_isa(asked)
+    except ValueError as e:
+        runs = [v["isa"] for v in C.cpu_variants() if not v["missing"]]
+        raise ValueError(f"{ENV}={asked!r}: {e}; this CPU runs {', '.join(runs)}") from None
+    _forced_by = f"{ENV}={asked}"
 
 
-def cpu_flags() -> Optional[frozenset]:
-    """This CPU's feature flags (``/proc/cpuinfo``), None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-def runs_on(flags: frozenset) -> list:
-    """The builds of :data:`NEEDS` a CPU with ``flags`` runs, narrowest first."""
-    return [name for name, needs in NEEDS.items() if all(f in flags for f in needs)]
-
-
-def cannot_run(isa: Optional[str], flags: Optional[frozenset] = None) -> Optional[str]:
-    """Why this CPU cannot run kernels built for ``isa`` (missing features), or None when
-    it can or when that cannot be told (no record, no readable flags: then the extension
-    is loaded as before)."""
-    if isa is None or isa not in NEEDS:
-        return None
-    flags = cpu_flags() if flags is None else flags
-    if flags is None:
-        return None
-    missing = [f for f in NEEDS[isa] if f not in flags]
-    if not missing:
-        return None
-    return (f"spkern._C was built for {isa}, which this CPU cannot run (it lacks {', '.join(missing)}); it was "
-            f"not loaded (it would die with an illegal instruction). Rebuild it here (pip install "
-            f"--no-build-isolation -e ., or ./run.sh), or build for what this CPU runs: "
-            f"SPKERN_CPU_ISA={runs_on(flags)[-1]}")
-
-
-def best_here(flags: Optional[frozenset] = None) -> Optional[str]:
-    """The widest of :data:`NEEDS` this CPU runs (None: its flags cannot be read)."""
-    flags = cpu_flags() if flags is None else flags
-    return None if flags is None else runs_on(flags)[-1]
-
-
-__all__ = ["BUILD_INFO", "NEEDS", "best_here", "built_isa", "cannot_run", "cpu_flags", "runs_on"]
+__all__ = ["ENV", "compiled", "current", "reason", "supported", "use", "variants"]

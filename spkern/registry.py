@@ -176,27 +176,29 @@ def resolve(op: str, tensor, *call) -> Optional[Kernel]:
 
 @functools.cache
 def compiled():
-    """spkern._C, or None when the extension is not built, or built for instructions this
-    CPU lacks (then it is not even imported: :func:`compiled_reason` says why)."""
-    from spkern import cpu_isa
-
-    why = cpu_isa.cannot_run(cpu_isa.built_isa())
-    if why is not None:
-        warnings.warn(why, RuntimeWarning, stacklevel=2)
-        return None
+    """spkern._C, or None when the extension is not built (or built by an older spkern:
+    :func:`compiled_reason` says so). Loading it applies ``SPKERN_CPU_ISA`` (spkern.cpu_isa):
+    a copy of the CPU kernels this CPU cannot run is a ValueError here, at every call."""
     try:
         from spkern import _C
     except ImportError:
         return None
+    if not hasattr(_C, "cpu_variants"):
+        return None
+    from spkern import cpu_isa
+
+    cpu_isa.apply_environment(_C)
     return _C
 
 
 def compiled_reason() -> str:
     """Why :func:`compiled` is None (for the backends' checks)."""
-    from spkern import cpu_isa
-
-    return (cpu_isa.cannot_run(cpu_isa.built_isa())
-            or "spkern._C is not built (pip install --no-build-isolation -e .)")
+    try:
+        from spkern import _C
+    except ImportError:
+        return "spkern._C is not built (pip install --no-build-isolation -e ., or ./run.sh)"
+    return (f"spkern._C ({_C.__file__}) was built by an older spkern: rebuild it (pip install "
+            f"--no-build-isolation -e ., or ./run.sh)")
 
 
 @functools.cache

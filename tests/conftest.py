@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -15,10 +17,32 @@ def available_backends():
 BACKENDS = available_backends()
 
 
-@pytest.fixture(params=BACKENDS)
+def other_cpu_isas():
+    """The copies of the C++ CPU kernels this CPU runs besides the one spkern picks (on an
+    AVX-512 machine default and avx2, on an AVX2 one default): each runs every test of the
+    cpu backend again, through the run-time switch, as ``cpu:<isa>``."""
+    from spkern import cpu_isa
+
+    if "cpu" not in BACKENDS:
+        return []
+    return [f"cpu:{isa}" for isa in cpu_isa.supported() if isa != cpu_isa.current()]
+
+
+CPU_ISAS = other_cpu_isas()
+
+
+@contextlib.contextmanager
+def backend_used(name):
+    """``spkern.use_backend`` for a name of BACKENDS or CPU_ISAS."""
+    backend, _, isa = name.partition(":")
+    with spkern.use_backend(backend), (spkern.cpu_isa.use(isa) if isa else contextlib.nullcontext()):
+        yield backend
+
+
+@pytest.fixture(params=BACKENDS + CPU_ISAS)
 def backend(request):
-    with spkern.use_backend(request.param):
-        yield request.param
+    with backend_used(request.param) as name:
+        yield name
 
 
 @pytest.fixture(autouse=True)

@@ -170,7 +170,7 @@ def test_extension_is_built():
     # The package is installed with its extension (pip install -e .); a missing build
     # would silently test the reference twice.
     assert registry.compiled() is not None
-    assert registry.compiled().compiled_isa() in ("avx512", "avx2", "default")
+    assert registry.compiled().cpu_isa() in ("avx512", "avx2", "default")
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,8 +45,11 @@ def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):
         o1.step()
         o2.step()
     tol = dict(rtol=1e-6, atol=1e-7)
-    if backend == "triton":
-        tol["atol"] = 1e-6  # the Triton interpreter does not fuse multiply-adds: a few ulps in 50 steps
+    # torch's kernels here fuse multiply-adds, as the AVX2 and AVX-512 CPU kernels do; the
+    # Triton interpreter and the portable CPU kernels do not: a few ulps in 50 steps
+    portable = backend == "cpu" and spkern.cpu_isa.current() == "default"
+    if backend == "triton" or portable:
+        tol["atol"] = 1e-6
     if dtype != torch.float32:
         # reduced precision rounds after each of torch's ops, as torch does; torch's add(x, y,
         # alpha) rounds alpha * y first on the elements of its scalar loop (the tail of each
@@ -55,7 +58,7 @@ def test_equals_torch_over_many_steps(backend, ours, theirs, kw, dtype):
         tol = dict(rtol=2e-2, atol=2e-2)
         same = sum((x == y).sum().item() for x, y in zip(a, b)) / sum(x.numel() for x in a)
         assert same > (0.97 if backend != "triton" else 0.9), same
-        if ours is spkern.optim.AdamW and backend == "cpu":
+        if ours is spkern.optim.AdamW and backend == "cpu" and not portable:
             tol = dict(rtol=0, atol=0)  # AdamW has no add(x, y, alpha): bit for bit
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, **tol)

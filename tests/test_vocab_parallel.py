@@ -13,7 +13,7 @@ import spkern
 from spkern import registry, vocab_parallel
 from spkern.cross_entropy import CROSS_ENTROPY, MSE_LOGITS, MSE_PROBS, logit_grad_reference
 
-from conftest import BACKENDS, run_worlds
+from conftest import BACKENDS, CPU_ISAS, backend_used, run_worlds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -40,22 +40,22 @@ GRAD_CASES = [(CROSS_ENTROPY, False, False, None), (CROSS_ENTROPY, False, True, 
 @pytest.mark.parametrize("C", [37, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind,prob,weight,cap", GRAD_CASES)
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])  # (the reference is the truth)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS + CPU_ISAS if b != "reference"])  # (the reference: the truth)
 def test_logit_grad_kernel_matches_float64_reference(backend, kind, prob, weight, cap, dtype, C):
     args = _grad_call(kind, prob, weight, cap, C, dtype)
-    with spkern.use_backend(backend):
+    with backend_used(backend) as name:
         kernel = registry.resolve("logit_grad", args[0])
-    assert kernel.backend == backend
-    got = kernel.fn(*args)
+        assert kernel.backend == name
+        got = kernel.fn(*args)
+        # written into grad_out when given
+        out = torch.empty_like(args[0])
+        assert kernel.fn(*args, out) is out and torch.equal(out, got)
     x = args[0]
     want = logit_grad_reference(*args, torch.empty(x.shape, dtype=torch.float64))  # (in float64)
     assert got.dtype == dtype and got.shape == x.shape
     err = (got.double() - want).abs().max() / want.abs().max()
     assert err < TOL[dtype], err
     assert bool((got[2] == 0).all()) if not prob else True  # the ignored row
-    # written into grad_out when given
-    out = torch.empty_like(x)
-    assert kernel.fn(*args, out) is out and torch.equal(out, got)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

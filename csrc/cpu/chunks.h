@@ -4,6 +4,8 @@
 // reduced per tensor in float64, in a fixed order (deterministic).
 #pragma once
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 
 // body(tensor index, begin, end) -> its four partial sums; returns the sums per tensor.
 // With rows, tensor i's chunks are whole rows of rows[i] elements where rows[i] > 0.
@@ -38,5 +41,6 @@ std::vector<std::array<double, 4>> chunked_sums(const std::vector<int64_t>& size
   return total;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

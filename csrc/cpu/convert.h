@@ -2,6 +2,11 @@
 // Vectorized for the instruction set the including file is compiled for.
 #pragma once
 
+#include "kernels.h"
+
+// (functional.h: the BFloat16/Half specialisations of convert_{to,from}_float, which vec.h only
+// declares; without them an AVX-512 copy links against a symbol nothing defines)
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -9,6 +14,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 // Elements [0, n) of src as float, in dst.
@@ -51,5 +57,6 @@ inline const float* as_float(const scalar_t* src, float* buf, int64_t n) {
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

@@ -7,15 +7,13 @@
 //   pass 3  gradient from e (only when asked), written once in the input dtype
 // Definitions match spkern/cross_entropy.py (the reference implementation).
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "convert.h"
 #include "../constants.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/util/accumulate.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -23,15 +21,11 @@
 
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -63,70 +57,6 @@ int64_t first_index_of(const float* x, int64_t n, float v) {
     if (x[c] == v) return c;
   return -1;
 }
-
-// Large output buffers (the gradient) are 2 MB aligned and marked for transparent
-// huge pages, so that their first touch costs one page fault per 2 MB instead of per
-// 4 KB (measured: 105 ms -> 43 ms to allocate and fill 512 MB). The last one freed is
-// kept and handed to the next request of the same size: a training step frees the
-// previous step's gradient before it asks for the next one, which then needs no page
-// faults and no zeroing at all. release_cached_buffer() returns it to the system.
-constexpr size_t kHugePage = size_t(2) << 20;
-
-struct BufferCache {
-  std::mutex mutex;
-  void* ptr = nullptr;
-  size_t bytes = 0;
-};
-
-BufferCache& buffer_cache() {
-  static BufferCache* cache = new BufferCache();  // never destroyed: safe at exit
-  return *cache;
-}
-
-void release_large(void* ptr, size_t bytes) {
-  auto& cache = buffer_cache();
-  {
-    std::lock_guard<std::mutex> lock(cache.mutex);
-    if (cache.ptr == nullptr) {
-      cache.ptr = ptr;
-      cache.bytes = bytes;
-      return;
-    }
-  }
-  free(ptr);
-}
-
-}  // namespace
-
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (nbytes >= 4 * kHugePage) {
-    const size_t padded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* ptr = nullptr;
-    {
-      auto& cache = buffer_cache();
-      std::lock_guard<std::mutex> lock(cache.mutex);
-      if (cache.ptr != nullptr && cache.bytes == padded) std::swap(ptr, cache.ptr);
-    }
-    if (ptr == nullptr && posix_memalign(&ptr, kHugePage, padded) == 0)
-      madvise(ptr, padded, MADV_HUGEPAGE);
-    if (ptr != nullptr)
-      return at::from_blob(ptr, sizes, [padded](void* p) { release_large(p, padded); }, options);
-  }
-#endif
-  return at::empty(sizes, options);
-}
-
-void release_cached_buffer() {
-  auto& cache = buffer_cache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  free(cache.ptr);
-  cache.ptr = nullptr;
-  cache.bytes = 0;
-}
-
-namespace {
 
 struct Params {
   Kind kind;  // which loss (csrc/constants.h); the statistics are the same for all
@@ -479,19 +409,6 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   return out;
 }
 
-}  // namespace cpu
-}  // namespace spkern
-
-namespace spkern {
-namespace cpu {
-const char* compiled_isa() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "default";
-#endif
-}
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

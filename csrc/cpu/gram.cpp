@@ -4,7 +4,7 @@
 // then w += u_r (a_r - b_r). Matrix-vector products (A v, then A^T u) read A twice.
 // Rows run in parallel; each thread adds into its own w, the partial sums are added last.
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "gram_rows.h"
 
 #include <ATen/Parallel.h>
@@ -15,6 +15,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 template <typename TA, typename TB>
@@ -67,5 +68,6 @@ at::Tensor gram_matvec(const at::Tensor& a, const c10::optional<at::Tensor>& b, 
   return w;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

@@ -3,6 +3,8 @@
 // of csrc/cpu/optim.cpp run it on the rows they have just written, still in cache).
 #pragma once
 
+#include "kernels.h"
+
 #include "convert.h"
 
 #include <ATen/ATen.h>
@@ -15,6 +17,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 // (x - y) . v over n floats (y optional: 0).
@@ -115,5 +118,6 @@ struct GramPartials {
 };
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

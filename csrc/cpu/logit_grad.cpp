@@ -11,7 +11,7 @@
 // whose target is ignore_index all zeros. rows = (M, 4) float32 [lse, a, b, b_y].
 // Definitions match spkern.cross_entropy.logit_grad_reference.
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "convert.h"
 #include "../constants.h"
 
@@ -24,6 +24,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -182,5 +183,6 @@ at::Tensor logit_grad(const at::Tensor& logits, const at::Tensor& target, const 
   return grad;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

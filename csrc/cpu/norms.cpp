@@ -6,7 +6,7 @@
 // tensor and many small ones both keep every thread busy; each chunk's partial sums are
 // reduced per tensor afterwards in float64, in a fixed order (deterministic).
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "chunks.h"
 #include "convert.h"
 #include "../constants.h"
@@ -21,6 +21,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -125,5 +126,6 @@ at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& a, const std::vecto
   return out;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

@@ -12,7 +12,7 @@
 // (W_{t+1} - W_0) . v as it writes it, then adds that times the row, still in L1, into
 // the product (csrc/cpu/gram_rows.h; rows longer than 16K elements after the chunk).
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "chunks.h"
 #include "convert.h"
 #include "gram_rows.h"
@@ -30,6 +30,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -548,5 +549,6 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern

@@ -5,7 +5,7 @@
 // multi_pair_stats does the same for many pairs in one call, the rows of all of them in
 // one parallel loop (row r of each pair in turn), and returns each pair's totals.
 
-#include "../spkern.h"
+#include "kernels.h"
 #include "convert.h"
 #include "../constants.h"
 
@@ -20,6 +20,7 @@
 
 namespace spkern {
 namespace cpu {
+namespace CPU_CAPABILITY {
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -169,5 +170,6 @@ at::Tensor pair_stats(const at::Tensor& a, const c10::optional<at::Tensor>& b) {
   return out;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace spkern
