@@ -66,7 +66,9 @@ except ImportError:
         || { cat "$log" >&2; say "the build failed (log: $log)"; exit 1; }
       fingerprint setup.py > "$stamps/install"
     fi
-    "$py" setup.py -q build_ext --inplace >"$log" 2>&1 \
+    # (the pinned ninja of the environment, as every later build there, a wheel's included: a
+    # ninja of another version discards the log of the objects built, and rebuilds them all)
+    PATH="$venv/bin:$PATH" "$py" setup.py -q build_ext --inplace >"$log" 2>&1 \
       || { cat "$log" >&2; say "the build failed (log: $log)"; exit 1; }
     "$py" -c 'import spkern._C as C; print("run.sh: spkern._C built; CPU kernels", ", ".join(v["isa"] for v in C.cpu_variants()) + ";", "this CPU runs", C.cpu_isa())' >&2
     echo "$want" > "$stamps/extension"

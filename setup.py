@@ -118,6 +118,7 @@ def main():
             "wandb": ["wandb"],
             "hf": ["transformers", "accelerate"],
             "lightning": ["lightning"],
+            "ray": ["ray>=2.40"],
             "test": ["pytest", "pytest-benchmark", "ninja", "mnist1d"],
         },
         entry_points={"console_scripts": ["spkern = spkern.experiments.cli:run"]},

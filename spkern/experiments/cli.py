@@ -79,6 +79,18 @@ def _add_sweep_options(p, score, grid, below=None):
     p.add_argument("--stable-threshold", type=number(), default=None,
                    help=f"{score} a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, grid, below)
+    p.add_argument("--engine", default="serial", choices=["serial", "ray"],
+                   help="serial: one run after another in this process; ray: every run a Ray task, on a local Ray "
+                        "cluster started for the sweep or the one at --address (see spkern.experiments.engines)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ray engine without GPUs: runs at once, each on an equal share of the cores (default: one "
+                        "per core)")
+    p.add_argument("--gpus-per-run", type=number(above=0), default=None,
+                   help="ray engine: GPUs per run (default 1 where the cluster has GPUs and --device is not cpu)")
+    p.add_argument("--address", default=None, help="ray engine: an existing Ray cluster (auto, or host:port)")
+    p.add_argument("--ahead", type=int, default=2,
+                   help="ray engine, adaptive grid: rates an idle slot may run ahead of each search (their runs are "
+                        "dropped when the search does not visit them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -146,12 +158,20 @@ def _run_sweep(kind, args, configs, data, device):
         return 0
     print(f"spkern sweep {kind}: {len(configs)} runs{' at most (adaptive grid)' if adaptive else ''} on {args.data} "
           f"({device}), results in {args.out}/results.jsonl", flush=True)
+    engine = _engine(args, configs, device)
     try:
-        counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress, adaptive=adaptive)
+        counts = sweep.run(configs, args.out, data, device=device, progress=not args.no_progress, adaptive=adaptive,
+                           engine=engine, ahead=args.ahead)
     except (sweep.SweepLocked, sweep.ResultsError) as e:
         raise UsageError(f"spkern: {e}") from None
+    finally:
+        if engine is not None:
+            engine.close()
     print(f"done: {counts['ok']} ok, {counts['diverged']} diverged, {counts['skipped']} already in the results"
           + (f", {counts['left_out']} left out by the adaptive grid" if adaptive else ""), flush=True)
+    if counts["speculative"]:
+        print(f"run ahead of the adaptive search and dropped: {counts['speculative']} run(s) "
+              f"({counts['speculative_steps']} steps of finished ones)", flush=True)
     if counts["stopped_early"]:
         print(f"early stopping: {counts['stopped_early']} catastrophic run(s) stopped before their last step, "
               f"{counts['steps_not_run']} of their scheduled steps not run (at most what it saved: a run whose loss "
@@ -159,6 +179,40 @@ def _run_sweep(kind, args, configs, data, device):
     if not args.no_report:
         print(f"report: {report.write(args.out, args.stable_threshold)}")
     return 0
+
+
+def _engine(args, configs, device):
+    """The engine --engine names (None: the serial one, made by the sweep), checked and started."""
+    import time
+
+    from spkern.distributed import rank_and_world
+    from spkern.experiments import engines
+
+    ray_only = {"--workers": args.workers, "--gpus-per-run": args.gpus_per_run, "--address": args.address}
+    if args.engine == "serial":
+        given = [k for k, v in ray_only.items() if v is not None]
+        if given:
+            raise UsageError(f"spkern: {', '.join(given)} only with --engine ray")
+        return None
+    if args.ahead < 0:
+        raise UsageError(f"spkern: --ahead must be >= 0, got {args.ahead}")
+    if rank_and_world()[1] > 1 or any(getattr(c, "tp", 1) > 1 or getattr(c, "fsdp", False) for c in configs):
+        raise UsageError("spkern: runs on several processes (--fsdp, --tp, torchrun) stay under torchrun: "
+                         "use --engine serial")
+    gpus = args.gpus_per_run
+    if gpus is None and str(device).startswith("cuda"):
+        gpus = 1
+    if gpus and args.workers is not None:
+        raise UsageError("spkern: --workers is for CPU runs; with GPUs the runs at once are the GPUs / --gpus-per-run")
+    start = time.perf_counter()
+    try:
+        engine = engines.RayEngine(workers=args.workers, gpus_per_run=gpus or 0, address=args.address)
+    except (RuntimeError, ValueError, ConnectionError) as e:
+        raise UsageError(f"spkern: --engine ray: {e}") from None
+    each = f"{gpus:g} GPU(s)" if gpus else f"{engine.threads} core(s)"
+    print(f"ray: {engine.slots} runs at once, {each} each, on {engine.address} (started in "
+          f"{time.perf_counter() - start:.1f} s)", flush=True)
+    return engine
 
 
 def _writable_folder(out):

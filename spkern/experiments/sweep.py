@@ -19,8 +19,15 @@ With ``regimes`` (default) the search goes further down until it has run a rate 
 best one whose every run is in the stable regime (:mod:`spkern.regime`), so that the
 report's regime map has both of its boundaries.
 The decisions are read from the results, so a resumed sweep makes the same ones.
+
+An engine (:mod:`spkern.experiments.engines`) executes the runs: one after another in this
+process, or as Ray tasks several at once. This process alone decides which runs and writes
+the results, in either case: the searches consume their runs in the serial order, and a run
+started ahead of a search that the search does not visit is dropped, so a parallel sweep's
+results are the serial sweep's.
 """
 
+import concurrent.futures
 import contextlib
 import fcntl
 import itertools
@@ -119,17 +126,16 @@ class Adaptive:
             raise ValueError(f"Adaptive needs below >= 0 and above >= 1, got {self.below}, {self.above}")
 
 
-def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
-                adaptive: Adaptive = Adaptive()) -> Dict[int, Tuple[float, float, bool]]:
-    """The adaptive search over a grid of ``n`` rates from index ``start``: ``runs_at(i)``
-    makes (or reads) the runs of every seed at grid rate i and returns their results.
-    Returns {index: (mean score, mean training loss, any seed diverged)} of the rates run."""
+def _search(n: int, start: int, adaptive: Adaptive):
+    """The adaptive search over a grid of ``n`` rates from index ``start``, as a generator: it
+    yields each grid index it visits, in order, is sent the runs of every seed at that rate,
+    and returns {index: (mean score, mean training loss, any seed diverged)} of the rates run.
+    Its decisions depend on nothing but the runs it is sent."""
     known: Dict[int, Tuple[float, float, bool]] = {}
     regime_stable = set()  # the rates whose every seed is in the stable regime
     base = []  # the chance score, from the first results
 
-    def visit(i):
-        runs = runs_at(i)
+    def learn(i, runs):
         base[:] = base or [results.chance_score(runs[0])]
         known[i] = results.lr_outcome(runs)
         if all(results.regime_of(r) == STABLE for r in runs):
@@ -143,15 +149,37 @@ def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
 
     start = min(max(start, 0), n - 1)
     for i in range(start, n):
-        visit(i)
+        learn(i, (yield i))
         if i - adaptive.above + 1 >= start and not any(stable(j) for j in range(i - adaptive.above + 1, i + 1)):
             break
     for i in range(start - 1, -1, -1):
         if any(stable(j) for j in known) and i < best_of(known) - adaptive.below and (
                 not adaptive.regimes or any(j < best_of(known) for j in regime_stable)):
             break
-        visit(i)
+        learn(i, (yield i))
     return known
+
+
+def visit_order(n: int, start: int) -> List[int]:
+    """The order in which the search may visit a grid of ``n`` rates from ``start``: up from
+    it, then down from below it. It visits a first part of each half, in this order: what a
+    parallel sweep runs ahead of it."""
+    start = min(max(start, 0), n - 1)
+    return list(range(start, n)) + list(range(start - 1, -1, -1))
+
+
+def search_grid(n: int, start: int, runs_at: Callable[[int], List[dict]],
+                adaptive: Adaptive = Adaptive()) -> Dict[int, Tuple[float, float, bool]]:
+    """The adaptive search over a grid of ``n`` rates from index ``start``: ``runs_at(i)``
+    makes (or reads) the runs of every seed at grid rate i and returns their results.
+    Returns {index: (mean score, mean training loss, any seed diverged)} of the rates run."""
+    search = _search(n, start, adaptive)
+    try:
+        i = next(search)
+        while True:
+            i = search.send(runs_at(i))
+    except StopIteration as stop:
+        return stop.value
 
 
 def best_of(known: Dict[int, Tuple[float, float, bool]]) -> Optional[int]:
@@ -167,10 +195,17 @@ def _experiment(cfg) -> tuple:
 
 
 def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool = True, train_fn=None,
-        adaptive: Optional[Adaptive] = None) -> dict:
+        adaptive: Optional[Adaptive] = None, engine=None, ahead: int = 2) -> dict:
     """Runs every config not yet in ``out``'s results (with ``adaptive``, those of them
     that the adaptive search reaches); returns counts of what happened. Raises
-    :class:`SweepLocked` while another sweep writes to ``out``."""
+    :class:`SweepLocked` while another sweep writes to ``out``.
+
+    ``engine`` (spkern.experiments.engines; default: one run after another in this process)
+    executes the runs; this process decides which and alone writes the results. With an engine
+    of several slots, independent runs (experiments, seeds, every run of a full grid) run at
+    once, and an adaptive search's next rates (up to ``ahead`` rates past the one it waits for)
+    run ahead of it on slots it leaves free; a run the search then does not visit is dropped,
+    never recorded (counted in ``speculative``), so the results are the serial sweep's."""
     if train_fn is None and configs:
         if type(configs[0]) not in TRAINERS:
             raise TypeError(f"no trainer for {type(configs[0]).__name__}: a sweep runs "
@@ -178,9 +213,9 @@ def run(configs: List[RunConfig], out: str, data, *, device=None, progress: bool
         train_fn = TRAINERS[type(configs[0])]
     os.makedirs(out, exist_ok=True)
     if rank_and_world()[0] != 0:  # under torchrun (a sharded GPT sweep): rank 0 holds the lock and writes
-        return _run_locked(configs, out, data, device, False, train_fn, adaptive)
+        return _run_locked(configs, out, data, device, False, train_fn, adaptive, engine, ahead)
     with _lock(out):
-        return _run_locked(configs, out, data, device, progress, train_fn, adaptive)
+        return _run_locked(configs, out, data, device, progress, train_fn, adaptive, engine, ahead)
 
 
 def _same_on_every_rank(done):
@@ -195,67 +230,196 @@ def _same_on_every_rank(done):
     return box[0]
 
 
-def _run_locked(configs, out, data, device, progress, train_fn, adaptive):
+class _Grid:
+    """The runs of a full grid: every config, in the order given."""
+
+    def __init__(self, configs):
+        self.configs = list(configs)
+        self.finished = not self.configs
+
+    def wanted(self, done):
+        return [c for c in self.configs if _key(asdict(c)) not in done]
+
+    def ahead(self, depth):
+        return []
+
+    def step(self, done):
+        """Moves on when the runs it waits for are recorded: None when it did not, else the
+        configs it left out (none here)."""
+        if self.finished or self.wanted(done):
+            return None
+        self.finished = True
+        return []
+
+
+class _Chain:
+    """One experiment of an adaptive sweep: its widths searched one after another (smallest
+    first), each from the previous width's optimum; ``wanted``: the runs (every seed) of the
+    rate its search waits for; ``ahead(d)``: those of the rate it may visit d rates later."""
+
+    def __init__(self, by_width, adaptive):
+        self.by_width, self.adaptive = by_width, adaptive
+        self.widths = iter(sorted(by_width))
+        self.start = None  # the previous width's optimum
+        self.finished = False
+        self._next_width()
+
+    def _next_width(self):
+        width = next(self.widths, None)
+        if width is None:
+            self.finished = True
+            return
+        self.by_lr = self.by_width[width]
+        self.grid = sorted(self.by_lr)
+        start = len(self.grid) - 1 if self.start is None else self.start
+        self.order = visit_order(len(self.grid), start)
+        self.search = _search(len(self.grid), start, self.adaptive)
+        self.index = next(self.search)
+
+    def wanted(self, done):
+        return [] if self.finished else self.by_lr[self.grid[self.index]]
+
+    def ahead(self, depth):
+        if self.finished:
+            return []
+        at = self.order.index(self.index) + depth
+        return self.by_lr[self.grid[self.order[at]]] if at < len(self.order) else []
+
+    def step(self, done):
+        """Hands the search the runs it waits for once they are all recorded (one rate at a
+        time: the sweep sees every rate's runs): None when they are not, else the configs of
+        the rates a finished width left out."""
+        if self.finished or not all(_key(asdict(c)) in done for c in self.wanted(done)):
+            return None
+        try:
+            self.index = self.search.send([done[_key(asdict(c))] for c in self.wanted(done)])
+            return []
+        except StopIteration as stop:
+            known = stop.value
+        best = best_of(known)
+        self.start = self.start if best is None else best
+        left = [cfg for i in range(len(self.grid)) if i not in known for cfg in self.by_lr[self.grid[i]]]
+        self._next_width()
+        return left
+
+
+def _run_locked(configs, out, data, device, progress, train_fn, adaptive, engine, ahead):
     from tqdm.auto import tqdm
+
+    from spkern.experiments import engines
 
     writer = rank_and_world()[0] == 0
     path = os.path.join(out, RESULTS)
     if writer:
         _drop_torn_line(path)
     done = _same_on_every_rank({_key(r["config"]): r for r in read_results(out)} if writer else None)
+    initial = set(done)
     counts = {"total": len(configs), "skipped": 0, "ok": 0, "diverged": 0, "left_out": 0, "stopped_early": 0,
-              "steps": 0, "steps_not_run": 0}
+              "steps": 0, "steps_not_run": 0, "speculative": 0, "speculative_steps": 0}
     todo = sum(_key(asdict(c)) not in done for c in configs)
     runs_bar = tqdm(total=todo, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     steps_bar = tqdm(desc="steps", unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+    own_engine = engine is None
+    if own_engine:
+        engine = engines.SerialEngine()
+    if isinstance(engine, engines.SerialEngine):
+        engine.progress = steps_bar if progress else None
+    elif rank_and_world()[1] > 1:
+        raise ValueError("a sweep under torchrun (one run on several processes) runs its runs one after another: "
+                         "use the serial engine")
+    if adaptive is None:
+        chains = [_Grid(configs)]
+    else:
+        # experiment -> width -> lr -> the configs of its seeds, in the order given
+        groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        for cfg in configs:
+            groups[_experiment(cfg)][cfg.width][cfg.lr].append(cfg)
+        chains = [_Chain(by_width, adaptive) for by_width in groups.values()]
+    finished = {}  # key -> the result of a run that ran ahead of its search, not recorded (yet)
+    running = {}  # future -> its config
+    # the keys of the recorded runs the sweep reads (a full grid: all; adaptive: those its searches visit)
+    used = {_key(asdict(c)) for c in configs} if adaptive is None else set()
 
-    def result(cfg, f):
-        """The recorded result of cfg, trained now if it is not in the results yet."""
-        key = _key(asdict(cfg))
-        if key in done:
-            counts["skipped"] += 1
-            return done[key]
-        runs_bar.set_postfix_str(f"{cfg.loss} {cfg.optim} {cfg.param} n={cfg.width} lr={cfg.lr:.3g} seed={cfg.seed}")
-        r = train_fn(cfg, data, device=device, progress=steps_bar if progress else None)
+    def record(cfg, r, f):
         f.write(json.dumps(r) + "\n")
         f.flush()
         if writer:
             os.fsync(f.fileno())
-        done[key] = r
+        done[_key(asdict(cfg))] = r
         counts[r["status"]] += 1
         counts["steps"] += r.get("steps") or 0
         if r.get("stopped_early"):
             counts["stopped_early"] += 1
             counts["steps_not_run"] += r.get("steps_not_run") or 0
         runs_bar.update(1)
-        return r
+
+    def wanted():
+        return [c for chain in chains for c in chain.wanted(done)]
+
+    def move_on(f):
+        """Records the runs the searches wait for that have ended, and moves the searches on."""
+        moved = True
+        while moved:
+            moved = False
+            for cfg in wanted():
+                key = _key(asdict(cfg))
+                used.add(key)
+                if key in finished:
+                    record(cfg, finished.pop(key), f)
+            for chain in chains:
+                left = chain.step(done)
+                if left is not None:
+                    moved = True
+                    counts["left_out"] += len(left)
+                    runs_bar.total -= sum(_key(asdict(c)) not in done for c in left)
+        runs_bar.refresh()
+
+    def next_runs():
+        """What to start on the free slots: the runs the searches wait for, then those ahead of them."""
+        depth = range(1, ahead + 1) if engine.speculates else ()
+        later = [c for d in depth for chain in chains for c in chain.ahead(d)]
+        seen = {_key(asdict(c)) for c in running.values()}
+        for cfg in wanted() + later:
+            key = _key(asdict(cfg))
+            if key not in done and key not in finished and key not in seen:
+                seen.add(key)
+                yield cfg
 
     try:
         with open(path if writer else os.devnull, "a") as f:
-            if adaptive is None:
-                for cfg in configs:
-                    result(cfg, f)
-            else:
-                # experiment -> width -> lr -> the configs of its seeds, in the order given
-                groups = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-                for cfg in configs:
-                    groups[_experiment(cfg)][cfg.width][cfg.lr].append(cfg)
-                for by_width in groups.values():
-                    start = None  # the previous width's optimum
-                    for width in sorted(by_width):
-                        by_lr = by_width[width]
-                        grid = sorted(by_lr)
-                        known = search_grid(len(grid), len(grid) - 1 if start is None else start,
-                                            lambda i: [result(cfg, f) for cfg in by_lr[grid[i]]], adaptive)
-                        left = [cfg for i in range(len(grid)) if i not in known for cfg in by_lr[grid[i]]]
-                        counts["left_out"] += len(left)
-                        runs_bar.total -= sum(_key(asdict(c)) not in done for c in left)
-                        runs_bar.refresh()
-                        best = best_of(known)
-                        start = start if best is None else best
+            move_on(f)
+            while not all(chain.finished for chain in chains):
+                for cfg in next_runs():
+                    if len(running) >= engine.slots:
+                        break
+                    if isinstance(engine, engines.SerialEngine):
+                        runs_bar.set_postfix_str(f"{cfg.loss} {cfg.optim} {cfg.param} n={cfg.width} "
+                                                 f"lr={cfg.lr:.3g} seed={cfg.seed}")
+                    running[engine.submit(train_fn, cfg, data, device)] = cfg
+                ended, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in ended:
+                    cfg = running.pop(future)
+                    finished[_key(asdict(cfg))] = future.result()
+                move_on(f)
+                # runs ahead that no search will read any more (their width is done)
+                keep = {_key(asdict(c)) for d in range(ahead + 1) for chain in chains for c in
+                        (chain.wanted(done) if d == 0 else chain.ahead(d))}
+                for future, cfg in list(running.items()):
+                    if _key(asdict(cfg)) not in keep:
+                        engine.cancel(future)
+                        running.pop(future)
+                        counts["speculative"] += 1
     finally:
+        for future in running:  # (after the last search: runs ahead of it)
+            engine.cancel(future)
+            counts["speculative"] += 1
+        if own_engine:
+            engine.close()
         steps_bar.close()
         runs_bar.close()
+    counts["skipped"] = len(used & initial)
+    counts["speculative"] += len(finished)
+    counts["speculative_steps"] = sum(r.get("steps") or 0 for r in finished.values())
     return counts
 
 
