@@ -159,6 +159,11 @@ def main(argv=None):
               f"{args.rounds} rounds of one process each:")
         results["against_baseline"], extra["isa"] = against_baseline(args)
         extra["baseline"] = args.baseline
+        try:
+            extra["baseline_commit"] = subprocess.check_output(["git", "-C", args.baseline, "rev-parse", "--short",
+                                                                "HEAD"], text=True).strip()
+        except (OSError, subprocess.CalledProcessError):
+            extra["baseline_commit"] = None
     if args.out:
         harness.save(args.out, "cpu_isa", args.quick, info, results, rows=args.rows, vocab=args.vocab, width=args.width, rounds=args.rounds, **extra)
     return 0

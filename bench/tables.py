@@ -95,7 +95,8 @@ def _cpu_isa(d, where):
                      f" | {ms[isas[0]] / ms[isas[-1]]:.2f}x |")
     against = d["results"].get("against_baseline")
     if against:
-        lines += ["", f"This build (every copy, running {d['isa']['this']}) against `{d['baseline']}` (built for "
+        commit = f", commit {d['baseline_commit']}" if d.get("baseline_commit") else ""
+        lines += ["", f"This build (every copy, running {d['isa']['this']}) against `{d['baseline']}`{commit} (built for "
                   f"{d['isa']['baseline']} alone), processes of each alternating:", "",
                   "| step | one-ISA build ms | this build ms | ratio |", "|---|---|---|---|"]
         for name, r in against.items():

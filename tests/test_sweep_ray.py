@@ -189,3 +189,11 @@ def test_engine_options_are_checked(cluster, tmp_path, capsys, argv, match):
     rc = cli.run(["sweep", "mlp", "--widths", "16", "--lrs", "0.1", "--loss", "ce", "--seeds", "1", "--epochs", "1",
                   "--out", str(tmp_path / "x"), "--no-progress", "--no-report"] + argv)
     assert rc == 2 and match in capsys.readouterr().err
+
+
+def test_gpus_asked_of_a_cluster_without_them_are_refused(cluster):
+    with pytest.raises(ValueError, match=r"gpus_per_run=1, but the Ray cluster has 0 GPUs"):
+        engines.RayEngine(gpus_per_run=1)
+    assert ray.is_initialized()  # (a cluster it did not start is left running)
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        engines.RayEngine(workers=0)

@@ -79,7 +79,9 @@ def _add_sweep_options(p, score, grid, below=None):
     p.add_argument("--stable-threshold", type=number(), default=None,
                    help=f"{score} a stable lr must reach (default: halfway from chance to the best)")
     _add_grid_options(p, grid, below)
-    p.add_argument("--engine", default="serial", choices=["serial", "ray"],
+    from spkern.experiments.engines import ENGINES
+
+    p.add_argument("--engine", default="serial", choices=ENGINES,
                    help="serial: one run after another in this process; ray: every run a Ray task, on a local Ray "
                         "cluster started for the sweep or the one at --address (see spkern.experiments.engines)")
     p.add_argument("--workers", type=int, default=None,

@@ -79,6 +79,7 @@ class RayEngine:
         if gpus_per_run < 0:
             raise ValueError(f"gpus_per_run must be >= 0, got {gpus_per_run}")
         self._ray = ray
+        self._refs = {}  # future -> its Ray task
         self._started = not ray.is_initialized()
         if self._started:
             kw = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -102,7 +103,6 @@ class RayEngine:
             options = dict(num_cpus=self.threads)
         self.address = address or "a local cluster started for the sweep"
         self._task = ray.remote(_train_task).options(max_retries=max_retries, retry_exceptions=False, **options)
-        self._refs = {}  # future -> its Ray task
         self._data = self._data_ref = None
 
     def submit(self, train_fn, cfg, data, device) -> concurrent.futures.Future:
@@ -127,15 +127,4 @@ class RayEngine:
             self._started = False
 
 
-def make(name: str, progress=None, **options):
-    """An engine by name: ``serial`` (no options) or ``ray`` (RayEngine's options)."""
-    if name == "serial":
-        if any(v for v in options.values()):
-            raise ValueError(f"the serial engine takes no options, got {sorted(k for k, v in options.items() if v)}")
-        return SerialEngine(progress)
-    if name == "ray":
-        return RayEngine(**{k: v for k, v in options.items() if v is not None})
-    raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
-
-
-__all__ = ["ENGINES", "RayEngine", "SerialEngine", "make"]
+__all__ = ["ENGINES", "RayEngine", "SerialEngine"]
