@@ -53,18 +53,31 @@ def _sources(folder, *patterns):
 
 class BuildWithIsas(BuildExtension):
     """torch's BuildExtension that first compiles csrc/cpu once per instruction set (each into
-    its own folder of build_temp, with the same compiler, flags and ninja), and links those
-    objects after the extension's own, narrowest first."""
+    its own folder of build_temp, with the same compiler, flags and ninja; the three at once),
+    and links those objects after the extension's own, narrowest first."""
 
     def build_extension(self, ext):
+        from concurrent.futures import ThreadPoolExecutor
+
         cxx = ext.extra_compile_args["cxx"]
-        objects = []
-        for isa in isas():
-            objects += self.compiler.compile(
+
+        def compile_for(isa):
+            return self.compiler.compile(
                 _sources("csrc/cpu", "*.cpp"), output_dir=os.path.join(self.build_temp, "cpu_" + isa),
                 macros=ext.define_macros, include_dirs=ext.include_dirs, depends=ext.depends,
                 extra_postargs={"cxx": cxx + ISA_FLAGS[isa] + ALIGN, "nvcc": []})
-        ext.extra_objects = objects
+
+        # one ninja per call, all at once: each with its share of the cores (torch's MAX_JOBS,
+        # unless it is set)
+        given = os.environ.get("MAX_JOBS")
+        if given is None:
+            os.environ["MAX_JOBS"] = str((os.cpu_count() or 1) // len(isas()) + 1)
+        try:
+            with ThreadPoolExecutor(len(isas())) as pool:
+                ext.extra_objects = [o for objects in pool.map(compile_for, isas()) for o in objects]
+        finally:
+            if given is None:
+                del os.environ["MAX_JOBS"]
         super().build_extension(ext)
 
 
