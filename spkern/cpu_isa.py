@@ -73,14 +73,14 @@ class use:
     ends (then the copy before it again). A ``ValueError`` names what this CPU lacks, or the
     copies built in, when ``isa`` cannot run here."""
 
-    def __init__(self, isa: str, _why: Optional[str] = None):
+    def __init__(self, isa: str):
         global _forced_by
         C = _extension()
         self._previous = (C.cpu_isa(), _forced_by)
         if not isinstance(isa, str):
             raise TypeError(f"isa must be a string, one of {compiled()}; got {isa!r}")
         C.set_cpu_isa(isa.lower())
-        _forced_by = _why or f"spkern.cpu_isa.use({isa!r})"
+        _forced_by = f"spkern.cpu_isa.use({isa!r})"
 
     def __enter__(self):
         return self
