@@ -5,8 +5,8 @@ Two measurements, on the fused cross-entropy (forward + backward, with the logit
 rows x vocabulary float32, bfloat16, float16) and the fused optimizer steps (SGD with momentum,
 AdamW; an 8-layer MLP of the given width, every per-parameter norm):
 
-* each copy of the kernels this CPU runs (``spkern.cpu_isa.use``) and PyTorch, timed in
-  alternation in one process (``harness.interleave``);
+* each copy of the kernels this CPU runs (``spkern.cpu_isa.use``), timed in alternation in one
+  process (``harness.interleave``);
 * with ``--baseline DIR``: rounds of fresh processes alternating between the build of DIR (a
   checkout whose spkern._C holds one instruction set, an earlier commit say:
   ``git worktree add DIR COMMIT && (cd DIR && python setup.py build_ext --inplace)``) and this
@@ -114,10 +114,7 @@ def against_baseline(args):
                 raise SystemExit(f"the {name} build's worker failed:\n{proc.stderr[-3000:]}")
             rounds[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  round {r + 1}/{args.rounds}", flush=True)
-    isa = {name: runs[0].pop("_isa") for name, runs in rounds.items()}
-    for runs in rounds.values():
-        for run in runs[1:]:
-            run.pop("_isa")
+    isa = {name: [run.pop("_isa") for run in runs][0] for name, runs in rounds.items()}
     table = {}
     for config in rounds["this"][0]:
         med = {name: statistics.median(run[config] for run in runs) for name, runs in rounds.items()}
